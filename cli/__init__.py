@@ -1,0 +1,1 @@
+"""The ``supsup`` command line: a thin Typer layer over :mod:`supsup_deploy`."""

@@ -1,0 +1,32 @@
+"""supsup-deploy: ship supermask continual learning (SupSup masks and alpha tasks over basis masks).
+
+The backbone is regenerated from (architecture, seed); tasks are bit masks or tiny alpha tables.
+"""
+
+from supsup_deploy.errors import ConfigError, DatasetNotFoundError, FormatError, SupsupError
+from supsup_deploy.models import (
+    ModelConfig,
+    ModelSummary,
+    build_model,
+    get_model,
+    list_models,
+    register_model,
+    summarize_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DatasetNotFoundError",
+    "FormatError",
+    "ModelConfig",
+    "ModelSummary",
+    "SupsupError",
+    "__version__",
+    "build_model",
+    "get_model",
+    "list_models",
+    "register_model",
+    "summarize_model",
+]

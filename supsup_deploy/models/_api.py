@@ -1,0 +1,265 @@
+"""The architecture registry: ``register_model``, ``get_model``, ``list_models``, summaries.
+
+Every entry is a builder taking a :class:`ModelConfig`'s fields as keywords. Summaries (masked
+layers, weights, normalisation channels) are computed on the meta device: nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.layers import MaskedLayer
+from supsup_deploy.normalization import NORM_KINDS, GroupNorm2d, TaskBatchNorm2d
+
+STEMS = ("imagenet", "cifar")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines an architecture and its backbone; a bundle stores exactly this.
+
+    Attributes:
+        arch: registered architecture name.
+        num_classes: classifier outputs.
+        in_channels: input image channels.
+        stem: ``"imagenet"`` (7x7 stride-2 conv and max-pool) or ``"cifar"`` (3x3 stride-1 conv).
+        width: channel multiplier.
+        seed: backbone seed, in ``[0, 2**32)``.
+        norm: ``"batch"`` (per-task running statistics) or ``"group"`` (statistic-free).
+        norm_groups: groups of the ``"group"`` norm.
+        num_tasks: statistic slots of the ``"batch"`` norm.
+    """
+
+    arch: str
+    num_classes: int = 1000
+    in_channels: int = 3
+    stem: str = "imagenet"
+    width: float = 1.0
+    seed: int = 0
+    norm: str = "batch"
+    norm_groups: int = 4
+    num_tasks: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
+            (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
+            (self.stem in STEMS, f"unknown stem {self.stem!r}: expected one of {STEMS}"),
+            (0 < self.width <= 64, f"width must be in (0, 64], got {self.width}"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
+            (self.norm in NORM_KINDS, f"unknown norm {self.norm!r}: expected one of {NORM_KINDS}"),
+            (self.norm_groups >= 1, f"norm_groups must be at least 1, got {self.norm_groups}"),
+            (self.num_tasks >= 1, f"num_tasks must be at least 1, got {self.num_tasks}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered architecture."""
+
+    name: str
+    builder: Callable[[ModelConfig], nn.Module]
+    family: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    torchvision_name: str | None = None
+    description: str = ""
+
+    def config(self, **overrides: Any) -> ModelConfig:
+        """This entry's default configuration with ``overrides`` applied."""
+        return _make_config(self.name, {**self.defaults, **overrides})
+
+    @property
+    def summary(self) -> ModelSummary:
+        """Counts for the default configuration (computed once, without allocating weights)."""
+        return summarize_model(self.name)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Sizes of one configured architecture."""
+
+    config: ModelConfig
+    layer_names: tuple[str, ...]
+    weight_shapes: tuple[tuple[int, ...], ...]
+    norm_layers: int
+    norm_channels: int
+
+    @property
+    def masked_layers(self) -> int:
+        return len(self.weight_shapes)
+
+    @property
+    def masked_weights(self) -> int:
+        total = 0
+        for shape in self.weight_shapes:
+            count = 1
+            for size in shape:
+                count *= size
+            total += count
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.config.arch,
+            "config": self.config.to_dict(),
+            "masked_layers": self.masked_layers,
+            "masked_weights": self.masked_weights,
+            "norm_layers": self.norm_layers,
+            "norm_channels": self.norm_channels,
+        }
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    *,
+    family: str,
+    torchvision_name: str | None = None,
+    **defaults: Any,
+) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
+    """Register a builder under its function name.
+
+    Args:
+        family: architecture family (e.g. ``"resnet"``).
+        torchvision_name: the torchvision model with the same weight shapes, if any.
+        **defaults: ModelConfig fields that differ from the dataclass defaults for this entry.
+
+    Returns:
+        A decorator that registers and returns the builder unchanged.
+    """
+
+    def decorator(builder: Callable[[ModelConfig], nn.Module]):
+        name = builder.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        description = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
+        _MODELS[name] = ModelEntry(
+            name, builder, family, dict(defaults), torchvision_name, description
+        )
+        return builder
+
+    return decorator
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Registered architecture names, sorted, optionally of one family."""
+    return sorted(name for name, entry in _MODELS.items() if family in (None, entry.family))
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; ConfigError naming close matches if there is none."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown architecture {name!r}{hint}; available: {', '.join(list_models())}"
+        ) from None
+
+
+def get_model(name: str, **options: Any) -> nn.Module:
+    """Build a registered architecture with its backbone ready to regenerate.
+
+    Args:
+        name: a name from :func:`list_models`.
+        **options: ModelConfig fields (``num_classes``, ``in_channels``, ``stem``, ``width``,
+            ``seed``, ``norm``, ``norm_groups``, ``num_tasks``); the entry's defaults fill the rest.
+
+    Returns:
+        The model, with ``model.config`` set and every masked layer indexed. Its masked layers have
+        no weight source yet: attach one with :mod:`supsup_deploy.masking`.
+
+    Example:
+        >>> model = get_model("gem_resnet18", num_classes=5, seed=0)
+        >>> model.config.stem
+        'cifar'
+    """
+    return build_model(get_model_entry(name).config(**options))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build the model a :class:`ModelConfig` describes."""
+    model = get_model_entry(config.arch).builder(config)
+    model.config = config
+    assign_layer_indices(model, config.seed)
+    return model
+
+
+def assign_layer_indices(model: nn.Module, seed: int) -> None:
+    """Number the masked layers in module order and give each the backbone seed."""
+    for index, layer in enumerate(masked_layers(model)):
+        layer.layer_index = index
+        layer.seed = seed
+
+
+def masked_layers(model: nn.Module) -> list[MaskedLayer]:
+    """The model's masked layers in module order (the order of ``layer_index``)."""
+    return [module for module in model.modules() if isinstance(module, MaskedLayer)]
+
+
+def summarize_model(name: str, **options: Any) -> ModelSummary:
+    """Counts for one configuration, computed on the meta device.
+
+    Args:
+        name: registered architecture.
+        **options: ModelConfig fields.
+
+    Returns:
+        A :class:`ModelSummary`.
+
+    Example:
+        >>> summarize_model("gem_resnet18").masked_weights
+        1090940
+    """
+    return _summarize(get_model_entry(name).config(**options))
+
+
+@functools.lru_cache(maxsize=128)
+def _summarize(config: ModelConfig) -> ModelSummary:
+    with torch.device("meta"):
+        model = build_model(config)
+    names, shapes = [], []
+    for module_name, module in model.named_modules():
+        if isinstance(module, MaskedLayer):
+            names.append(module_name)
+            shapes.append(module.weight_shape)
+    norms = [m for m in model.modules() if isinstance(m, (TaskBatchNorm2d, GroupNorm2d))]
+    return ModelSummary(
+        config=config,
+        layer_names=tuple(names),
+        weight_shapes=tuple(shapes),
+        norm_layers=len(norms),
+        norm_channels=sum(norm.num_features for norm in norms),
+    )
+
+
+def _make_config(name: str, values: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig(arch=name, **values)
+    except TypeError as error:
+        raise ConfigError(f"bad option for {name}: {error}") from None

@@ -1,0 +1,106 @@
+"""Normalisation layers without affine parameters.
+
+- ``"batch"``: :class:`TaskBatchNorm2d`, BatchNorm with one set of running statistics per task
+  (the per-task state SupSup needs; without it every task but the last evaluates at chance).
+- ``"group"``: :class:`GroupNorm2d`, statistic-free GroupNorm: nothing stored per task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup_deploy.errors import ConfigError
+
+NORM_KINDS = ("batch", "group")
+
+
+class TaskBatchNorm2d(nn.Module):
+    """Non-affine BatchNorm with running statistics per task, selected by ``task``.
+
+    Args:
+        num_features: channels.
+        num_tasks: number of statistic slots.
+        momentum: running-average momentum, as in ``nn.BatchNorm2d``.
+        eps: added to the variance.
+    """
+
+    def __init__(
+        self, num_features: int, *, num_tasks: int = 1, momentum: float = 0.1, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.momentum = momentum
+        self.eps = eps
+        self.task = 0
+        self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
+        self.register_buffer("running_var", torch.ones(num_tasks, num_features))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.running_mean.shape[0]
+
+    def resize_tasks(self, num_tasks: int) -> None:
+        """Keep the first ``num_tasks`` slots, adding fresh ones (mean 0, variance 1) as needed."""
+        if num_tasks < 1:
+            raise ConfigError(f"num_tasks must be at least 1, got {num_tasks}")
+        keep = min(num_tasks, self.num_tasks)
+        mean = self.running_mean.new_zeros(num_tasks, self.num_features)
+        var = self.running_var.new_ones(num_tasks, self.num_features)
+        mean[:keep] = self.running_mean[:keep]
+        var[:keep] = self.running_var[:keep]
+        self.running_mean, self.running_var = mean, var
+        self.task = min(self.task, num_tasks - 1)
+
+    def set_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise ConfigError(f"task slot {task} out of range: this layer has {self.num_tasks}")
+        self.task = task
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            inputs,
+            self.running_mean[self.task],
+            self.running_var[self.task],
+            None,
+            None,
+            self.training,
+            self.momentum,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_tasks={self.num_tasks}, affine=False"
+
+
+class GroupNorm2d(nn.Module):
+    """Non-affine GroupNorm: statistics from each sample, nothing stored.
+
+    The group count is ``gcd(groups, num_features)`` so that every width divides evenly.
+    """
+
+    def __init__(self, num_features: int, *, groups: int = 4, eps: float = 1e-5) -> None:
+        super().__init__()
+        if groups < 1:
+            raise ConfigError(f"norm groups must be at least 1, got {groups}")
+        self.num_features = num_features
+        self.groups = math.gcd(groups, num_features)
+        self.eps = eps
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(inputs, self.groups, None, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, affine=False"
+
+
+def make_norm(kind: str, num_features: int, *, num_tasks: int = 1, groups: int = 4) -> nn.Module:
+    """Build the normalisation layer of the given kind (``"batch"`` or ``"group"``)."""
+    if kind == "batch":
+        return TaskBatchNorm2d(num_features, num_tasks=num_tasks)
+    if kind == "group":
+        return GroupNorm2d(num_features, groups=groups)
+    raise ConfigError(f"unknown norm {kind!r}: expected one of {', '.join(NORM_KINDS)}")

@@ -1,0 +1,107 @@
+"""The registry: shapes against torchvision, counts without allocation, forward everywhere."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.masking import effective_weights, use_fixed, use_scores
+from supsup_deploy.models import get_model_entry, masked_layers
+
+ALL_MODELS = list_models()
+TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]
+SMALL_MODELS = ["gem_resnet18", "resnet18", "resnet34"]
+
+
+def test_registry_holds_the_family():
+    expected = {
+        "gem_resnet18", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+        "wide_resnet50_2", "wide_resnet101_2", "preact_resnet200",
+    }  # fmt: skip
+    assert expected <= set(ALL_MODELS)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_masked_shapes_equal_torchvision(name):
+    reference = getattr(torchvision.models, get_model_entry(name).torchvision_name)(weights=None)
+    expected = [
+        tuple(module.weight.shape)
+        for module in reference.modules()
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    assert list(summarize_model(name).weight_shapes) == expected
+
+
+def test_gem_resnet18_is_supsups_network():
+    summary = summarize_model("gem_resnet18", num_classes=5)
+    assert summary.config.stem == "cifar"
+    assert summary.masked_layers == 21
+    assert summary.masked_weights == 1_090_940
+    assert summary.norm_layers == 20
+    assert summary.norm_channels == 1_500
+    assert summary.weight_shapes[0] == (20, 3, 3, 3)
+    assert summary.weight_shapes[-1] == (5, 160, 1, 1)
+
+
+def test_preact_resnet200_size():
+    summary = summarize_model("preact_resnet200")
+    assert summary.masked_layers == 204
+    assert 64.4e6 < summary.masked_weights < 64.7e6
+    resnet18 = summarize_model("resnet18")
+    assert (resnet18.masked_layers, resnet18.masked_weights) == (21, 11_678_912)
+
+
+def test_summary_allocates_nothing():
+    summary = summarize_model("wide_resnet101_2", num_classes=7)
+    assert summary.weight_shapes[-1] == (7, 2048)
+    assert summary.masked_weights == sum(math.prod(shape) for shape in summary.weight_shapes)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_at_small_input(name):
+    model = get_model(name, num_classes=3, in_channels=1, stem="cifar", seed=2).eval()
+    if name in SMALL_MODELS:
+        use_scores(model, 0.5, generator=torch.Generator().manual_seed(0))
+    else:
+        use_fixed(model, [layer.backbone_weight() for layer in masked_layers(model)])
+    with torch.no_grad():
+        logits = model(torch.randn(2, 1, 16, 16))
+    assert logits.shape == (2, 3)
+    assert torch.isfinite(logits).all()
+
+
+def test_imagenet_stem_forward():
+    model = get_model("resnet18", num_classes=4).eval()
+    use_scores(model, "er:2", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_same_seed_same_model():
+    def build():
+        model = get_model("gem_resnet18", seed=3)
+        use_scores(model, 0.5, generator=torch.Generator().manual_seed(1))
+        return effective_weights(model)
+
+    for first, second in zip(build(), build(), strict=True):
+        assert torch.equal(first, second)
+
+
+def test_config_round_trip_and_validation():
+    model = get_model("resnet50", num_classes=10, width=0.5, seed=4, norm="group")
+    config = model.config
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert config.arch == "resnet50" and config.width == 0.5
+    with pytest.raises(ConfigError, match="did you mean"):
+        get_model("resnet-18")
+    with pytest.raises(ConfigError, match="stem"):
+        get_model("resnet18", stem="tiny")
+    with pytest.raises(ConfigError, match="seed"):
+        get_model("resnet18", seed=-1)
+    with pytest.raises(ConfigError, match="bad option"):
+        get_model("resnet18", colour="red")
+    with pytest.raises(ConfigError, match="unknown model config"):
+        ModelConfig.from_dict({"arch": "resnet18", "depth": 3})
