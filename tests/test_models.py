@@ -18,9 +18,16 @@ SMALL_MODELS = ["gem_resnet18", "resnet18", "resnet34"]
 
 def test_registry_holds_the_family():
     expected = {
-        "gem_resnet18", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "wide_resnet50_2", "wide_resnet101_2", "preact_resnet200",
-    }  # fmt: skip
+        "gem_resnet18",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
+        "preact_resnet200",
+    }
     assert expected <= set(ALL_MODELS)
 
 
