@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -77,6 +78,144 @@ def models_command(
             f"{row['norm_channels']:,}",
         )
     Console().print(table)
+
+
+@app.command("train")
+@one_line_errors
+def train_command(
+    out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("artifacts/run"),
+    dataset: Annotated[
+        str, typer.Option(help="fashion-mnist (built in), cifar10 or cifar100.")
+    ] = "fashion-mnist",
+    data_root: Annotated[
+        str | None,
+        typer.Option(help="Folder with the dataset files (default: the system's copy or cache)."),
+    ] = None,
+    arch: Annotated[str, typer.Option(help="Architecture (see `supsup models`).")] = "gem_resnet18",
+    width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
+    protocol: Annotated[
+        str, typer.Option(help="split (disjoint class groups) or random (random class subsets).")
+    ] = "split",
+    classes_per_task: Annotated[int, typer.Option(help="Classes in each task.")] = 2,
+    num_tasks: Annotated[int, typer.Option(help="Number of tasks.")] = 5,
+    basis: Annotated[
+        int, typer.Option(help="Tasks trained as SupSup masks; later tasks are alpha tables.")
+    ] = 3,
+    epochs: Annotated[int, typer.Option(help="Epochs per task.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of mask scores.")] = 1e-3,
+    alpha_lr: Annotated[float, typer.Option(help="Adam learning rate of alpha tables.")] = 1e-2,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
+    density: Annotated[
+        str, typer.Option(help="Fraction of weights each mask keeps, or er:SCALE for the ER rule.")
+    ] = "0.5",
+    norm: Annotated[
+        str, typer.Option(help="batch (per-task statistics) or group (statistic-free).")
+    ] = "batch",
+    seed: Annotated[int, typer.Option(help="Seed of backbone, task split, data and init.")] = 0,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of training data held out for validation.")
+    ] = 0.1,
+    max_train_samples: Annotated[
+        int | None, typer.Option(help="Cap on training samples per task (smoke runs).")
+    ] = None,
+    max_test_samples: Annotated[
+        int | None, typer.Option(help="Cap on test samples per task.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out (same settings), skipping done tasks.")
+    ] = False,
+    distributed: Annotated[
+        str, typer.Option(help="Under torchrun: tasks (whole tasks per rank) or data (DDP).")
+    ] = "tasks",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print per-task metrics as JSON.")
+    ] = False,
+) -> None:
+    """Train basis masks (SupSup) and then alpha tasks over them on real data.
+
+    The first --basis tasks are learned as edge-popup masks over the seeded random backbone;
+    every later task learns only an alpha table over those masks. Writes run.json, one
+    safetensors file per task and metrics.json/csv to --out. Run it under
+    `torchrun --nproc-per-node N` to train with N processes.
+    """
+    import os
+
+    from rich.console import Console
+
+    from supsup_deploy.train import TrainConfig, collect_metrics, train_run
+
+    config = TrainConfig(
+        dataset=dataset,
+        data_root=data_root,
+        arch=arch,
+        width=width,
+        protocol=protocol,
+        classes_per_task=classes_per_task,
+        num_tasks=num_tasks,
+        basis=basis,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        alpha_lr=alpha_lr,
+        weight_decay=weight_decay,
+        density=density,
+        norm=norm,
+        seed=seed,
+        val_fraction=val_fraction,
+        max_train_samples=max_train_samples,
+        max_test_samples=max_test_samples,
+    )
+    is_main_rank = int(os.environ.get("RANK", "0")) == 0
+    console = Console(stderr=True, quiet=not is_main_rank)
+    from cli._progress import RichReporter, make_progress
+
+    finished = len(collect_metrics(out, num_tasks)) if resume else 0
+    with make_progress(console) as progress:
+        reporter = RichReporter(progress, num_tasks, finished)
+        results = train_run(
+            config,
+            out,
+            resume=resume,
+            device=device,
+            distributed_mode=distributed,
+            reporter=reporter,
+        )
+    if not is_main_rank:
+        return
+    if as_json:
+        print_json(results)
+        return
+    print_metrics_table(results, title=f"{out}: {dataset}, {arch}, {protocol}")
+
+
+def print_metrics_table(results: list[dict], *, title: str) -> None:
+    """Per-task accuracies and bytes, with the mean test accuracy of each kind of task."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("task", "kind", "classes", "val acc", "test acc", "state bytes"):
+        table.add_column(column, justify="left" if column in ("kind", "classes") else "right")
+    for row in results:
+        table.add_row(
+            str(row["task"]),
+            row["kind"],
+            ", ".join(row["class_names"]),
+            f"{row['val_accuracy']:.4f}",
+            f"{row['test_accuracy']:.4f}",
+            f"{row['state_bytes']:,}",
+        )
+    console = Console()
+    console.print(table)
+    for kind in ("mask", "alpha"):
+        accuracies = [row["test_accuracy"] for row in results if row["kind"] == kind]
+        if accuracies:
+            mean = sum(accuracies) / len(accuracies)
+            console.print(
+                f"mean test accuracy of {kind} tasks: {mean:.4f} ({len(accuracies)} tasks)"
+            )
 
 
 def main() -> None:

@@ -1,0 +1,549 @@
+"""Training runs: SupSup basis masks, then every later task as an alpha table over them.
+
+A run directory holds::
+
+    run.json                  format, config, model config, dataset, task protocol, seeds
+    tasks/task_000.safetensors one file per finished task (written atomically when it finishes)
+    metrics.json, metrics.csv  per-task metrics, rebuilt from the task files
+
+Every random choice of task ``i`` derives from ``(seed, purpose, i)`` (:func:`derive_seed`), so a
+task's result does not depend on which process trains it or on what ran before it. ``--resume``
+skips finished tasks and retrains an interrupted one from its start, giving the same result as an
+uninterrupted run. Under ``torchrun`` the ``"tasks"`` mode spreads whole tasks over ranks and the
+``"data"`` mode trains each task with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from supsup_deploy import data as datasets
+from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import (
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    save_safetensors_atomic,
+)
+from supsup_deploy.masking import alpha_table, current_masks, set_task, use_alpha, use_scores
+from supsup_deploy.masks import check_num_basis, pack_bits, resolve_densities, unpack_bits
+from supsup_deploy.models import ModelConfig, build_model, get_model_entry, masked_layers
+from supsup_deploy.normalization import TaskBatchNorm2d
+
+RUN_FORMAT = "supsup-run"
+RUN_FORMAT_VERSION = 1
+TASK_KINDS = ("mask", "alpha")
+DISTRIBUTED_MODES = ("tasks", "data")
+SMALL_IMAGE_LIMIT = 64
+_PURPOSES = {"scores": 1, "shuffle": 2}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run's result (the device does not, on a given machine)."""
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    arch: str = "gem_resnet18"
+    width: float = 1.0
+    protocol: str = "split"
+    classes_per_task: int = 2
+    num_tasks: int = 5
+    basis: int = 3
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    alpha_lr: float = 1e-2
+    weight_decay: float = 1e-4
+    density: str = "0.5"
+    norm: str = "batch"
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_tasks >= 1, f"--num-tasks must be at least 1, got {self.num_tasks}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0 and self.alpha_lr > 0, "learning rates must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.seed >= 0, f"--seed must not be negative, got {self.seed}"),
+            (
+                1 <= self.basis <= self.num_tasks,
+                f"--basis must be in 1..--num-tasks ({self.num_tasks}), got {self.basis}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_num_basis(self.basis)
+        resolve_densities([(1, 1)], self.density)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, spec: datasets.DatasetSpec) -> ModelConfig:
+        """The architecture this run trains: one classifier output per class of a task."""
+        stem = "cifar" if spec.image_size < SMALL_IMAGE_LIMIT else "imagenet"
+        return get_model_entry(self.arch).config(
+            num_classes=self.classes_per_task,
+            in_channels=spec.in_channels,
+            stem=stem,
+            width=self.width,
+            seed=self.seed,
+            norm=self.norm,
+            num_tasks=self.num_tasks,
+        )
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What training one task produced (its state file holds the tensors)."""
+
+    index: int
+    metrics: dict[str, Any]
+
+
+class Reporter:
+    """Receives progress events; the default ignores them (the CLI draws progress bars)."""
+
+    def task_started(self, task: int, kind: str, total_steps: int) -> None: ...
+
+    def step(self) -> None: ...
+
+    def epoch_finished(self, task: int, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def task_finished(self, metrics: dict[str, Any]) -> None: ...
+
+
+def derive_seed(seed: int, purpose: str, task: int) -> int:
+    """A 63-bit seed for one purpose (``"scores"``, ``"shuffle"``) of one task."""
+    state = np.random.SeedSequence([seed, _PURPOSES[purpose], task]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def task_path(run_dir: Path, task: int) -> Path:
+    return run_dir / "tasks" / f"task_{task:03d}.safetensors"
+
+
+@dataclass
+class _Distributed:
+    mode: str
+    rank: int
+    world_size: int
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def owns(self, task: int) -> bool:
+        return self.mode != "tasks" or task % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def train_run(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "cpu",
+    distributed_mode: str = "tasks",
+    reporter: Reporter | None = None,
+) -> list[dict[str, Any]]:
+    """Train (or continue) a run and write its directory.
+
+    Args:
+        config: what to train.
+        run_dir: output folder.
+        resume: continue the run already in ``run_dir`` (its config must equal ``config``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        distributed_mode: under torchrun, ``"tasks"`` (whole tasks per rank) or ``"data"`` (DDP).
+        reporter: progress events.
+
+    Returns:
+        Per-task metrics, in task order.
+    """
+    run_dir = Path(run_dir)
+    reporter = reporter or Reporter()
+    if distributed_mode not in DISTRIBUTED_MODES:
+        raise ConfigError(f"unknown distributed mode {distributed_mode!r}: {DISTRIBUTED_MODES}")
+    parallel = _start_distributed(distributed_mode, device)
+    try:
+        device = _resolve_device(device, parallel)
+        train_set = datasets.load_dataset(config.dataset, split="train", data_root=config.data_root)
+        test_set = datasets.load_dataset(config.dataset, split="test", data_root=config.data_root)
+        spec = train_set.spec
+        tasks = datasets.make_tasks(
+            protocol=config.protocol,
+            num_classes=spec.num_classes,
+            classes_per_task=config.classes_per_task,
+            num_tasks=config.num_tasks,
+            seed=config.seed,
+        )
+        record = _run_record(config, spec, tasks)
+        if parallel.rank == 0:
+            _prepare_run_dir(run_dir, record, resume)
+        parallel.barrier()
+
+        model = build_model(config.model_config(spec)).to(device)
+        basis: list[list[torch.Tensor]] = [[] for _ in range(config.basis)]
+        phases = (range(config.basis), range(config.basis, config.num_tasks))
+        for phase in phases:
+            for index in phase:
+                path = task_path(run_dir, index)
+                if path.exists() or not parallel.owns(index):
+                    continue
+                splits = datasets.task_splits(
+                    train_set,
+                    test_set,
+                    tasks[index],
+                    val_fraction=config.val_fraction,
+                    max_train_samples=config.max_train_samples,
+                    max_test_samples=config.max_test_samples,
+                    seed=config.seed,
+                )
+                kind = "mask" if index < config.basis else "alpha"
+                metrics = _train_task(
+                    model, config, splits, index, kind, basis, device, parallel, reporter
+                )
+                tensors = task_state(model, index, kind)
+                metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+                metrics["class_names"] = [spec.class_names[c] for c in metrics["classes"]]
+                if parallel.rank == 0 or parallel.mode == "tasks":
+                    metadata = {"kind": kind, "task": index, "metrics": metrics}
+                    save_safetensors_atomic(tensors, path, metadata)
+                reporter.task_finished(metrics)
+            parallel.barrier()
+            if phase is phases[0]:
+                basis = [read_task_masks(task_path(run_dir, t), model) for t in phase]
+        results = collect_metrics(run_dir, config.num_tasks)
+        if parallel.rank == 0:
+            write_metrics(run_dir, results)
+        return results
+    finally:
+        if parallel.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _start_distributed(mode: str, device: str) -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed(mode, 0, 1)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return _Distributed(mode, dist.get_rank(), dist.get_world_size())
+
+
+def _resolve_device(device: str, parallel: _Distributed) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        if parallel.active and device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', parallel.rank))}"
+    elif device != "cpu":
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _run_record(
+    config: TrainConfig, spec: datasets.DatasetSpec, tasks: list[datasets.TaskSpec]
+) -> dict[str, Any]:
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "config": config.to_dict(),
+        "model": config.model_config(spec).to_dict(),
+        "dataset": {
+            "name": spec.name,
+            "image_size": spec.image_size,
+            "in_channels": spec.in_channels,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "class_names": list(spec.class_names),
+        },
+        "tasks": datasets.protocol_record(tasks),
+        "seeds": {
+            "backbone": config.seed,
+            "protocol": config.seed,
+            "data_splits": config.seed,
+            "derivation": "numpy SeedSequence([seed, purpose, task]); purposes "
+            + json.dumps(_PURPOSES),
+            "scores": [derive_seed(config.seed, "scores", t) for t in range(config.num_tasks)],
+            "shuffle": [derive_seed(config.seed, "shuffle", t) for t in range(config.num_tasks)],
+        },
+    }
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """Read and check a run directory's ``run.json``."""
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found (is this a training run directory?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path}: unreadable run record ({error})") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise FormatError(f"{path}: not a supsup run record")
+    if record.get("format_version") != RUN_FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: run format version {record.get('format_version')}, "
+            f"this version reads {RUN_FORMAT_VERSION}"
+        )
+    return record
+
+
+def _prepare_run_dir(run_dir: Path, record: dict[str, Any], resume: bool) -> None:
+    if (run_dir / "run.json").exists():
+        if not resume:
+            raise ConfigError(
+                f"{run_dir} already holds a run: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        stored = read_run_record(run_dir)
+        changed = sorted(
+            key
+            for key in set(stored["config"]) | set(record["config"])
+            if stored["config"].get(key) != record["config"].get(key)
+        )
+        if changed:
+            details = ", ".join(
+                f"{key}: {stored['config'].get(key)!r} -> {record['config'].get(key)!r}"
+                for key in changed
+            )
+            raise ConfigError(f"cannot resume {run_dir} with different settings ({details})")
+        return
+    atomic_write_json(run_dir / "run.json", record)
+
+
+def _train_task(
+    model: nn.Module,
+    config: TrainConfig,
+    splits: datasets.TaskSplits,
+    index: int,
+    kind: str,
+    basis: list[list[torch.Tensor]],
+    device: str,
+    parallel: _Distributed,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    set_task(model, index)
+    _reset_norm_slot(model, index)
+    if kind == "mask":
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "scores", index))
+        sources = use_scores(model, config.density, generator=generator)
+        parameters = [source.scores for source in sources]
+        lr = config.lr
+    else:
+        sources = use_alpha(model, basis)
+        parameters = [source.alpha for source in sources]
+        lr = config.alpha_lr
+    trainer: nn.Module = model
+    if parallel.active and parallel.mode == "data":
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        trainer = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=config.weight_decay)
+    train = splits.train
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, steps_per_epoch * config.epochs)
+    )
+    shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index))
+    reporter.task_started(index, kind, steps_per_epoch * config.epochs)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    train_loss = float("nan")
+    for epoch in range(config.epochs):
+        trainer.train()
+        total, count = 0.0, 0
+        batches = datasets.iterate_batches(
+            train.images,
+            train.labels,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=shuffle,
+        )
+        for images, labels in batches:
+            images, labels = _shard(images, labels, parallel)
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(trainer(images), labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+            reporter.step()
+        train_loss = total / max(count, 1)
+        val_accuracy = evaluate(model, splits.val, device, config.batch_size)
+        reporter.epoch_finished(
+            index, epoch, {"train_loss": train_loss, "val_accuracy": val_accuracy}
+        )
+        if best is None or val_accuracy > best[0]:
+            state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            best = (val_accuracy, epoch, state)
+    assert best is not None
+    model.load_state_dict(best[2])
+    test_accuracy = evaluate(model, splits.test, device, config.batch_size)
+    return {
+        "task": index,
+        "name": splits.task.name,
+        "kind": kind,
+        "classes": [int(c) for c in splits.task.classes],
+        "epochs": config.epochs,
+        "best_epoch": best[1],
+        "train_loss": train_loss,
+        "val_accuracy": best[0],
+        "test_accuracy": test_accuracy,
+        "train_samples": len(train),
+        "val_samples": len(splits.val),
+        "test_samples": len(splits.test),
+    }
+
+
+def _shard(images: torch.Tensor, labels: torch.Tensor, parallel: _Distributed):
+    if parallel.active and parallel.mode == "data":
+        return images[parallel.rank :: parallel.world_size], labels[
+            parallel.rank :: parallel.world_size
+        ]
+    return images, labels
+
+
+def _reset_norm_slot(model: nn.Module, task: int) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, TaskBatchNorm2d):
+                module.running_mean[task].zero_()
+                module.running_var[task].fill_(1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, pair: datasets.TensorPair, device: str, batch_size: int) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on a task's tensors; NaN when empty."""
+    if len(pair) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for images, labels in datasets.iterate_batches(
+        pair.images, pair.labels, batch_size=max(batch_size, 256), shuffle=False, generator=None
+    ):
+        predictions = model(images.to(device)).argmax(dim=1).cpu()
+        correct += int((predictions == labels).sum())
+    return correct / len(pair)
+
+
+def norm_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
+    """One task's normalisation statistics, concatenated over the per-task norm layers."""
+    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    if not norms:
+        return {}
+    return {
+        "norm.running_mean": torch.cat([m.running_mean[task] for m in norms]).float(),
+        "norm.running_var": torch.cat([m.running_var[task] for m in norms]).float(),
+    }
+
+
+def load_norm_state(model: nn.Module, task: int, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`norm_state` into slot ``task``."""
+    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    if not norms:
+        return
+    sizes = [m.num_features for m in norms]
+    with torch.no_grad():
+        for key, attribute in (
+            ("norm.running_mean", "running_mean"),
+            ("norm.running_var", "running_var"),
+        ):
+            for module, chunk in zip(norms, state[key].split(sizes), strict=True):
+                getattr(module, attribute)[task].copy_(chunk)
+
+
+def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors that define a trained task: packed masks or alpha table, and norm state."""
+    if kind == "mask":
+        tensors = {
+            f"mask.{layer:03d}": pack_bits(mask) for layer, mask in enumerate(current_masks(model))
+        }
+    else:
+        tensors = {"alpha": alpha_table(model).float()}
+    tensors.update(norm_state(model, index))
+    return tensors
+
+
+def _read_task_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("kind") not in TASK_KINDS or not isinstance(metadata.get("metrics"), dict):
+        raise FormatError(f"{path}: not a supsup training task file")
+    return tensors, metadata
+
+
+def read_task_masks(path: Path, model: nn.Module) -> list[torch.Tensor]:
+    """A finished mask task's per-layer bool masks, unpacked and shaped for ``model``."""
+    tensors, metadata = _read_task_file(path)
+    if metadata["kind"] != "mask":
+        raise FormatError(f"{path}: expected a mask task, found {metadata['kind']}")
+    masks = []
+    for layer in masked_layers(model):
+        key = f"mask.{layer.layer_index:03d}"
+        if key not in tensors:
+            raise FormatError(f"{path}: missing {key}")
+        masks.append(unpack_bits(tensors[key], layer.numel).view(layer.weight_shape))
+    return masks
+
+
+def collect_metrics(run_dir: Path, num_tasks: int) -> list[dict[str, Any]]:
+    """Per-task metrics of every finished task, read from the task files."""
+    results = []
+    for index in range(num_tasks):
+        path = task_path(run_dir, index)
+        if path.exists():
+            _, metadata = _read_task_file(path)
+            results.append(metadata["metrics"])
+    return results
+
+
+METRIC_COLUMNS = (
+    "task",
+    "name",
+    "kind",
+    "classes",
+    "best_epoch",
+    "train_loss",
+    "val_accuracy",
+    "test_accuracy",
+    "state_bytes",
+    "train_samples",
+    "test_samples",
+)
+
+
+def write_metrics(run_dir: Path, results: list[dict[str, Any]]) -> None:
+    """Write ``metrics.json`` and ``metrics.csv`` atomically."""
+    atomic_write_json(run_dir / "metrics.json", results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in results:
+        writer.writerow({**row, "classes": " ".join(map(str, row["classes"]))})
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
