@@ -104,7 +104,7 @@ def train_command(
     epochs: Annotated[int, typer.Option(help="Epochs per task.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate of mask scores.")] = 1e-3,
-    alpha_lr: Annotated[float, typer.Option(help="Adam learning rate of alpha tables.")] = 1e-2,
+    alpha_lr: Annotated[float, typer.Option(help="Adam learning rate of alpha tables.")] = 0.1,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-4,
     density: Annotated[
         str, typer.Option(help="Fraction of weights each mask keeps, or er:SCALE for the ER rule.")

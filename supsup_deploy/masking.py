@@ -39,7 +39,7 @@ def use_scores(
     """
     layers = masked_layers(model)
     densities = resolve_densities([layer.weight_shape for layer in layers], density)
-    device = _model_device(model)
+    device = model_device(model)
     sources = []
     for layer, layer_density in zip(layers, densities, strict=True):
         source = ScoreMask(layer, layer_density, generator=generator).to(device)
@@ -81,7 +81,7 @@ def use_alpha(
         raise ConfigError(
             f"alpha table must have shape [{len(layers)}, {len(basis)}], got {tuple(alpha.shape)}"
         )
-    device = _model_device(model)
+    device = model_device(model)
     sources = []
     for index, layer in enumerate(layers):
         layer_masks = [mask_set[index].to(device) for mask_set in basis]
@@ -149,7 +149,8 @@ def resize_tasks(model: nn.Module, num_tasks: int) -> None:
             module.resize_tasks(num_tasks)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")

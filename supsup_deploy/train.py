@@ -39,7 +39,15 @@ from supsup_deploy.files import (
     load_safetensors,
     save_safetensors_atomic,
 )
-from supsup_deploy.masking import alpha_table, current_masks, set_task, use_alpha, use_scores
+from supsup_deploy.masking import (
+    alpha_table,
+    current_masks,
+    model_device,
+    set_task,
+    use_alpha,
+    use_fixed,
+    use_scores,
+)
 from supsup_deploy.masks import check_num_basis, pack_bits, resolve_densities, unpack_bits
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
@@ -49,6 +57,7 @@ RUN_FORMAT_VERSION = 1
 TASK_KINDS = ("mask", "alpha")
 DISTRIBUTED_MODES = ("tasks", "data")
 SMALL_IMAGE_LIMIT = 64
+NORM_REFRESH_IMAGES = 2048
 _PURPOSES = {"scores": 1, "shuffle": 2}
 
 
@@ -67,7 +76,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
-    alpha_lr: float = 1e-2
+    alpha_lr: float = 0.1
     weight_decay: float = 1e-4
     density: str = "0.5"
     norm: str = "batch"
@@ -92,7 +101,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        check_num_basis(self.basis)
+        if self.basis < self.num_tasks:
+            check_num_basis(self.basis)
         resolve_densities([(1, 1)], self.density)
 
     def to_dict(self) -> dict[str, Any]:
@@ -396,6 +406,7 @@ def _train_task(
             count += len(labels)
             reporter.step()
         train_loss = total / max(count, 1)
+        refresh_norm_statistics(model, index, train.images, config.batch_size, device)
         val_accuracy = evaluate(model, splits.val, device, config.batch_size)
         reporter.epoch_finished(
             index, epoch, {"train_loss": train_loss, "val_accuracy": val_accuracy}
@@ -436,6 +447,32 @@ def _reset_norm_slot(model: nn.Module, task: int) -> None:
             if isinstance(module, TaskBatchNorm2d):
                 module.running_mean[task].zero_()
                 module.running_var[task].fill_(1.0)
+
+
+@torch.no_grad()
+def refresh_norm_statistics(
+    model: nn.Module, task: int, images: torch.Tensor, batch_size: int, device: str
+) -> None:
+    """Recompute slot ``task``'s running statistics under the current weights.
+
+    The running averages kept during training lag behind weights that keep changing (most with
+    few steps or a high learning rate); this replaces them by the plain average of the batch
+    statistics of up to ``NORM_REFRESH_IMAGES`` training images, in their stored order.
+    """
+    norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+    if not norms:
+        return
+    was_training = model.training
+    model.train()
+    saved_momentum = [module.momentum for module in norms]
+    images = images[:NORM_REFRESH_IMAGES]
+    for number, start in enumerate(range(0, len(images), batch_size), start=1):
+        for module in norms:
+            module.momentum = 1.0 / number
+        model(images[start : start + batch_size].to(device))
+    for module, momentum in zip(norms, saved_momentum, strict=True):
+        module.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -503,6 +540,10 @@ def read_task_masks(path: Path, model: nn.Module) -> list[torch.Tensor]:
     tensors, metadata = _read_task_file(path)
     if metadata["kind"] != "mask":
         raise FormatError(f"{path}: expected a mask task, found {metadata['kind']}")
+    return _unpack_masks(path, tensors, model)
+
+
+def _unpack_masks(path: Path, tensors: dict[str, torch.Tensor], model: nn.Module):
     masks = []
     for layer in masked_layers(model):
         key = f"mask.{layer.layer_index:03d}"
@@ -510,6 +551,37 @@ def read_task_masks(path: Path, model: nn.Module) -> list[torch.Tensor]:
             raise FormatError(f"{path}: missing {key}")
         masks.append(unpack_bits(tensors[key], layer.numel).view(layer.weight_shape))
     return masks
+
+
+def load_task(
+    model: nn.Module, run_dir: str | Path, index: int, basis: list[list[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Make ``model`` run finished task ``index`` of a run (weights and norm slot).
+
+    Args:
+        model: built from the run's model config.
+        run_dir: the run directory.
+        index: task index.
+        basis: the run's basis mask sets (for alpha tasks).
+
+    Returns:
+        The task file's tensors.
+    """
+    path = task_path(Path(run_dir), index)
+    tensors, metadata = _read_task_file(path)
+    device = model_device(model)
+    if metadata["kind"] == "mask":
+        masks = _unpack_masks(path, tensors, model)
+        weights = [
+            layer.backbone_weight(device) * mask.to(device)
+            for layer, mask in zip(masked_layers(model), masks, strict=True)
+        ]
+        use_fixed(model, weights)
+    else:
+        use_alpha(model, basis, tensors["alpha"])
+    load_norm_state(model, index, tensors)
+    set_task(model, index)
+    return tensors
 
 
 def collect_metrics(run_dir: Path, num_tasks: int) -> list[dict[str, Any]]:
