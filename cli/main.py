@@ -218,6 +218,99 @@ def print_metrics_table(results: list[dict], *, title: str) -> None:
             )
 
 
+@app.command("pack")
+@one_line_errors
+def pack_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `supsup train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("artifacts/bundle"),
+    norm_dtype: Annotated[
+        str, typer.Option(help="float32 or float16 for per-task normalisation statistics.")
+    ] = "float32",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the bundle summary as JSON.")
+    ] = False,
+) -> None:
+    """Pack a training run into a bundle: basis masks bit-packed, one small file per task.
+
+    No weight is stored: the backbone is regenerated from the architecture and seed.
+    """
+    from supsup_deploy.pack import pack_run
+
+    bundle = pack_run(run_dir, out, norm_dtype=norm_dtype)
+    _print_bundle(bundle, as_json)
+
+
+@app.command("inspect")
+@one_line_errors
+def inspect_command(
+    bundle_path: Annotated[Path, typer.Argument(help="A bundle folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a bundle's backbone, basis masks, tasks, bytes per component and integrity.
+
+    Loading checks the format version, content hashes, names, shapes and dtypes of every file;
+    any problem is reported as one line naming the file, with exit code 2.
+    """
+    from supsup_deploy.bundle import load_bundle
+
+    _print_bundle(load_bundle(bundle_path), as_json)
+
+
+@app.command("add-task")
+@one_line_errors
+def add_task_command(
+    bundle_path: Annotated[Path, typer.Argument(help="A bundle folder.")],
+    task_file: Annotated[Path, typer.Argument(help="A task file made for this bundle's basis.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the bundle summary as JSON.")
+    ] = False,
+) -> None:
+    """Install a shipped task file into a bundle (checked against its basis, never overwriting)."""
+    from supsup_deploy.pack import add_task
+
+    _print_bundle(add_task(bundle_path, task_file), as_json)
+
+
+def _print_bundle(bundle, as_json: bool) -> None:
+    from supsup_deploy.report import bundle_report
+
+    report = bundle_report(bundle)
+    if as_json:
+        print_json(report)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    model = report["model"]
+    console.print(
+        f"[bold]{report['path']}[/bold]  format {report['format_version']}, integrity "
+        f"[green]{report['integrity']}[/green]\n"
+        f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
+        f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
+        f"norm {model['norm']}\n"
+        f"basis: {report['num_basis']} masks, {report['basis_file_bytes']:,} bytes "
+        f"({report['basis_bits_per_weight']:.3f} bits per weight), "
+        f"sha256 {report['basis_sha256'][:16]}"
+    )
+    table = Table(title=f"{len(report['tasks'])} tasks")
+    for column in ("id", "name", "kind", "classes", "file bytes", "state bytes", "test acc"):
+        table.add_column(column, justify="right" if "bytes" in column or column == "id" else "left")
+    for task in report["tasks"]:
+        accuracy = task.get("test_accuracy")
+        table.add_row(
+            str(task["index"]),
+            task["name"],
+            task["kind"],
+            ", ".join(task["class_names"]),
+            f"{task['file_bytes']:,}",
+            f"{task['state_bytes']:,}",
+            "" if accuracy is None else f"{accuracy:.4f}",
+        )
+    console.print(table)
+    console.print(f"total bytes on disk: {report['total_bytes']:,}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -25,6 +25,7 @@ from supsup_deploy.masks import (
     check_density,
     check_num_basis,
     code_bit_matrix,
+    code_value_table,
     mask_codes,
     topk_mask,
 )
@@ -47,12 +48,10 @@ class _AlphaWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: torch.Tensor, codes: torch.Tensor, constant: float) -> torch.Tensor:
-        bit_matrix = code_bit_matrix(alpha.numel(), alpha.dtype, alpha.device)
-        values = (bit_matrix @ alpha) * constant
         ctx.save_for_backward(codes)
         ctx.constant = constant
         ctx.num_basis = alpha.numel()
-        return torch.cat([values, -values]).index_select(0, codes)
+        return code_value_table(alpha, constant).index_select(0, codes)
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):

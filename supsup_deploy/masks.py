@@ -173,6 +173,28 @@ def check_num_basis(num_basis: int) -> None:
         raise ConfigError(f"the number of basis masks must be in 1..{MAX_BASIS}, got {num_basis}")
 
 
+def code_value_table(alpha: torch.Tensor, constant: float) -> torch.Tensor:
+    """Every code's effective weight for one layer: the lookup table materialisation gathers from.
+
+    Entry ``code`` is ``±constant * S`` where ``S`` adds ``alpha[t]`` over the basis bits set in
+    the code in increasing ``t`` (left to right, in ``alpha``'s dtype) and the sign bit (bit
+    ``len(alpha)``) selects minus. Built by doubling, so every entry is one addition away from a
+    smaller one and the result is bit-exact on any device and in numpy.
+
+    Args:
+        alpha: the layer's ``[|B|]`` coefficients.
+        constant: the layer's weight magnitude ``sqrt(2) / sqrt(fan_in)``.
+
+    Returns:
+        A ``[2 ** (|B| + 1)]`` tensor.
+    """
+    sums = alpha.new_zeros(1)
+    for coefficient in alpha:
+        sums = torch.cat([sums, sums + coefficient])
+    values = sums * constant
+    return torch.cat([values, -values])
+
+
 @functools.lru_cache(maxsize=32)
 def code_bit_matrix(num_basis: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The ``[2 ** num_basis, num_basis]`` 0/1 matrix whose row ``c`` holds the bits of ``c``."""

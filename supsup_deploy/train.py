@@ -148,8 +148,8 @@ def derive_seed(seed: int, purpose: str, task: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def task_path(run_dir: Path, task: int) -> Path:
-    return run_dir / "tasks" / f"task_{task:03d}.safetensors"
+def task_path(run_dir: str | Path, task: int) -> Path:
+    return Path(run_dir) / "tasks" / f"task_{task:03d}.safetensors"
 
 
 @dataclass

@@ -7,3 +7,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+SMALL_RUN = dict(
+    num_tasks=3,
+    basis=2,
+    epochs=1,
+    width=0.5,
+    max_train_samples=96,
+    max_test_samples=64,
+    val_fraction=0.05,
+    batch_size=32,
+)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A finished tiny training run on real Fashion-MNIST (2 basis masks, 1 alpha task)."""
+    from supsup_deploy.data import DEBIAN_FASHION_MNIST
+    from supsup_deploy.train import TrainConfig, train_run
+
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    run_dir = tmp_path_factory.mktemp("small_run") / "run"
+    train_run(TrainConfig(**SMALL_RUN), run_dir)
+    return run_dir

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import spec_reference
 import torch
 
 from supsup_deploy import backbone, get_model
@@ -9,25 +10,8 @@ from supsup_deploy.masking import use_alpha, use_scores
 from supsup_deploy.models import masked_layers
 
 
-def reference_mix32(values: np.ndarray) -> np.ndarray:
-    values = values.copy()
-    values ^= values >> np.uint32(16)
-    values *= np.uint32(0x7FEB352D)
-    values ^= values >> np.uint32(15)
-    values *= np.uint32(0x31848BAB)
-    values ^= values >> np.uint32(16)
-    return values
-
-
 def reference_negative(seed: int, layer_index: int, numel: int) -> np.ndarray:
-    """The sign hash exactly as the backbone module's docstring states it, in uint32 numpy."""
-    with np.errstate(over="ignore"):
-        scalar = lambda value: int(reference_mix32(np.array([value], dtype=np.uint32))[0])  # noqa: E731
-        key1 = scalar(scalar(seed ^ 0x9E3779B9) ^ layer_index)
-        key2 = scalar((key1 + 0x9E3779B9) & 0xFFFFFFFF)
-        hashes = reference_mix32(np.arange(numel, dtype=np.uint32) ^ np.uint32(key1))
-        hashes = reference_mix32(hashes + np.uint32(key2))
-    return (hashes >> np.uint32(31)).astype(bool)
+    return spec_reference.negative(seed, layer_index, numel)
 
 
 @pytest.mark.parametrize(

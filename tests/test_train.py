@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_RUN
 
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
 from supsup_deploy.errors import ConfigError
@@ -20,16 +21,7 @@ pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"
 )
 
-SMALL = dict(
-    num_tasks=3,
-    basis=2,
-    epochs=1,
-    width=0.5,
-    max_train_samples=96,
-    max_test_samples=64,
-    val_fraction=0.05,
-    batch_size=32,
-)
+SMALL = SMALL_RUN
 CLI_SMALL = [
     "--num-tasks",
     "3",
@@ -71,11 +63,9 @@ def run_cli(*args, env=None, **kwargs):
     )
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train_run(TrainConfig(**SMALL), run_dir)
-    return run_dir
+@pytest.fixture
+def reference_run(small_run) -> Path:
+    return small_run
 
 
 def test_run_directory_contents(reference_run):

@@ -1,0 +1,436 @@
+"""Bundles: a basis file plus one small file per task; see ``docs/FORMAT.md``.
+
+A bundle is a folder::
+
+    basis.safetensors          model config, input preprocessing, bit-packed basis masks
+    tasks/<name>.safetensors   one per task: alpha table, normalisation statistics, class names
+
+No weight is stored: the backbone is regenerated from the model config's seed. Every task,
+basis tasks included (one-hot alpha), is an alpha table over the basis masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from supsup_deploy import backbone
+from supsup_deploy.errors import ConfigError, FormatError, SupsupError
+from supsup_deploy.files import load_safetensors, save_safetensors_atomic
+from supsup_deploy.masking import set_task, use_fixed
+from supsup_deploy.masks import MAX_BASIS, code_value_table, mask_codes, pack_bits, unpack_bits
+from supsup_deploy.models import ModelConfig, build_model, masked_layers, summarize_model
+from supsup_deploy.normalization import TaskBatchNorm2d
+
+FORMAT_VERSION = 1
+BASIS_FORMAT = "supsup-basis"
+TASK_FORMAT = "supsup-task"
+BASIS_FILE = "basis.safetensors"
+TASKS_FOLDER = "tasks"
+SIGN_HASH = "mix32x2-v1"
+TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects as input: square images of ``size``, ``(x / 255 - mean) / std``."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One installed task, as read and checked from its file."""
+
+    index: int
+    name: str
+    kind: str
+    class_names: tuple[str, ...]
+    path: Path
+    file_bytes: int
+    state_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def save_basis(
+    path: str | Path,
+    model_config: ModelConfig,
+    basis_masks: list[list[torch.Tensor]],
+    input_spec: InputSpec,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a basis file and return its SHA-256.
+
+    Args:
+        path: file to write (atomically).
+        model_config: the architecture and backbone seed.
+        basis_masks: ``|B|`` mask sets, one bool mask per masked layer each.
+        input_spec: input preprocessing the tasks were trained with.
+        extra: more JSON metadata (e.g. where the masks came from).
+
+    Returns:
+        The file's SHA-256, which every task file of the bundle records.
+
+    Example:
+        >>> save_basis("b/basis.safetensors", model.config, [masks_a, masks_b], spec)
+    """
+    summary = summarize_model(model_config.arch, **_options(model_config))
+    num_basis = len(basis_masks)
+    if not 1 <= num_basis <= MAX_BASIS:
+        raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    tensors = {}
+    for layer, shape in enumerate(summary.weight_shapes):
+        rows = []
+        for number, mask_set in enumerate(basis_masks):
+            if len(mask_set) != summary.masked_layers or mask_set[layer].numel() != math.prod(
+                shape
+            ):
+                raise ConfigError(f"basis mask {number} does not fit {model_config.arch}")
+            rows.append(pack_bits(mask_set[layer].cpu()))
+        tensors[f"mask.{layer:03d}"] = torch.stack(rows)
+    metadata = {
+        "format": BASIS_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sign_hash": SIGN_HASH,
+        "model": model_config.to_dict(),
+        "num_basis": num_basis,
+        "layers": [
+            {"name": name, "shape": list(shape)}
+            for name, shape in zip(summary.layer_names, summary.weight_shapes, strict=True)
+        ],
+        "norm_channels": summary.norm_channels,
+        "input": input_spec.to_dict(),
+        "tensors_sha256": tensors_sha256(tensors),
+        **({"extra": extra} if extra else {}),
+    }
+    save_safetensors_atomic(tensors, path, metadata)
+    return file_sha256(Path(path))
+
+
+def save_task(
+    path: str | Path,
+    *,
+    index: int,
+    name: str,
+    alpha: torch.Tensor,
+    norm_state: dict[str, torch.Tensor],
+    class_names: list[str] | tuple[str, ...],
+    basis_sha256: str,
+    kind: str = "alpha",
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write one task file (atomically).
+
+    Args:
+        path: file to write.
+        index: task id, unique within the bundle.
+        name: task name (letters, digits, ``_.-``; also its file name).
+        alpha: ``[num_layers, |B|]`` table, float32 or float16.
+        norm_state: ``norm.running_mean`` / ``norm.running_var`` (empty for statistic-free norms).
+        class_names: one per classifier output.
+        basis_sha256: SHA-256 of the basis file this task belongs to.
+        kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
+        extra: more JSON metadata (e.g. training metrics).
+
+    Example:
+        >>> save_task("b/tasks/t3.safetensors", index=3, name="t3", alpha=table,
+        ...           norm_state={}, class_names=["a", "b"], basis_sha256=digest)
+    """
+    check_task_name(name)
+    tensors = {"alpha": alpha, **norm_state}
+    metadata = {
+        "format": TASK_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "index": int(index),
+        "name": name,
+        "kind": kind,
+        "class_names": list(class_names),
+        "basis_sha256": basis_sha256,
+        "tensors_sha256": tensors_sha256(tensors),
+        **({"extra": extra} if extra else {}),
+    }
+    save_safetensors_atomic(tensors, path, metadata)
+
+
+def check_task_name(name: str) -> None:
+    if not TASK_NAME_PATTERN.match(name):
+        raise ConfigError(
+            f"bad task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _options(config: ModelConfig) -> dict[str, Any]:
+    options = config.to_dict()
+    options.pop("arch")
+    return options
+
+
+class Bundle:
+    """A loaded, validated bundle. Build with :func:`load_bundle`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.basis_path = path / BASIS_FILE
+        tensors, metadata = _load_checked(self.basis_path, BASIS_FORMAT)
+        self.basis_sha256 = file_sha256(self.basis_path)
+        try:
+            self.config = ModelConfig.from_dict(metadata["model"])
+            self.input = InputSpec(
+                size=int(metadata["input"]["size"]),
+                channels=int(metadata["input"]["channels"]),
+                mean=tuple(float(v) for v in metadata["input"]["mean"]),
+                std=tuple(float(v) for v in metadata["input"]["std"]),
+            )
+            self.num_basis = int(metadata["num_basis"])
+        except (KeyError, TypeError, ValueError, SupsupError) as error:
+            raise FormatError(f"{self.basis_path}: bad metadata ({error})") from None
+        if metadata.get("sign_hash") != SIGN_HASH:
+            raise FormatError(f"{self.basis_path}: unknown sign hash {metadata.get('sign_hash')!r}")
+        self.metadata = metadata
+        self.summary = summarize_model(self.config.arch, **_options(self.config))
+        self._packed_masks = self._check_basis_tensors(tensors)
+        self.tasks = self._read_tasks()
+        self._codes: dict[str, list[torch.Tensor]] = {}
+
+    def _check_basis_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        expected = {f"mask.{layer:03d}" for layer in range(self.summary.masked_layers)}
+        if set(tensors) != expected:
+            missing = sorted(expected - set(tensors))[:3]
+            unknown = sorted(set(tensors) - expected)[:3]
+            raise FormatError(
+                f"{self.basis_path}: tensors do not match {self.config.arch} "
+                f"(missing {missing}, unexpected {unknown})"
+            )
+        if not 1 <= self.num_basis <= MAX_BASIS:
+            raise FormatError(f"{self.basis_path}: num_basis {self.num_basis} out of range")
+        packed = []
+        for layer, shape in enumerate(self.summary.weight_shapes):
+            tensor = tensors[f"mask.{layer:03d}"]
+            want = (self.num_basis, math.ceil(math.prod(shape) / 8))
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != want:
+                raise FormatError(
+                    f"{self.basis_path}: mask.{layer:03d} is {tensor.dtype} {list(tensor.shape)}, "
+                    f"expected uint8 {list(want)}"
+                )
+            packed.append(tensor)
+        return packed
+
+    def _read_tasks(self) -> list[TaskInfo]:
+        folder = self.path / TASKS_FOLDER
+        tasks: dict[int, TaskInfo] = {}
+        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            info = self.check_task_file(file)
+            if info.index in tasks:
+                raise FormatError(
+                    f"{file}: task id {info.index} is also used by {tasks[info.index].path}"
+                )
+            tasks[info.index] = info
+        return [tasks[index] for index in sorted(tasks)]
+
+    def check_task_file(self, file: Path) -> TaskInfo:
+        """Validate a task file against this bundle's basis; raise FormatError naming it."""
+        tensors, metadata = _load_checked(file, TASK_FORMAT)
+        try:
+            index = int(metadata["index"])
+            name = str(metadata["name"])
+            kind = str(metadata["kind"])
+            class_names = tuple(str(item) for item in metadata["class_names"])
+            basis_sha256 = str(metadata["basis_sha256"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise FormatError(f"{file}: bad task metadata ({error})") from None
+        if basis_sha256 != self.basis_sha256:
+            raise FormatError(
+                f"{file}: made for another basis (sha256 {basis_sha256[:12]}..., this bundle's "
+                f"basis is {self.basis_sha256[:12]}...)"
+            )
+        if index < 0 or not TASK_NAME_PATTERN.match(name) or kind not in ("basis", "alpha"):
+            raise FormatError(f"{file}: bad task id, name or kind ({index}, {name!r}, {kind!r})")
+        if len(class_names) != self.config.num_classes:
+            raise FormatError(
+                f"{file}: {len(class_names)} class names for {self.config.num_classes} outputs"
+            )
+        expected = {"alpha": (self.summary.masked_layers, self.num_basis)}
+        if self.config.norm == "batch":
+            channels = (self.summary.norm_channels,)
+            expected.update({"norm.running_mean": channels, "norm.running_var": channels})
+        if set(tensors) != set(expected):
+            raise FormatError(f"{file}: tensors {sorted(tensors)}, expected {sorted(expected)}")
+        for key, shape in expected.items():
+            tensor = tensors[key]
+            if tensor.dtype not in FLOAT_DTYPES or tuple(tensor.shape) != shape:
+                raise FormatError(
+                    f"{file}: {key} is {tensor.dtype} {list(tensor.shape)}, "
+                    f"expected float32 or float16 {list(shape)}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise FormatError(f"{file}: {key} holds non-finite values")
+        if "norm.running_var" in tensors and (tensors["norm.running_var"] < 0).any():
+            raise FormatError(f"{file}: norm.running_var holds negative values")
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        extra = metadata.get("extra") if isinstance(metadata.get("extra"), dict) else {}
+        return TaskInfo(
+            index,
+            name,
+            kind,
+            class_names,
+            file,
+            file.stat().st_size,
+            state_bytes,
+            extra.get("metrics", {}),
+        )
+
+    def task(self, task: int | str) -> TaskInfo:
+        """A task by id or name; ConfigError listing the installed ones when absent."""
+        for info in self.tasks:
+            if task == info.index or str(task) in (info.name, str(info.index)):
+                return info
+        known = ", ".join(f"{info.index} ({info.name})" for info in self.tasks) or "none"
+        raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
+
+    def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
+        info = self.task(task)
+        tensors, _ = _load_checked(info.path, TASK_FORMAT)
+        return tensors
+
+    def codes(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Per-layer int32 codes (sign and basis bits), computed once per device."""
+        key = str(torch.device(device))
+        if key not in self._codes:
+            codes = []
+            for layer, (packed, shape) in enumerate(
+                zip(self._packed_masks, self.summary.weight_shapes, strict=True)
+            ):
+                numel = math.prod(shape)
+                packed = packed.to(device)
+                masks = [unpack_bits(row, numel) for row in packed]
+                negative = backbone.sign_bits(self.config.seed, layer, numel, device=device)
+                codes.append(mask_codes(negative, masks))
+            self._codes[key] = codes
+        return self._codes[key]
+
+    def materialize(
+        self, task: int | str, device: torch.device | str = "cpu"
+    ) -> list[torch.Tensor]:
+        """Every masked layer's effective float32 weight for ``task``, bit-exact per the spec."""
+        alpha = self.task_tensors(task)["alpha"].to(device=device, dtype=torch.float32)
+        weights = []
+        for layer, codes in enumerate(self.codes(device)):
+            shape = self.summary.weight_shapes[layer]
+            table = code_value_table(alpha[layer], backbone.weight_constant(backbone.fan_in(shape)))
+            weights.append(table.index_select(0, codes).view(shape))
+        return weights
+
+    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> nn.Module:
+        """An eval-mode model running ``task``, its weights materialised."""
+        model = build_model(_single_slot(self.config)).to(device)
+        use_fixed(model, self.materialize(task, device))
+        self._load_norm(model, task)
+        model.bundle_task = self.task(task).index
+        return model.eval()
+
+    @torch.no_grad()
+    def switch(self, model: nn.Module, task: int | str) -> None:
+        """Make a model from :meth:`model` run another task, in place (no rebuild)."""
+        layers = masked_layers(model)
+        device = layers[0].source.fixed.device
+        for layer, weight in zip(layers, self.materialize(task, device), strict=True):
+            layer.source.fixed.copy_(weight)
+        self._load_norm(model, task)
+        model.bundle_task = self.task(task).index
+
+    @torch.no_grad()
+    def _load_norm(self, model: nn.Module, task: int | str) -> None:
+        norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+        if not norms:
+            return
+        tensors = self.task_tensors(task)
+        sizes = [module.num_features for module in norms]
+        for key, attribute in (
+            ("norm.running_mean", "running_mean"),
+            ("norm.running_var", "running_var"),
+        ):
+            for module, chunk in zip(norms, tensors[key].float().split(sizes), strict=True):
+                getattr(module, attribute)[0].copy_(chunk)
+        set_task(model, 0)
+
+
+def _single_slot(config: ModelConfig) -> ModelConfig:
+    values = config.to_dict()
+    values["num_tasks"] = 1
+    return ModelConfig.from_dict(values)
+
+
+def _load_checked(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") != expected_format:
+        raise FormatError(f"{path}: not a {expected_format} file")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format version {metadata.get('format_version')}, "
+            f"this version reads {FORMAT_VERSION}"
+        )
+    if metadata.get("tensors_sha256") != tensors_sha256(tensors):
+        raise FormatError(f"{path}: content hash mismatch (the file is corrupt)")
+    return tensors, metadata
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Open and validate a bundle folder.
+
+    Args:
+        path: the bundle folder.
+
+    Returns:
+        A :class:`Bundle`; ``bundle.tasks`` lists the installed tasks.
+
+    Raises:
+        FormatError: anything missing, corrupt, or inconsistent; the message names the file.
+
+    Example:
+        >>> bundle = load_bundle("artifacts/bundle")
+        >>> model = bundle.model(bundle.tasks[0].index)
+    """
+    path = Path(path)
+    if not (path / BASIS_FILE).is_file():
+        raise FormatError(f"{path}: not a bundle (no {BASIS_FILE})")
+    return Bundle(path)

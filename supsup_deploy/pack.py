@@ -1,0 +1,174 @@
+"""Turning a training run into a bundle, and installing shipped task files into one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from supsup_deploy.bundle import (
+    BASIS_FILE,
+    TASKS_FOLDER,
+    Bundle,
+    InputSpec,
+    load_bundle,
+    save_basis,
+    save_task,
+)
+from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import atomic_write_bytes
+from supsup_deploy.masks import unpack_bits
+from supsup_deploy.models import ModelConfig, build_model, masked_layers
+from supsup_deploy.train import TrainConfig, _read_task_file, read_run_record, task_path
+
+NORM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def pack_run(run_dir: str | Path, out: str | Path, *, norm_dtype: str = "float32") -> Bundle:
+    """Pack a training run's finished tasks into a new bundle folder.
+
+    The bundle is assembled in a temporary folder beside ``out`` and renamed into place, so
+    ``out`` either does not exist or holds a complete bundle.
+
+    Args:
+        run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
+        out: the bundle folder to create; it must not exist yet.
+        norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
+
+    Returns:
+        The loaded, validated bundle.
+
+    Example:
+        >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    if norm_dtype not in NORM_DTYPES:
+        raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
+    if out.exists():
+        raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
+    record = read_run_record(run_dir)
+    config = TrainConfig(**record["config"])
+    model_config = ModelConfig.from_dict(record["model"])
+    with torch.device("meta"):
+        layers = masked_layers(build_model(model_config))
+    basis = [_basis_masks(run_dir, index, layers) for index in range(config.basis)]
+    dataset = record["dataset"]
+    input_spec = InputSpec(
+        size=int(dataset["image_size"]),
+        channels=int(dataset["in_channels"]),
+        mean=tuple(dataset["mean"]),
+        std=tuple(dataset["std"]),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
+        basis_sha256 = save_basis(
+            staging / BASIS_FILE, model_config, basis, input_spec, extra=extra
+        )
+        for index in range(config.num_tasks):
+            if task_path(run_dir, index).exists():
+                _pack_task(run_dir, index, config, staging, basis_sha256, NORM_DTYPES[norm_dtype])
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(out)
+
+
+def _basis_masks(run_dir: Path, index: int, layers) -> list[torch.Tensor]:
+    path = task_path(run_dir, index)
+    if not path.exists():
+        raise FormatError(f"{path}: basis task {index} has not finished training; resume the run")
+    tensors, metadata = _read_task_file(path)
+    if metadata["kind"] != "mask":
+        raise FormatError(f"{path}: task {index} should be a mask task")
+    masks = []
+    for layer in layers:
+        key = f"mask.{layer.layer_index:03d}"
+        if key not in tensors:
+            raise FormatError(f"{path}: missing {key}")
+        masks.append(unpack_bits(tensors[key], layer.numel))
+    return masks
+
+
+def _pack_task(
+    run_dir: Path,
+    index: int,
+    config: TrainConfig,
+    staging: Path,
+    basis_sha256: str,
+    norm_dtype: torch.dtype,
+) -> None:
+    tensors, metadata = _read_task_file(task_path(run_dir, index))
+    metrics = metadata["metrics"]
+    if metadata["kind"] == "mask":
+        layers = sum(key.startswith("mask.") for key in tensors)
+        alpha = torch.zeros(layers, config.basis)
+        alpha[:, index] = 1.0
+        kind = "basis"
+    else:
+        alpha = tensors["alpha"].float()
+        kind = "alpha"
+    norm_state = {
+        key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
+    }
+    name = str(metrics["name"])
+    save_task(
+        staging / TASKS_FOLDER / f"{name}.safetensors",
+        index=index,
+        name=name,
+        alpha=alpha,
+        norm_state=norm_state,
+        class_names=metrics["class_names"],
+        basis_sha256=basis_sha256,
+        kind=kind,
+        extra={"metrics": metrics},
+    )
+
+
+def add_task(bundle_path: str | Path, task_file: str | Path) -> Bundle:
+    """Install a shipped task file into a bundle: validated, never overwriting, atomic.
+
+    Args:
+        bundle_path: the bundle folder.
+        task_file: a task file made for this bundle's basis.
+
+    Returns:
+        The reloaded bundle.
+
+    Raises:
+        FormatError: the file is corrupt or made for another basis.
+        ConfigError: a task with the same id or name is already installed.
+    """
+    bundle = load_bundle(bundle_path)
+    task_file = Path(task_file)
+    try:
+        data = task_file.read_bytes()
+    except OSError as error:
+        raise FormatError(f"{task_file}: cannot read ({error.strerror})") from None
+    folder = bundle.path / TASKS_FOLDER
+    folder.mkdir(exist_ok=True)
+    staged = folder / f".incoming-{os.getpid()}.safetensors.tmp"
+    atomic_write_bytes(staged, data)
+    try:
+        try:
+            info = bundle.check_task_file(staged)
+        except FormatError as error:
+            raise FormatError(str(error).replace(str(staged), str(task_file))) from None
+        for installed in bundle.tasks:
+            if installed.index == info.index or installed.name == info.name:
+                raise ConfigError(
+                    f"{task_file}: task {info.index} ({info.name}) clashes with installed task "
+                    f"{installed.index} ({installed.name}) in {bundle.path}"
+                )
+        final = folder / f"{info.name}.safetensors"
+        if final.exists():
+            raise ConfigError(f"{final} already exists")
+        os.link(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)
+    return load_bundle(bundle.path)
