@@ -3,6 +3,7 @@
 The backbone is regenerated from (architecture, seed); tasks are bit masks or tiny alpha tables.
 """
 
+from supsup_deploy.bundle import Bundle, load_bundle
 from supsup_deploy.errors import ConfigError, DatasetNotFoundError, FormatError, SupsupError
 from supsup_deploy.models import (
     ModelConfig,
@@ -17,6 +18,7 @@ from supsup_deploy.models import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bundle",
     "ConfigError",
     "DatasetNotFoundError",
     "FormatError",
@@ -27,6 +29,7 @@ __all__ = [
     "build_model",
     "get_model",
     "list_models",
+    "load_bundle",
     "register_model",
     "summarize_model",
 ]

@@ -81,12 +81,13 @@ def layer_keys(seed: int, layer_index: int) -> tuple[int, int]:
 
 
 def _mix32_int64_(values: torch.Tensor) -> torch.Tensor:
+    # torch.bitwise_right_shift: the ``>>`` operator with a Python int takes a far slower path.
     first, second = MIX_MULTIPLIERS
-    values ^= values >> 16
+    values ^= torch.bitwise_right_shift(values, 16)
     values.mul_(first).bitwise_and_(MASK32)
-    values ^= values >> 15
+    values ^= torch.bitwise_right_shift(values, 15)
     values.mul_(second).bitwise_and_(MASK32)
-    values ^= values >> 16
+    values ^= torch.bitwise_right_shift(values, 16)
     return values
 
 
@@ -120,7 +121,7 @@ def sign_bits(
         _mix32_int64_(values)
         values.add_(key2).bitwise_and_(MASK32)
         _mix32_int64_(values)
-        out[start:stop] = (values >> 31).bool()
+        out[start:stop] = torch.bitwise_right_shift(values, 31).bool()
     return out
 
 

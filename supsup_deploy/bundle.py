@@ -25,7 +25,7 @@ from supsup_deploy import backbone
 from supsup_deploy.errors import ConfigError, FormatError, SupsupError
 from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.masking import set_task, use_fixed
-from supsup_deploy.masks import MAX_BASIS, code_value_table, mask_codes, pack_bits, unpack_bits
+from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
 from supsup_deploy.models import ModelConfig, build_model, masked_layers, summarize_model
 from supsup_deploy.normalization import TaskBatchNorm2d
 
@@ -341,49 +341,66 @@ class Bundle:
                 zip(self._packed_masks, self.summary.weight_shapes, strict=True)
             ):
                 numel = math.prod(shape)
-                packed = packed.to(device)
-                masks = [unpack_bits(row, numel) for row in packed]
                 negative = backbone.sign_bits(self.config.seed, layer, numel, device=device)
-                codes.append(mask_codes(negative, masks))
+                codes.append(codes_from_packed(packed.to(device), negative, numel))
             self._codes[key] = codes
         return self._codes[key]
 
     def materialize(
-        self, task: int | str, device: torch.device | str = "cpu"
+        self,
+        task: int | str,
+        device: torch.device | str = "cpu",
+        *,
+        out: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Every masked layer's effective float32 weight for ``task``, bit-exact per the spec."""
-        alpha = self.task_tensors(task)["alpha"].to(device=device, dtype=torch.float32)
+        """Every masked layer's effective float32 weight for ``task``, bit-exact per the spec.
+
+        Args:
+            task: task id or name.
+            device: where to build the weights.
+            out: optional float32 tensors of the layers' shapes to write into (no allocation).
+
+        Returns:
+            One weight per masked layer (``out`` itself when given).
+        """
+        return self._materialize(self.task_tensors(task)["alpha"], device, out)
+
+    def _materialize(self, alpha, device, out) -> list[torch.Tensor]:
+        alpha = alpha.to(device=device, dtype=torch.float32)
         weights = []
         for layer, codes in enumerate(self.codes(device)):
             shape = self.summary.weight_shapes[layer]
             table = code_value_table(alpha[layer], backbone.weight_constant(backbone.fan_in(shape)))
-            weights.append(table.index_select(0, codes).view(shape))
+            if out is None:
+                weights.append(table.index_select(0, codes).view(shape))
+            else:
+                torch.index_select(table, 0, codes, out=out[layer].view(-1))
+                weights.append(out[layer])
         return weights
 
     def model(self, task: int | str, *, device: torch.device | str = "cpu") -> nn.Module:
         """An eval-mode model running ``task``, its weights materialised."""
+        tensors = self.task_tensors(task)
         model = build_model(_single_slot(self.config)).to(device)
-        use_fixed(model, self.materialize(task, device))
-        self._load_norm(model, task)
+        use_fixed(model, self._materialize(tensors["alpha"], device, None))
+        self._load_norm(model, tensors)
         model.bundle_task = self.task(task).index
         return model.eval()
 
     @torch.no_grad()
     def switch(self, model: nn.Module, task: int | str) -> None:
         """Make a model from :meth:`model` run another task, in place (no rebuild)."""
-        layers = masked_layers(model)
-        device = layers[0].source.fixed.device
-        for layer, weight in zip(layers, self.materialize(task, device), strict=True):
-            layer.source.fixed.copy_(weight)
-        self._load_norm(model, task)
+        tensors = self.task_tensors(task)
+        fixed = [layer.source.fixed for layer in masked_layers(model)]
+        self._materialize(tensors["alpha"], fixed[0].device, fixed)
+        self._load_norm(model, tensors)
         model.bundle_task = self.task(task).index
 
     @torch.no_grad()
-    def _load_norm(self, model: nn.Module, task: int | str) -> None:
+    def _load_norm(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
         if not norms:
             return
-        tensors = self.task_tensors(task)
         sizes = [module.num_features for module in norms]
         for key, attribute in (
             ("norm.running_mean", "running_mean"),

@@ -167,6 +167,40 @@ def mask_codes(negative: torch.Tensor, basis_masks: Sequence[torch.Tensor]) -> t
     return codes
 
 
+# Delta swaps transposing an 8 x 8 bit matrix held in an int64 (row r = byte r, column j = bit j).
+_TRANSPOSE_STEPS = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
+
+
+def codes_from_packed(packed: torch.Tensor, negative: torch.Tensor, numel: int) -> torch.Tensor:
+    """:func:`mask_codes` straight from bit-packed masks, eight basis masks at a time.
+
+    Each byte position of eight masks is an 8 x 8 bit matrix (mask by element); transposing it
+    gives the eight elements' codes at once, without unpacking the masks.
+
+    Args:
+        packed: uint8 ``[|B|, ceil(numel / 8)]``, row ``t`` = basis mask ``t`` as :func:`pack_bits`.
+        negative: flat bool ``[numel]``, True where the backbone weight is negative.
+        numel: number of weights in the layer.
+
+    Returns:
+        A flat int32 tensor of codes, equal to ``mask_codes(negative, unpacked masks)``.
+    """
+    num_basis, num_bytes = packed.shape
+    check_num_basis(num_basis)
+    codes = negative.flatten().to(torch.int32) << num_basis
+    for group_start in range(0, num_basis, 8):
+        rows = packed[group_start : group_start + 8]
+        block = packed.new_zeros(num_bytes, 8)
+        block[:, : rows.shape[0]] = rows.t()
+        words = block.view(torch.int64).flatten()
+        for shift, mask in _TRANSPOSE_STEPS:
+            swapped = (words ^ torch.bitwise_right_shift(words, shift)) & mask
+            words ^= swapped ^ (swapped << shift)
+        group = words.view(torch.uint8)[:numel].to(torch.int32)
+        codes |= group << group_start
+    return codes
+
+
 def check_num_basis(num_basis: int) -> None:
     """Raise ConfigError unless ``1 <= num_basis <= MAX_BASIS``."""
     if not 1 <= num_basis <= MAX_BASIS:

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.masks import (
     code_bit_matrix,
+    codes_from_packed,
     er_density,
     kept_count,
     mask_codes,
@@ -80,3 +81,13 @@ def test_mask_codes_layout():
 def test_too_many_basis_masks_refused():
     with pytest.raises(ConfigError, match="basis"):
         mask_codes(torch.zeros(3, dtype=torch.bool), [torch.zeros(3, dtype=torch.bool)] * 17)
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 3000), num_basis=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
+def test_codes_from_packed_masks_equal_codes_from_masks(numel, num_basis, seed):
+    generator = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(numel, generator=generator) < 0.5 for _ in range(num_basis)]
+    negative = torch.rand(numel, generator=generator) < 0.5
+    packed = torch.stack([pack_bits(mask) for mask in masks])
+    assert torch.equal(codes_from_packed(packed, negative, numel), mask_codes(negative, masks))
