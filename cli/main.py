@@ -226,6 +226,13 @@ def pack_command(
     norm_dtype: Annotated[
         str, typer.Option(help="float32 or float16 for per-task normalisation statistics.")
     ] = "float32",
+    mask_encoding: Annotated[
+        str,
+        typer.Option(
+            help="packed (1 bit per weight), rice (near-entropy for sparse masks) or sparse "
+            "(bitarray's sc_encode)."
+        ),
+    ] = "packed",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the bundle summary as JSON.")
     ] = False,
@@ -236,7 +243,7 @@ def pack_command(
     """
     from supsup_deploy.pack import pack_run
 
-    bundle = pack_run(run_dir, out, norm_dtype=norm_dtype)
+    bundle = pack_run(run_dir, out, norm_dtype=norm_dtype, mask_encoding=mask_encoding)
     _print_bundle(bundle, as_json)
 
 

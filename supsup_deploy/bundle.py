@@ -24,6 +24,7 @@ from torch import nn
 from supsup_deploy import backbone
 from supsup_deploy.errors import ConfigError, FormatError, SupsupError
 from supsup_deploy.files import load_safetensors, save_safetensors_atomic
+from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.masking import set_task, use_fixed
 from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
 from supsup_deploy.models import ModelConfig, build_model, masked_layers, summarize_model
@@ -96,6 +97,7 @@ def save_basis(
     basis_masks: list[list[torch.Tensor]],
     input_spec: InputSpec,
     *,
+    encoding: str = "packed",
     extra: dict[str, Any] | None = None,
 ) -> str:
     """Write a basis file and return its SHA-256.
@@ -105,6 +107,8 @@ def save_basis(
         model_config: the architecture and backbone seed.
         basis_masks: ``|B|`` mask sets, one bool mask per masked layer each.
         input_spec: input preprocessing the tasks were trained with.
+        encoding: how masks are stored: ``"packed"`` (1 bit per weight), ``"rice"`` or
+            ``"sparse"`` (compressed; see :mod:`supsup_deploy.mask_encoding`).
         extra: more JSON metadata (e.g. where the masks came from).
 
     Returns:
@@ -117,22 +121,30 @@ def save_basis(
     num_basis = len(basis_masks)
     if not 1 <= num_basis <= MAX_BASIS:
         raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"unknown mask encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
     tensors = {}
     for layer, shape in enumerate(summary.weight_shapes):
+        numel = math.prod(shape)
         rows = []
         for number, mask_set in enumerate(basis_masks):
-            if len(mask_set) != summary.masked_layers or mask_set[layer].numel() != math.prod(
-                shape
-            ):
+            if len(mask_set) != summary.masked_layers or mask_set[layer].numel() != numel:
                 raise ConfigError(f"basis mask {number} does not fit {model_config.arch}")
             rows.append(pack_bits(mask_set[layer].cpu()))
-        tensors[f"mask.{layer:03d}"] = torch.stack(rows)
+        if encoding == "packed":
+            tensors[f"mask.{layer:03d}"] = torch.stack(rows)
+            continue
+        streams = [encode_mask(row.numpy(), numel, encoding) for row in rows]
+        blob = bytearray(b"".join(streams))
+        tensors[f"mask.{layer:03d}"] = torch.frombuffer(blob, dtype=torch.uint8)
+        tensors[f"mask_sizes.{layer:03d}"] = torch.tensor([len(item) for item in streams])
     metadata = {
         "format": BASIS_FORMAT,
         "format_version": FORMAT_VERSION,
         "sign_hash": SIGN_HASH,
         "model": model_config.to_dict(),
         "num_basis": num_basis,
+        "mask_encoding": encoding,
         "layers": [
             {"name": name, "shape": list(shape)}
             for name, shape in zip(summary.layer_names, summary.weight_shapes, strict=True)
@@ -233,7 +245,13 @@ class Bundle:
         self._codes: dict[str, list[torch.Tensor]] = {}
 
     def _check_basis_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        expected = {f"mask.{layer:03d}" for layer in range(self.summary.masked_layers)}
+        encoding = self.metadata.get("mask_encoding", "packed")
+        if encoding not in ENCODINGS:
+            raise FormatError(f"{self.basis_path}: unknown mask encoding {encoding!r}")
+        layers = range(self.summary.masked_layers)
+        expected = {f"mask.{layer:03d}" for layer in layers}
+        if encoding != "packed":
+            expected |= {f"mask_sizes.{layer:03d}" for layer in layers}
         if set(tensors) != expected:
             missing = sorted(expected - set(tensors))[:3]
             unknown = sorted(set(tensors) - expected)[:3]
@@ -245,15 +263,47 @@ class Bundle:
             raise FormatError(f"{self.basis_path}: num_basis {self.num_basis} out of range")
         packed = []
         for layer, shape in enumerate(self.summary.weight_shapes):
-            tensor = tensors[f"mask.{layer:03d}"]
-            want = (self.num_basis, math.ceil(math.prod(shape) / 8))
-            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != want:
-                raise FormatError(
-                    f"{self.basis_path}: mask.{layer:03d} is {tensor.dtype} {list(tensor.shape)}, "
-                    f"expected uint8 {list(want)}"
+            name = f"mask.{layer:03d}"
+            tensor = tensors[name]
+            numel = math.prod(shape)
+            want = (self.num_basis, math.ceil(numel / 8))
+            if encoding == "packed":
+                if tensor.dtype != torch.uint8 or tuple(tensor.shape) != want:
+                    raise FormatError(
+                        f"{self.basis_path}: {name} is {tensor.dtype} {list(tensor.shape)}, "
+                        f"expected uint8 {list(want)}"
+                    )
+                packed.append(tensor)
+                continue
+            packed.append(
+                self._decode_layer(
+                    name, tensor, tensors[f"mask_sizes.{layer:03d}"], numel, encoding
                 )
-            packed.append(tensor)
+            )
         return packed
+
+    def _decode_layer(self, name, blob, sizes, numel: int, encoding: str) -> torch.Tensor:
+        if blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise FormatError(f"{self.basis_path}: {name} must be a 1-D uint8 tensor")
+        if sizes.dtype != torch.int64 or tuple(sizes.shape) != (self.num_basis,):
+            raise FormatError(
+                f"{self.basis_path}: mask sizes of {name} must be int64 [{self.num_basis}]"
+            )
+        if (sizes < 0).any() or int(sizes.sum()) != blob.numel():
+            raise FormatError(f"{self.basis_path}: mask sizes of {name} do not add up to its bytes")
+        data = blob.numpy().tobytes()
+        rows, start = [], 0
+        for size in sizes.tolist():
+            try:
+                rows.append(
+                    torch.from_numpy(
+                        decode_mask(data[start : start + size], numel, encoding).copy()
+                    )
+                )
+            except FormatError as error:
+                raise FormatError(f"{self.basis_path}: {name}: {error}") from None
+            start += size
+        return torch.stack(rows)
 
     def _read_tasks(self) -> list[TaskInfo]:
         folder = self.path / TASKS_FOLDER

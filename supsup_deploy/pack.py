@@ -27,7 +27,13 @@ from supsup_deploy.train import TrainConfig, _read_task_file, read_run_record, t
 NORM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def pack_run(run_dir: str | Path, out: str | Path, *, norm_dtype: str = "float32") -> Bundle:
+def pack_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    norm_dtype: str = "float32",
+    mask_encoding: str = "packed",
+) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
 
     The bundle is assembled in a temporary folder beside ``out`` and renamed into place, so
@@ -37,6 +43,7 @@ def pack_run(run_dir: str | Path, out: str | Path, *, norm_dtype: str = "float32
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
         out: the bundle folder to create; it must not exist yet.
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
+        mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
 
     Returns:
         The loaded, validated bundle.
@@ -67,7 +74,12 @@ def pack_run(run_dir: str | Path, out: str | Path, *, norm_dtype: str = "float32
     try:
         extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
         basis_sha256 = save_basis(
-            staging / BASIS_FILE, model_config, basis, input_spec, extra=extra
+            staging / BASIS_FILE,
+            model_config,
+            basis,
+            input_spec,
+            encoding=mask_encoding,
+            extra=extra,
         )
         for index in range(config.num_tasks):
             if task_path(run_dir, index).exists():

@@ -47,3 +47,46 @@ def effective_weight(seed, layer, shape, packed_rows: np.ndarray, alpha_row) -> 
     magnitude = weight_constant(shape) * total
     signs = np.where(negative(seed, layer, numel), np.float32(-1), np.float32(1))
     return (signs * magnitude).astype(np.float32).reshape(shape)
+
+
+def rice_decode(data: bytes, numel: int) -> np.ndarray:
+    """A ``"rice"`` encoded mask back to its packed bytes, as the page describes it."""
+    ones = int.from_bytes(data[0:8], "little")
+    k = data[8]
+    unary_bytes = int.from_bytes(data[9:17], "little")
+    unary = np.unpackbits(np.frombuffer(data[17 : 17 + unary_bytes], np.uint8), bitorder="little")
+    remainders = np.unpackbits(
+        np.frombuffer(data[17 + unary_bytes :], np.uint8), bitorder="little"
+    )[: ones * k].reshape(ones, k)
+    mask = np.zeros(numel, dtype=np.uint8)
+    previous = -1
+    terminators = np.flatnonzero(unary)
+    assert terminators.size == ones
+    start = 0
+    for code in range(ones):
+        quotient = int(terminators[code]) - start
+        start = int(terminators[code]) + 1
+        remainder = sum(int(bit) << shift for shift, bit in enumerate(remainders[code]))
+        previous = previous + (quotient << k) + remainder + 1
+        mask[previous] = 1
+    return np.packbits(mask, bitorder="little")
+
+
+def basis_rows(basis: dict, metadata: dict, layer: int) -> np.ndarray:
+    """Layer ``layer``'s packed basis rows ``[B, ceil(numel / 8)]`` whatever the encoding."""
+    name = f"mask.{layer:03d}"
+    if metadata.get("mask_encoding", "packed") == "packed":
+        return basis[name]
+    numel = math.prod(metadata["layers"][layer]["shape"])
+    blob = basis[name].tobytes()
+    rows, start = [], 0
+    for size in basis[f"mask_sizes.{layer:03d}"].tolist():
+        chunk = blob[start : start + size]
+        start += size
+        if metadata["mask_encoding"] == "rice":
+            rows.append(rice_decode(chunk, numel))
+        else:
+            from bitarray.util import sc_decode
+
+            rows.append(np.frombuffer(sc_decode(chunk).tobytes(), np.uint8))
+    return np.stack(rows)

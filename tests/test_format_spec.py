@@ -55,7 +55,11 @@ def check_bundle_against_spec(path: Path) -> int:
         expected = library.materialize(meta["index"])
         for layer, info in enumerate(basis_meta["layers"]):
             weight = spec_reference.effective_weight(
-                seed, layer, info["shape"], basis[f"mask.{layer:03d}"], alpha[layer]
+                seed,
+                layer,
+                info["shape"],
+                spec_reference.basis_rows(basis, basis_meta, layer),
+                alpha[layer],
             )
             got = expected[layer].numpy()
             assert got.shape == weight.shape
@@ -64,7 +68,8 @@ def check_bundle_against_spec(path: Path) -> int:
     return checked
 
 
-def test_synthetic_bundle_matches_spec(tmp_path):
+@pytest.mark.parametrize("encoding", ["packed", "rice", "sparse"])
+def test_synthetic_bundle_matches_spec(tmp_path, encoding):
     model = get_model("gem_resnet18", num_classes=3, in_channels=1, seed=12345, width=0.5)
     generator = torch.Generator().manual_seed(0)
     layers = masked_layers(model)
@@ -73,7 +78,9 @@ def test_synthetic_bundle_matches_spec(tmp_path):
         for density in (0.05, 0.5, 0.9)
     ]
     spec = InputSpec(size=28, channels=1, mean=(0.286,), std=(0.353,))
-    digest = save_basis(tmp_path / "basis.safetensors", model.config, basis, spec)
+    digest = save_basis(
+        tmp_path / "basis.safetensors", model.config, basis, spec, encoding=encoding
+    )
     channels = sum(m.num_features for m in model.modules() if hasattr(m, "running_mean"))
     norm = {"norm.running_mean": torch.randn(channels), "norm.running_var": torch.rand(channels)}
     tables = {
