@@ -49,6 +49,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, norm: _Norms | N
 
 class BasicBlock(nn.Module):
     expansion = 1
+    conv_norm_names = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -70,6 +71,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    conv_norm_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -97,6 +99,7 @@ class PreActBottleneck(nn.Module):
     """He et al.'s pre-activation bottleneck: norm-ReLU-conv three times, shortcut without norm."""
 
     expansion = 4
+    conv_norm_names = ()
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -158,6 +161,19 @@ class MaskedResNet(nn.Module):
             self.fc = MaskedConv2d(in_channels, config.num_classes, 1)
         else:
             self.fc = MaskedLinear(in_channels, config.num_classes)
+
+    def conv_norm_pairs(self) -> list[tuple[str, str]]:
+        """Module paths of each norm that directly normalises a conv's output (foldable pairs)."""
+        pairs = [("conv1", "bn1")]
+        for stage in range(1, 5):
+            for position, block in enumerate(getattr(self, f"layer{stage}")):
+                prefix = f"layer{stage}.{position}"
+                pairs += [
+                    (f"{prefix}.{conv}", f"{prefix}.{norm}") for conv, norm in block.conv_norm_names
+                ]
+                if block.downsample is not None and len(block.downsample) == 2:
+                    pairs.append((f"{prefix}.downsample.0", f"{prefix}.downsample.1"))
+        return pairs
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.maxpool(self.relu(self.bn1(self.conv1(inputs))))

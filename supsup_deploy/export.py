@@ -1,0 +1,397 @@
+"""Per-task ONNX export with a parity check against the PyTorch model, always.
+
+The exported network is the task's materialised model with every norm that directly follows a
+conv folded into that conv (weight scaled, bias added), so the graph holds only the task's own
+tensors as initializers, named after the PyTorch parameters. Exporting more tasks of a bundle then
+swaps those initializers in the graph traced once, instead of tracing again; every file written is
+checked (``onnx.checker`` full check, then ONNX Runtime against PyTorch) before it is renamed into
+place.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from supsup_deploy.bundle import FORMAT_VERSION, Bundle
+from supsup_deploy.errors import ConfigError, SupsupError
+from supsup_deploy.layers import MaskedConv2d, MaskedLinear
+from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-2
+DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "legacy")
+PROBE_BATCH = 64
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class ParityError(SupsupError):
+    """ONNX Runtime and PyTorch disagree beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely an exported graph matches the PyTorch model on a probe batch."""
+
+    task: int
+    path: str
+    max_abs_diff: float
+    tolerance: float
+    argmax_equal: bool
+    probe: str
+    batch: int
+    provider: str
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inference_module(model: nn.Module) -> nn.Module:
+    """A plain copy of a bundle model: ``nn.Conv2d``/``nn.Linear`` with the task's weights, each
+    conv-following BatchNorm folded into its conv, other norms as standard non-affine modules."""
+    plain = copy.deepcopy(model).eval()
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs = plain.conv_norm_pairs() if hasattr(plain, "conv_norm_pairs") else []
+    for conv_path, norm_path in pairs:
+        norm = plain.get_submodule(norm_path)
+        if isinstance(norm, TaskBatchNorm2d):
+            scale = torch.rsqrt(norm.running_var[norm.task] + norm.eps)
+            folded[conv_path] = (scale, -norm.running_mean[norm.task] * scale)
+            _replace(plain, norm_path, nn.Identity())
+    for path, module in list(plain.named_modules()):
+        if isinstance(module, MaskedConv2d):
+            weight = module.effective_weight().detach()
+            conv = nn.Conv2d(
+                weight.shape[1],
+                weight.shape[0],
+                weight.shape[2],
+                stride=module.stride,
+                padding=module.padding,
+                bias=path in folded,
+            )
+            with torch.no_grad():
+                if path in folded:
+                    scale, bias = folded[path]
+                    conv.weight.copy_(weight * scale.view(-1, 1, 1, 1))
+                    conv.bias.copy_(bias)
+                else:
+                    conv.weight.copy_(weight)
+            _replace(plain, path, conv)
+        elif isinstance(module, MaskedLinear):
+            weight = module.effective_weight().detach()
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+            _replace(plain, path, linear)
+        elif isinstance(module, TaskBatchNorm2d):
+            norm = nn.BatchNorm2d(module.num_features, eps=module.eps, affine=False)
+            with torch.no_grad():
+                norm.running_mean.copy_(module.running_mean[module.task])
+                norm.running_var.copy_(module.running_var[module.task])
+            _replace(plain, path, norm)
+        elif isinstance(module, GroupNorm2d):
+            _replace(
+                plain,
+                path,
+                nn.GroupNorm(module.groups, module.num_features, module.eps, affine=False),
+            )
+    return plain.eval()
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _trace(module: nn.Module, example: torch.Tensor, opset: int, exporter: str):
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+            return program.model_proto
+        if exporter == "legacy":
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+            return onnx.load_from_string(buffer.getvalue())
+    raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
+
+
+class TaskExporter:
+    """Exports a bundle's tasks to ONNX, tracing the network once and swapping weights after.
+
+    Args:
+        bundle: a loaded bundle.
+        opset: ONNX opset.
+        exporter: ``"dynamo"`` (default PyTorch exporter) or ``"legacy"`` (TorchScript-based).
+        fp16: store weights in float16 (inputs and outputs stay float32).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        opset: int = DEFAULT_OPSET,
+        exporter: str = "dynamo",
+        fp16: bool = False,
+    ) -> None:
+        if exporter not in EXPORTERS:
+            raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
+        self.bundle = bundle
+        self.opset = opset
+        self.exporter = exporter
+        self.fp16 = fp16
+        self._template = None
+        self._model: nn.Module | None = None
+        self.traces = 0
+
+    def export(
+        self,
+        task: int | str,
+        path: str | Path,
+        *,
+        probe: torch.Tensor | None = None,
+        probe_name: str = "seeded random batch",
+    ) -> ParityReport:
+        """Write ``task``'s ONNX graph to ``path`` after proving parity; nothing on failure."""
+        import onnx
+
+        info = self.bundle.task(task)
+        path = Path(path)
+        if self._model is None:
+            self._model = self.bundle.model(info.index)
+        else:
+            self.bundle.switch(self._model, info.index)
+        plain = inference_module(self._model)
+        graph = self._graph_for(plain)
+        self._add_metadata(graph, info)
+        if self.fp16:
+            graph = _weights_to_fp16(graph)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        os.close(handle)
+        try:
+            onnx.save(graph, temporary)
+            onnx.checker.check_model(temporary, full_check=True)
+            if probe is None:
+                probe, probe_name = probe_batch(self.bundle)
+            report = check_parity(
+                self._model,
+                temporary,
+                probe,
+                task=info.index,
+                fp16=self.fp16,
+                probe_name=probe_name,
+            )
+            os.replace(temporary, path)
+        except onnx.checker.ValidationError as error:
+            raise SupsupError(f"{path}: the exported graph fails onnx.checker ({error})") from None
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        return ParityReport(**{**report.to_dict(), "path": str(path)})
+
+    def _graph_for(self, plain: nn.Module):
+        import onnx
+
+        state = {name: tensor.detach().cpu().numpy() for name, tensor in plain.state_dict().items()}
+        if self._template is not None and _swappable(self._template, state):
+            graph = copy.deepcopy(self._template)
+            for initializer in graph.graph.initializer:
+                if initializer.name in state:
+                    values = onnx.numpy_helper.from_array(state[initializer.name], initializer.name)
+                    initializer.CopyFrom(values)
+            return graph
+        example = torch.zeros(
+            2, self.bundle.input.channels, self.bundle.input.size, self.bundle.input.size
+        )
+        graph = _trace(plain, example, self.opset, self.exporter)
+        self.traces += 1
+        if _swappable(graph, state):
+            self._template = graph
+        return copy.deepcopy(graph)
+
+    def _add_metadata(self, graph, info) -> None:
+        spec = self.bundle.input
+        values = {
+            "supsup.task_id": str(info.index),
+            "supsup.task_name": info.name,
+            "supsup.class_names": json.dumps(list(info.class_names)),
+            "supsup.basis_sha256": self.bundle.basis_sha256,
+            "supsup.bundle_format_version": str(FORMAT_VERSION),
+            "supsup.arch": self.bundle.config.arch,
+            "supsup.input": json.dumps(spec.to_dict(), sort_keys=True),
+            "supsup.precision": "float16" if self.fp16 else "float32",
+        }
+        del graph.metadata_props[:]
+        for key, value in values.items():
+            graph.metadata_props.add(key=key, value=value)
+
+
+def _swappable(graph, state: dict[str, np.ndarray]) -> bool:
+    """Whether the task's tensors are exactly the graph's float initializers (by name and shape);
+    other initializers must be integer constants such as shapes, which no task changes."""
+    from onnx import TensorProto
+
+    weights = {name for name in state if not name.endswith("num_batches_tracked")}
+    initializers = {initializer.name: initializer for initializer in graph.graph.initializer}
+    if not weights <= set(initializers):
+        return False
+    for name, initializer in initializers.items():
+        if name in weights:
+            if tuple(initializer.dims) != state[name].shape:
+                return False
+        elif initializer.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            return False
+    return True
+
+
+def _weights_to_fp16(graph):
+    """Store float initializers as float16 with a Cast back to float32 where they are used."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = copy.deepcopy(graph)
+    casts = []
+    for initializer in graph.graph.initializer:
+        if initializer.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(initializer).astype(np.float16)
+        name = initializer.name
+        initializer.CopyFrom(numpy_helper.from_array(values, f"{name}.fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT))
+    nodes = list(graph.graph.node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(casts + nodes)
+    onnx.checker.check_model(graph)
+    return graph
+
+
+def probe_batch(bundle: Bundle, batch: int = PROBE_BATCH) -> tuple[torch.Tensor, str]:
+    """Real test images of the bundle's dataset when it is available, else a seeded batch."""
+    from supsup_deploy import data as datasets
+
+    name = (bundle.metadata.get("extra") or {}).get("dataset")
+    if name:
+        try:
+            test = datasets.load_dataset(name, split="test")
+        except SupsupError:
+            pass
+        else:
+            images = test.images[:batch]
+            if images.shape[1:] == (bundle.input.channels, bundle.input.size, bundle.input.size):
+                return normalise(images, bundle), f"{name} test images"
+    return seeded_probe(bundle, batch), "seeded random batch"
+
+
+def normalise(images: torch.Tensor, bundle: Bundle) -> torch.Tensor:
+    """uint8 images [N, C, H, W] to the bundle's float input: ``(x / 255 - mean) / std``."""
+    spec = bundle.input
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def seeded_probe(bundle: Bundle, batch: int = PROBE_BATCH) -> torch.Tensor:
+    """A reproducible normal batch of the bundle's input shape (used when no images are given)."""
+    generator = torch.Generator().manual_seed(0)
+    spec = bundle.input
+    return torch.randn(batch, spec.channels, spec.size, spec.size, generator=generator)
+
+
+def onnx_session(path: str | Path, *, device: str = "cpu"):
+    """An ONNX Runtime session: the CUDA provider for ``device="cuda"`` when available."""
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ConfigError(
+                "ONNX Runtime has no CUDA provider here: pip install 'supsup-deploy[gpu]' "
+                "(onnxruntime-gpu) on a machine with a GPU"
+            )
+        providers.insert(0, "CUDAExecutionProvider")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own unexported exception types
+        raise SupsupError(f"{path}: ONNX Runtime cannot load it ({error})") from None
+
+
+def run_onnx(session, images: torch.Tensor) -> np.ndarray:
+    """Logits from an ONNX Runtime session for float32 images."""
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: images.detach().cpu().numpy().astype(np.float32)})[0]
+
+
+@torch.no_grad()
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    probe: torch.Tensor,
+    *,
+    task: int,
+    fp16: bool = False,
+    probe_name: str = "probe",
+    device: str = "cpu",
+) -> ParityReport:
+    """Compare ONNX Runtime with the PyTorch model; raise ParityError beyond the tolerance."""
+    session = onnx_session(onnx_path, device=device)
+    expected = model(probe.to(next(iter(model.buffers())).device)).cpu().numpy()
+    got = run_onnx(session, probe)
+    difference = float(np.abs(got - expected).max())
+    argmax_equal = bool((got.argmax(1) == expected.argmax(1)).all())
+    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    report = ParityReport(
+        task=task,
+        path=str(onnx_path),
+        max_abs_diff=difference,
+        tolerance=tolerance,
+        argmax_equal=argmax_equal,
+        probe=probe_name,
+        batch=len(probe),
+        provider=session.get_providers()[0],
+        precision="float16" if fp16 else "float32",
+    )
+    if difference > tolerance or not argmax_equal:
+        raise ParityError(
+            f"parity failed for task {task}: max |logit difference| {difference:.3g} "
+            f"(tolerance {tolerance:g}), argmax equal: {argmax_equal}, on {len(probe)} {probe_name}"
+        )
+    return report

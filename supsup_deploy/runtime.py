@@ -1,0 +1,207 @@
+"""Inference from a bundle: images in, per-task predictions out, with PyTorch or ONNX Runtime."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from supsup_deploy import data as datasets
+from supsup_deploy.bundle import Bundle
+from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.export import normalise, onnx_session, run_onnx
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+RUNTIMES = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's prediction under one task."""
+
+    input: str
+    task: int
+    class_index: int
+    class_name: str
+    probability: float
+    label: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def collect_image_paths(paths: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in the named folders."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            images = sorted(
+                path
+                for path in item.rglob("*")
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                raise ConfigError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found += images
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise ConfigError(f"{item}: no such file or folder")
+    if not found:
+        raise ConfigError("no input images given")
+    return found
+
+
+def load_images(paths: list[Path], bundle: Bundle) -> torch.Tensor:
+    """Read images, convert to the bundle's channels and size, and normalise them.
+
+    Raises:
+        FormatError: a file is not a readable image (the message names it).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    spec = bundle.input
+    mode = "L" if spec.channels == 1 else "RGB"
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode).resize((spec.size, spec.size), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise FormatError(f"{path}: not a readable image ({error})") from None
+        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    return normalise(torch.from_numpy(np.stack(arrays)), bundle)
+
+
+def dataset_split(
+    bundle: Bundle,
+    task: int,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    data_root: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's images and labels (0..k-1) from the dataset the bundle was trained on."""
+    info = bundle.task(task)
+    name = (bundle.metadata.get("extra") or {}).get("dataset")
+    classes = info.metrics.get("classes")
+    if not name or not classes:
+        raise ConfigError(
+            f"{info.path}: no dataset or classes recorded for task {info.index}; pass image files"
+        )
+    dataset = datasets.load_dataset(name, split=split, data_root=data_root)
+    lookup = torch.full((dataset.spec.num_classes,), -1, dtype=torch.int64)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
+    labels = lookup[dataset.labels]
+    rows = torch.nonzero(labels >= 0).flatten()[:limit]
+    return normalise(dataset.images[rows], bundle), labels[rows]
+
+
+class Runner:
+    """Runs a bundle's tasks on images with PyTorch (materialised weights) or ONNX Runtime.
+
+    Args:
+        bundle: a loaded bundle.
+        runtime: ``"torch"`` or ``"onnx"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        onnx_path: for ``"onnx"``, an exported graph to use (else tasks are exported on demand to
+            a temporary folder, with the usual parity check).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        runtime: str = "torch",
+        device: str = "cpu",
+        onnx_path: str | Path | None = None,
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r}: use torch or onnx")
+        self.bundle = bundle
+        self.runtime = runtime
+        self.device = device
+        self.onnx_path = Path(onnx_path) if onnx_path else None
+        self._model: torch.nn.Module | None = None
+        self._sessions: dict[int, Any] = {}
+        self._scratch: Any = None
+        self.provider = "torch:" + device if runtime == "torch" else ""
+
+    def logits(self, task: int | str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Logits of ``task`` for normalised images, batch by batch."""
+        info = self.bundle.task(task)
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            outputs.append(self._run(info.index, batch))
+        return torch.cat(outputs) if outputs else torch.empty(0, self.bundle.config.num_classes)
+
+    def _run(self, task: int, batch: torch.Tensor) -> torch.Tensor:
+        if self.runtime == "torch":
+            if self._model is None:
+                self._model = self.bundle.model(task, device=self.device)
+            elif self._model.bundle_task != task:
+                self.bundle.switch(self._model, task)
+            with torch.no_grad():
+                return self._model(batch.to(self.device)).float().cpu()
+        session = self._session(task)
+        return torch.from_numpy(run_onnx(session, batch))
+
+    def _session(self, task: int):
+        if task not in self._sessions:
+            path = self.onnx_path or self._export(task)
+            session = onnx_session(path, device=self.device)
+            self._check_graph(session, path, task)
+            self._sessions[task] = session
+            self.provider = "onnxruntime:" + session.get_providers()[0]
+        return self._sessions[task]
+
+    def _check_graph(self, session, path: Path, task: int) -> None:
+        metadata = session.get_modelmeta().custom_metadata_map
+        if metadata.get("supsup.basis_sha256") != self.bundle.basis_sha256:
+            raise FormatError(f"{path}: exported from another bundle (basis hash differs)")
+        if metadata.get("supsup.task_id") != str(task):
+            raise ConfigError(
+                f"{path}: holds task {metadata.get('supsup.task_id')}, not task {task}; "
+                "export this task or leave out --onnx"
+            )
+
+    def _export(self, task: int) -> Path:
+        import tempfile
+
+        from supsup_deploy.export import TaskExporter
+
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="supsup-onnx-")
+            self._exporter = TaskExporter(self.bundle)
+        path = Path(self._scratch.name) / f"task_{task}.onnx"
+        self._exporter.export(task, path)
+        return path
+
+    def predict(
+        self,
+        task: int | str,
+        images: torch.Tensor,
+        names: list[str],
+        labels: torch.Tensor | None = None,
+        batch_size: int = 256,
+    ) -> list[Prediction]:
+        """Class, class name and probability for every image under ``task``."""
+        info = self.bundle.task(task)
+        probabilities = self.logits(info.index, images, batch_size).softmax(dim=1)
+        best, classes = probabilities.max(dim=1)
+        return [
+            Prediction(
+                input=name,
+                task=info.index,
+                class_index=int(index),
+                class_name=info.class_names[int(index)],
+                probability=float(probability),
+                label=None if labels is None else int(labels[row]),
+            )
+            for row, (name, index, probability) in enumerate(zip(names, classes, best, strict=True))
+        ]
