@@ -1,0 +1,136 @@
+"""ONNX export with parity, and inference with both runtimes on a bundle packed from a real run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from supsup_deploy import export as export_module
+from supsup_deploy.bundle import load_bundle
+from supsup_deploy.export import ParityError, TaskExporter, onnx_session, run_onnx
+from supsup_deploy.pack import pack_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(small_run, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "bundle"
+    pack_run(small_run, path)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+def test_export_all_traces_once_and_matches_torch(bundle_dir, tmp_path):
+    bundle = load_bundle(bundle_dir)
+    exporter = TaskExporter(bundle)
+    reports = [exporter.export(t.index, tmp_path / f"{t.name}.onnx") for t in bundle.tasks]
+    assert exporter.traces == 1
+    probe = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    for info, report in zip(bundle.tasks, reports, strict=True):
+        assert report.max_abs_diff <= export_module.FP32_TOLERANCE and report.argmax_equal
+        assert report.probe == "fashion-mnist test images"
+        graph = onnx.load(report.path)
+        onnx.checker.check_model(graph, full_check=True)
+        metadata = {prop.key: prop.value for prop in graph.metadata_props}
+        assert metadata["supsup.task_id"] == str(info.index)
+        assert json.loads(metadata["supsup.class_names"]) == list(info.class_names)
+        assert metadata["supsup.basis_sha256"] == bundle.basis_sha256
+        assert json.loads(metadata["supsup.input"])["size"] == 28
+        for batch in (1, 5):
+            got = run_onnx(onnx_session(report.path), probe[:batch])
+            with torch.no_grad():
+                expected = bundle.model(info.index)(probe[:batch]).numpy()
+            np.testing.assert_allclose(got, expected, atol=export_module.FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize(("exporter", "fp16"), [("legacy", False), ("dynamo", True)])
+def test_legacy_exporter_and_fp16(bundle_dir, tmp_path, exporter, fp16):
+    bundle = load_bundle(bundle_dir)
+    report = TaskExporter(bundle, exporter=exporter, fp16=fp16).export(2, tmp_path / "t.onnx")
+    assert report.argmax_equal and report.max_abs_diff <= report.tolerance
+    assert report.precision == ("float16" if fp16 else "float32")
+
+
+def test_failed_parity_leaves_no_file(bundle_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(ParityError, match="parity failed for task 0: max"):
+        TaskExporter(load_bundle(bundle_dir)).export(0, tmp_path / "t.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_and_infer_cli(bundle_dir, tmp_path):
+    from PIL import Image
+
+    result = run_cli(
+        "export", str(bundle_dir), "--task", "2", "--onnx", str(tmp_path / "t2.onnx"), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["max_abs_diff"] <= 1e-4
+
+    outputs = {}
+    for runtime in ("torch", "onnx"):
+        result = run_cli(
+            "infer",
+            str(bundle_dir),
+            "--task",
+            "2",
+            "--dataset-split",
+            "test",
+            "--limit",
+            "100",
+            "--runtime",
+            runtime,
+            "--onnx",
+            str(tmp_path / "t2.onnx"),
+            "--json",
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[runtime] = json.loads(result.stdout)
+    assert outputs["onnx"]["runtime"] == "onnxruntime:CPUExecutionProvider"
+    torch_classes = [p["class_index"] for p in outputs["torch"]["predictions"]]
+    assert torch_classes == [p["class_index"] for p in outputs["onnx"]["predictions"]]
+    assert outputs["torch"]["accuracy"] == outputs["onnx"]["accuracy"]
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((40, 30, 3), 60 * index, dtype=np.uint8)).save(
+            folder / f"{index}.png"
+        )
+    result = run_cli("infer", str(bundle_dir), str(folder), "--task", "task_2", "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)["predictions"]
+    assert [Path(p["input"]).name for p in predictions] == ["0.png", "1.png", "2.png"]
+    assert all(p["class_name"] in load_bundle(bundle_dir).task(2).class_names for p in predictions)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: [str(tmp / "empty")], "no images"),
+        (lambda tmp: [str(tmp / "notes.png")], "not a readable image"),
+        (lambda tmp: [str(tmp / "missing.png")], "no such file"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(bundle_dir, tmp_path, make, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.png").write_text("not an image")
+    result = run_cli("infer", str(bundle_dir), *make(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bad_task_id(bundle_dir):
+    result = run_cli("export", str(bundle_dir), "--task", "9", "--onnx", "x.onnx")
+    assert result.returncode == 2 and "installed tasks" in result.stderr
