@@ -85,7 +85,7 @@ def measure(arch: str, variant: str, *, num_basis: int, batch: int, repeats: int
             masks = [
                 torch.rand(layer.weight_shape, generator=generator) < 0.5 for _ in range(num_basis)
             ]
-            make = AlphaMask if variant == "ours" else PublishedAlphaMask
+            make = AlphaMask.from_masks if variant == "ours" else PublishedAlphaMask
             source = make(layer, masks)
             parameters.append(source.alpha)
         layer.set_source(source)

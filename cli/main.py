@@ -341,7 +341,9 @@ def infer_command(
     paths: Annotated[
         list[Path] | None, typer.Argument(help="Image files or folders (PNG, JPEG, ...).")
     ] = None,
-    task: Annotated[str, typer.Option(help="Task id or name.")] = "0",
+    task: Annotated[
+        str, typer.Option(help="Task id or name, or auto to infer it from the batch.")
+    ] = "0",
     dataset_split: Annotated[
         str | None,
         typer.Option(help="Instead of images: the task's images of this split (e.g. test)."),
@@ -371,6 +373,34 @@ def infer_command(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     bundle = load_bundle(bundle_path)
+    runner = Runner(bundle, runtime=runtime, device=device, onnx_path=onnx)
+    if task == "auto":
+        from supsup_deploy.task_inference import TaskInferrer, evaluate_task_inference
+
+        if dataset_split is not None:
+            summary = evaluate_task_inference(
+                bundle,
+                runner,
+                split=dataset_split,
+                batch_size=min(batch_size, 64),
+                limit=limit,
+                data_root=data_root,
+            )
+            summary["runtime"] = runner.provider
+            if as_json:
+                print_json(summary)
+                return
+            print(
+                f"task inference (one-shot, batches of {summary['batch_size']}): "
+                f"{summary['task_inference_accuracy']:.4f}; accuracy with the inferred task "
+                f"{summary['accuracy_inferred_task']:.4f}, with the true task "
+                f"{summary['accuracy_true_task']:.4f} ({runner.provider})"
+            )
+            return
+        files = collect_image_paths(paths or [])
+        if len(files) < 2:
+            raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
+        task = str(TaskInferrer(bundle, device=device).infer(load_images(files, bundle)).task)
     info = bundle.task(task)
     labels = None
     if dataset_split is not None:
@@ -381,7 +411,6 @@ def infer_command(
     else:
         files = collect_image_paths(paths or [])
         images, names = load_images(files, bundle), [str(path) for path in files]
-    runner = Runner(bundle, runtime=runtime, device=device, onnx_path=onnx)
     predictions = runner.predict(info.index, images, names, labels, batch_size)
     accuracy = None
     if labels is not None and predictions:

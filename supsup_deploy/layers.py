@@ -105,28 +105,41 @@ class AlphaMask(WeightSource):
 
     Args:
         layer: the masked layer this source serves.
-        basis_masks: ``|B|`` bool masks of the layer's shape (or flat).
+        codes: the layer's flat int32 codes (:func:`supsup_deploy.masks.mask_codes`).
+        num_basis: ``|B|``.
         alpha: initial coefficients, shape ``[|B|]``; default ``1 / |B|`` each.
     """
 
     def __init__(
         self,
         layer: MaskedLayer,
-        basis_masks: Sequence[torch.Tensor],
+        codes: torch.Tensor,
+        num_basis: int,
         alpha: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        num_basis = len(basis_masks)
         check_num_basis(num_basis)
-        device = basis_masks[0].device
-        negative = layer.sign_bits(device=device)
-        self.register_buffer("codes", mask_codes(negative, basis_masks), persistent=False)
+        if codes.dtype != torch.int32 or codes.numel() != layer.numel:
+            raise ConfigError(f"codes must be {layer.numel} int32 values for this layer")
+        self.register_buffer("codes", codes, persistent=False)
         self.constant = layer.weight_constant
         if alpha is None:
             alpha = torch.full((num_basis,), 1.0 / num_basis, dtype=torch.float32)
         if alpha.shape != (num_basis,):
             raise ConfigError(f"alpha must have shape [{num_basis}], got {tuple(alpha.shape)}")
-        self.alpha = nn.Parameter(alpha.detach().to(device).clone())
+        self.alpha = nn.Parameter(alpha.detach().to(codes.device).clone())
+
+    @classmethod
+    def from_masks(
+        cls,
+        layer: MaskedLayer,
+        basis_masks: Sequence[torch.Tensor],
+        alpha: torch.Tensor | None = None,
+    ) -> AlphaMask:
+        """Build from the layer's ``|B|`` bool basis masks (its shape, or flat)."""
+        check_num_basis(len(basis_masks))
+        negative = layer.sign_bits(device=basis_masks[0].device)
+        return cls(layer, mask_codes(negative, basis_masks), len(basis_masks), alpha)
 
     @property
     def num_basis(self) -> int:

@@ -86,7 +86,7 @@ def use_alpha(
     for index, layer in enumerate(layers):
         layer_masks = [mask_set[index].to(device) for mask_set in basis]
         row = None if alpha is None else alpha[index]
-        source = AlphaMask(layer, layer_masks, row)
+        source = AlphaMask.from_masks(layer, layer_masks, row)
         layer.set_source(source)
         sources.append(source)
     return sources

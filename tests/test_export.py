@@ -134,3 +134,25 @@ def test_bad_inputs_give_one_line_errors(bundle_dir, tmp_path, make, message):
 def test_bad_task_id(bundle_dir):
     result = run_cli("export", str(bundle_dir), "--task", "9", "--onnx", "x.onnx")
     assert result.returncode == 2 and "installed tasks" in result.stderr
+
+
+def test_task_auto_reports_task_inference(bundle_dir):
+    result = run_cli(
+        "infer",
+        str(bundle_dir),
+        "--task",
+        "auto",
+        "--dataset-split",
+        "test",
+        "--limit",
+        "64",
+        "--batch-size",
+        "32",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [row["task"] for row in summary["tasks"]] == [0, 1, 2]
+    assert all(row["batches"] == 2 for row in summary["tasks"])
+    for key in ("task_inference_accuracy", "accuracy_inferred_task", "accuracy_true_task"):
+        assert 0.0 <= summary[key] <= 1.0

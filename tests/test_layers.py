@@ -33,7 +33,7 @@ def test_alpha_forward_and_gradient_match_naive_formula(num_basis):
     conv = _indexed_conv()
     masks = [torch.rand(conv.weight_shape) < 0.4 for _ in range(num_basis)]
     alpha = torch.randn(num_basis, dtype=torch.float64)
-    source = AlphaMask(conv, masks, alpha)
+    source = AlphaMask.from_masks(conv, masks, alpha)
     conv.set_source(source)
     inputs = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     target = torch.randn(2, 4, 6, 6, dtype=torch.float64)
@@ -54,7 +54,7 @@ def test_alpha_forward_and_gradient_match_naive_formula(num_basis):
 def test_alpha_gradcheck():
     conv = _indexed_conv(2, 3, 3)
     masks = [torch.rand(conv.weight_shape) < 0.5 for _ in range(3)]
-    source = AlphaMask(conv, masks, torch.randn(3, dtype=torch.float64))
+    source = AlphaMask.from_masks(conv, masks, torch.randn(3, dtype=torch.float64))
     conv.set_source(source)
     inputs = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     torch.autograd.gradcheck(lambda alpha: F.conv2d(inputs, _weight_for(conv, alpha)), source.alpha)
