@@ -32,15 +32,14 @@ from pathlib import Path
 import torch
 
 from bench._common import machine_info, write_result
-from supsup_deploy import data as datasets
 from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import TaskBatchNorm2d, load_norm_state
 from supsup_deploy.train import (
+    RunData,
     TrainConfig,
     collect_metrics,
     evaluate,
-    load_norm_state,
     load_task,
     read_task_masks,
     task_path,
@@ -107,16 +106,8 @@ def recalibrate(model: torch.nn.Module, task: int, images: torch.Tensor) -> None
 
 def evaluate_alpha_tasks(config: TrainConfig, run_dir: Path) -> dict[str, list[float]]:
     """Test accuracy of every alpha task under each statistics option of a BatchNorm run."""
-    train_set = datasets.load_dataset(config.dataset, split="train")
-    test_set = datasets.load_dataset(config.dataset, split="test")
-    tasks = datasets.make_tasks(
-        protocol=config.protocol,
-        num_classes=train_set.spec.num_classes,
-        classes_per_task=config.classes_per_task,
-        num_tasks=config.num_tasks,
-        seed=config.seed,
-    )
-    model = build_model(config.model_config(train_set.spec))
+    run_data = RunData.load(config)
+    model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
     for index in range(config.basis):
         load_task(model, run_dir, index, basis)
@@ -125,15 +116,7 @@ def evaluate_alpha_tasks(config: TrainConfig, run_dir: Path) -> dict[str, list[f
         options = (config.norm,)
     accuracies: dict[str, list[float]] = {option: [] for option in options}
     for index in range(config.basis, config.num_tasks):
-        splits = datasets.task_splits(
-            train_set,
-            test_set,
-            tasks[index],
-            val_fraction=config.val_fraction,
-            max_train_samples=config.max_train_samples,
-            max_test_samples=config.max_test_samples,
-            seed=config.seed,
-        )
+        splits = run_data.splits(index)
         for option in options:
             tensors = load_task(model, run_dir, index, basis)
             load_alpha_table(model, tensors["alpha"].half().float())

@@ -25,8 +25,7 @@ from supsup_deploy.bundle import InputSpec, save_basis, save_task
 from supsup_deploy.export import TaskExporter, onnx_session, run_onnx
 from supsup_deploy.masking import use_alpha
 from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d
-from supsup_deploy.train import norm_state
+from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 
 NUM_BASIS = 15
 

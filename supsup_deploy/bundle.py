@@ -25,10 +25,10 @@ from supsup_deploy import backbone
 from supsup_deploy.errors import ConfigError, FormatError, SupsupError
 from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
-from supsup_deploy.masking import set_task, use_fixed
+from supsup_deploy.masking import use_fixed
 from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
 from supsup_deploy.models import ModelConfig, build_model, masked_layers, summarize_model
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import load_norm_state
 
 FORMAT_VERSION = 1
 BASIS_FORMAT = "supsup-basis"
@@ -433,7 +433,7 @@ class Bundle:
         tensors = self.task_tensors(task)
         model = build_model(_single_slot(self.config)).to(device)
         use_fixed(model, self._materialize(tensors["alpha"], device, None))
-        self._load_norm(model, tensors)
+        load_norm_state(model, 0, tensors)
         model.bundle_task = self.task(task).index
         return model.eval()
 
@@ -443,22 +443,8 @@ class Bundle:
         tensors = self.task_tensors(task)
         fixed = [layer.source.fixed for layer in masked_layers(model)]
         self._materialize(tensors["alpha"], fixed[0].device, fixed)
-        self._load_norm(model, tensors)
+        load_norm_state(model, 0, tensors)
         model.bundle_task = self.task(task).index
-
-    @torch.no_grad()
-    def _load_norm(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
-        if not norms:
-            return
-        sizes = [module.num_features for module in norms]
-        for key, attribute in (
-            ("norm.running_mean", "running_mean"),
-            ("norm.running_var", "running_var"),
-        ):
-            for module, chunk in zip(norms, tensors[key].float().split(sizes), strict=True):
-                getattr(module, attribute)[0].copy_(chunk)
-        set_task(model, 0)
 
 
 def _single_slot(config: ModelConfig) -> ModelConfig:

@@ -528,7 +528,10 @@ def task_splits(
 
 
 def normalise(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
-    """Converts uint8 images [N, C, H, W] to float32 ``(pixel / 255 - mean) / std`` per channel."""
+    """Converts uint8 images [N, C, H, W] to float32 ``(pixel / 255 - mean) / std`` per channel.
+
+    ``spec`` is any object with per-channel ``mean`` and ``std`` (a bundle's InputSpec too).
+    """
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.to(torch.float32) / 255.0 - mean) / std

@@ -315,16 +315,8 @@ def probe_batch(bundle: Bundle, batch: int = PROBE_BATCH) -> tuple[torch.Tensor,
         else:
             images = test.images[:batch]
             if images.shape[1:] == (bundle.input.channels, bundle.input.size, bundle.input.size):
-                return normalise(images, bundle), f"{name} test images"
+                return datasets.normalise(images, bundle.input), f"{name} test images"
     return seeded_probe(bundle, batch), "seeded random batch"
-
-
-def normalise(images: torch.Tensor, bundle: Bundle) -> torch.Tensor:
-    """uint8 images [N, C, H, W] to the bundle's float input: ``(x / 255 - mean) / std``."""
-    spec = bundle.input
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def seeded_probe(bundle: Bundle, batch: int = PROBE_BATCH) -> torch.Tensor:

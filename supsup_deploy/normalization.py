@@ -104,3 +104,29 @@ def make_norm(kind: str, num_features: int, *, num_tasks: int = 1, groups: int =
     if kind == "group":
         return GroupNorm2d(num_features, groups=groups)
     raise ConfigError(f"unknown norm {kind!r}: expected one of {', '.join(NORM_KINDS)}")
+
+
+def norm_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
+    """One task's normalisation statistics, concatenated over the per-task norm layers."""
+    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    if not norms:
+        return {}
+    return {
+        "norm.running_mean": torch.cat([m.running_mean[task] for m in norms]).float(),
+        "norm.running_var": torch.cat([m.running_var[task] for m in norms]).float(),
+    }
+
+
+def load_norm_state(model: nn.Module, task: int, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`norm_state` into slot ``task``."""
+    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    if not norms:
+        return
+    sizes = [m.num_features for m in norms]
+    with torch.no_grad():
+        for key, attribute in (
+            ("norm.running_mean", "running_mean"),
+            ("norm.running_var", "running_var"),
+        ):
+            for module, chunk in zip(norms, state[key].split(sizes), strict=True):
+                getattr(module, attribute)[task].copy_(chunk)

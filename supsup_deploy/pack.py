@@ -20,9 +20,14 @@ from supsup_deploy.bundle import (
 )
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes
-from supsup_deploy.masks import unpack_bits
-from supsup_deploy.models import ModelConfig, build_model, masked_layers
-from supsup_deploy.train import TrainConfig, _read_task_file, read_run_record, task_path
+from supsup_deploy.models import ModelConfig, build_model
+from supsup_deploy.train import (
+    TrainConfig,
+    _read_task_file,
+    read_run_record,
+    read_task_masks,
+    task_path,
+)
 
 NORM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -60,8 +65,8 @@ def pack_run(
     config = TrainConfig(**record["config"])
     model_config = ModelConfig.from_dict(record["model"])
     with torch.device("meta"):
-        layers = masked_layers(build_model(model_config))
-    basis = [_basis_masks(run_dir, index, layers) for index in range(config.basis)]
+        model = build_model(model_config)
+    basis = [_basis_masks(run_dir, index, model) for index in range(config.basis)]
     dataset = record["dataset"]
     input_spec = InputSpec(
         size=int(dataset["image_size"]),
@@ -91,20 +96,11 @@ def pack_run(
     return load_bundle(out)
 
 
-def _basis_masks(run_dir: Path, index: int, layers) -> list[torch.Tensor]:
+def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:
     path = task_path(run_dir, index)
     if not path.exists():
         raise FormatError(f"{path}: basis task {index} has not finished training; resume the run")
-    tensors, metadata = _read_task_file(path)
-    if metadata["kind"] != "mask":
-        raise FormatError(f"{path}: task {index} should be a mask task")
-    masks = []
-    for layer in layers:
-        key = f"mask.{layer.layer_index:03d}"
-        if key not in tensors:
-            raise FormatError(f"{path}: missing {key}")
-        masks.append(unpack_bits(tensors[key], layer.numel))
-    return masks
+    return read_task_masks(path, model)
 
 
 def _pack_task(

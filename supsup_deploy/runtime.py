@@ -12,7 +12,7 @@ import torch
 from supsup_deploy import data as datasets
 from supsup_deploy.bundle import Bundle
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.export import normalise, onnx_session, run_onnx
+from supsup_deploy.export import onnx_session, run_onnx
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RUNTIMES = ("torch", "onnx")
@@ -74,7 +74,7 @@ def load_images(paths: list[Path], bundle: Bundle) -> torch.Tensor:
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise FormatError(f"{path}: not a readable image ({error})") from None
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return normalise(torch.from_numpy(np.stack(arrays)), bundle)
+    return datasets.normalise(torch.from_numpy(np.stack(arrays)), spec)
 
 
 def dataset_split(
@@ -98,7 +98,7 @@ def dataset_split(
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     labels = lookup[dataset.labels]
     rows = torch.nonzero(labels >= 0).flatten()[:limit]
-    return normalise(dataset.images[rows], bundle), labels[rows]
+    return datasets.normalise(dataset.images[rows], bundle.input), labels[rows]
 
 
 class Runner:

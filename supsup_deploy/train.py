@@ -50,7 +50,7 @@ from supsup_deploy.masking import (
 )
 from supsup_deploy.masks import check_num_basis, pack_bits, resolve_densities, unpack_bits
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry, masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import TaskBatchNorm2d, load_norm_state, norm_state
 
 RUN_FORMAT = "supsup-run"
 RUN_FORMAT_VERSION = 1
@@ -130,6 +130,43 @@ class TaskResult:
     metrics: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class RunData:
+    """A run's datasets and task sequence, and each task's splits, as its config defines them."""
+
+    config: TrainConfig
+    train: datasets.Dataset
+    test: datasets.Dataset
+    tasks: list[datasets.TaskSpec]
+
+    @classmethod
+    def load(cls, config: TrainConfig) -> RunData:
+        """Load the config's dataset (both splits) and build its task sequence."""
+        train = datasets.load_dataset(config.dataset, split="train", data_root=config.data_root)
+        test = datasets.load_dataset(config.dataset, split="test", data_root=config.data_root)
+        tasks = datasets.make_tasks(
+            protocol=config.protocol,
+            num_classes=train.spec.num_classes,
+            classes_per_task=config.classes_per_task,
+            num_tasks=config.num_tasks,
+            seed=config.seed,
+        )
+        return cls(config, train, test, tasks)
+
+    def splits(self, index: int) -> datasets.TaskSplits:
+        """Task ``index``'s training, validation and test tensors."""
+        config = self.config
+        return datasets.task_splits(
+            self.train,
+            self.test,
+            self.tasks[index],
+            val_fraction=config.val_fraction,
+            max_train_samples=config.max_train_samples,
+            max_test_samples=config.max_test_samples,
+            seed=config.seed,
+        )
+
+
 class Reporter:
     """Receives progress events; the default ignores them (the CLI draws progress bars)."""
 
@@ -199,16 +236,8 @@ def train_run(
     parallel = _start_distributed(distributed_mode, device)
     try:
         device = _resolve_device(device, parallel)
-        train_set = datasets.load_dataset(config.dataset, split="train", data_root=config.data_root)
-        test_set = datasets.load_dataset(config.dataset, split="test", data_root=config.data_root)
-        spec = train_set.spec
-        tasks = datasets.make_tasks(
-            protocol=config.protocol,
-            num_classes=spec.num_classes,
-            classes_per_task=config.classes_per_task,
-            num_tasks=config.num_tasks,
-            seed=config.seed,
-        )
+        run_data = RunData.load(config)
+        spec, tasks = run_data.train.spec, run_data.tasks
         record = _run_record(config, spec, tasks)
         if parallel.rank == 0:
             _prepare_run_dir(run_dir, record, resume)
@@ -222,15 +251,7 @@ def train_run(
                 path = task_path(run_dir, index)
                 if path.exists() or not parallel.owns(index):
                     continue
-                splits = datasets.task_splits(
-                    train_set,
-                    test_set,
-                    tasks[index],
-                    val_fraction=config.val_fraction,
-                    max_train_samples=config.max_train_samples,
-                    max_test_samples=config.max_test_samples,
-                    seed=config.seed,
-                )
+                splits = run_data.splits(index)
                 kind = "mask" if index < config.basis else "alpha"
                 metrics = _train_task(
                     model, config, splits, index, kind, basis, device, parallel, reporter
@@ -488,32 +509,6 @@ def evaluate(model: nn.Module, pair: datasets.TensorPair, device: str, batch_siz
         predictions = model(images.to(device)).argmax(dim=1).cpu()
         correct += int((predictions == labels).sum())
     return correct / len(pair)
-
-
-def norm_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
-    """One task's normalisation statistics, concatenated over the per-task norm layers."""
-    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
-    if not norms:
-        return {}
-    return {
-        "norm.running_mean": torch.cat([m.running_mean[task] for m in norms]).float(),
-        "norm.running_var": torch.cat([m.running_var[task] for m in norms]).float(),
-    }
-
-
-def load_norm_state(model: nn.Module, task: int, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`norm_state` into slot ``task``."""
-    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
-    if not norms:
-        return
-    sizes = [m.num_features for m in norms]
-    with torch.no_grad():
-        for key, attribute in (
-            ("norm.running_mean", "running_mean"),
-            ("norm.running_var", "running_var"),
-        ):
-            for module, chunk in zip(norms, state[key].split(sizes), strict=True):
-                getattr(module, attribute)[task].copy_(chunk)
 
 
 def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:

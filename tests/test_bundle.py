@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import SMALL_RUN
 
-from supsup_deploy import data as datasets
 from supsup_deploy.bundle import load_bundle
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.train import (
+    RunData,
     TrainConfig,
     collect_metrics,
     evaluate,
@@ -42,12 +42,8 @@ def run_cli(*args):
 
 def test_bundle_runs_every_task_exactly_like_the_run(small_run, bundle_dir):
     config = TrainConfig(**SMALL_RUN)
-    train_set = datasets.load_dataset("fashion-mnist")
-    test_set = datasets.load_dataset("fashion-mnist", split="test")
-    tasks = datasets.make_tasks(
-        protocol="split", num_classes=10, classes_per_task=2, num_tasks=3, seed=0
-    )
-    reference = build_model(config.model_config(train_set.spec)).eval()
+    run_data = RunData.load(config)
+    reference = build_model(config.model_config(run_data.train.spec)).eval()
     basis = [read_task_masks(task_path(small_run, t), reference) for t in range(config.basis)]
     bundle = load_bundle(bundle_dir)
     assert [task.kind for task in bundle.tasks] == ["basis", "basis", "alpha"]
@@ -58,15 +54,7 @@ def test_bundle_runs_every_task_exactly_like_the_run(small_run, bundle_dir):
         reference.eval()
         fresh = bundle.model(index)
         bundle.switch(switched, index)
-        splits = datasets.task_splits(
-            train_set,
-            test_set,
-            tasks[index],
-            val_fraction=config.val_fraction,
-            max_train_samples=config.max_train_samples,
-            max_test_samples=config.max_test_samples,
-            seed=0,
-        )
+        splits = run_data.splits(row["task"])
         images = splits.test.images
         with torch.no_grad():
             expected = reference(images)

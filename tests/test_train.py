@@ -208,27 +208,20 @@ def test_two_process_data_parallel(tmp_path):
 
 
 def test_task_files_reproduce_the_measured_accuracy(reference_run):
-    from supsup_deploy import data as datasets
     from supsup_deploy.models import build_model
-    from supsup_deploy.train import collect_metrics, evaluate, load_task, read_task_masks
+    from supsup_deploy.train import (
+        RunData,
+        collect_metrics,
+        evaluate,
+        load_task,
+        read_task_masks,
+    )
 
     config = TrainConfig(**SMALL)
-    train_set = datasets.load_dataset("fashion-mnist", split="train")
-    test_set = datasets.load_dataset("fashion-mnist", split="test")
-    tasks = datasets.make_tasks(
-        protocol="split", num_classes=10, classes_per_task=2, num_tasks=3, seed=0
-    )
-    model = build_model(config.model_config(train_set.spec))
+    run_data = RunData.load(config)
+    model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(reference_run, t), model) for t in range(config.basis)]
     for row in collect_metrics(reference_run, config.num_tasks):
         load_task(model, reference_run, row["task"], basis)
-        splits = datasets.task_splits(
-            train_set,
-            test_set,
-            tasks[row["task"]],
-            val_fraction=config.val_fraction,
-            max_train_samples=config.max_train_samples,
-            max_test_samples=config.max_test_samples,
-            seed=0,
-        )
+        splits = run_data.splits(row["task"])
         assert evaluate(model, splits.test, "cpu", 64) == row["test_accuracy"]
