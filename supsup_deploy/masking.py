@@ -142,13 +142,6 @@ def set_task(model: nn.Module, task: int) -> None:
             module.set_task(task)
 
 
-def resize_tasks(model: nn.Module, num_tasks: int) -> None:
-    """Give every per-task norm layer ``num_tasks`` statistic slots (keeping existing ones)."""
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.resize_tasks(num_tasks)
-
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU when it has none)."""
     for tensor in list(model.parameters()) + list(model.buffers()):

@@ -123,14 +123,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TaskResult:
-    """What training one task produced (its state file holds the tensors)."""
-
-    index: int
-    metrics: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class RunData:
     """A run's datasets and task sequence, and each task's splits, as its config defines them."""
 
