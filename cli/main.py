@@ -344,6 +344,13 @@ def infer_command(
     task: Annotated[
         str, typer.Option(help="Task id or name, or auto to infer it from the batch.")
     ] = "0",
+    task_inference: Annotated[
+        str,
+        typer.Option(
+            help="With --task auto: calibrated (entropy relative to each task's reference), "
+            "oneshot (SupSup's entropy gradient) or auto."
+        ),
+    ] = "auto",
     dataset_split: Annotated[
         str | None,
         typer.Option(help="Instead of images: the task's images of this split (e.g. test)."),
@@ -385,13 +392,14 @@ def infer_command(
                 batch_size=min(batch_size, 64),
                 limit=limit,
                 data_root=data_root,
+                method=task_inference,
             )
             summary["runtime"] = runner.provider
             if as_json:
                 print_json(summary)
                 return
             print(
-                f"task inference (one-shot, batches of {summary['batch_size']}): "
+                f"task inference ({summary['method']}, batches of {summary['batch_size']}): "
                 f"{summary['task_inference_accuracy']:.4f}; accuracy with the inferred task "
                 f"{summary['accuracy_inferred_task']:.4f}, with the true task "
                 f"{summary['accuracy_true_task']:.4f} ({runner.provider})"
@@ -400,7 +408,8 @@ def infer_command(
         files = collect_image_paths(paths or [])
         if len(files) < 2:
             raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        task = str(TaskInferrer(bundle, device=device).infer(load_images(files, bundle)).task)
+        inferrer = TaskInferrer(bundle, device=device, method=task_inference)
+        task = str(inferrer.infer(load_images(files, bundle)).task)
     info = bundle.task(task)
     labels = None
     if dataset_split is not None:

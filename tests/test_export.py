@@ -136,12 +136,15 @@ def test_bad_task_id(bundle_dir):
     assert result.returncode == 2 and "installed tasks" in result.stderr
 
 
-def test_task_auto_reports_task_inference(bundle_dir):
+@pytest.mark.parametrize("method", ["calibrated", "oneshot"])
+def test_task_auto_reports_task_inference(bundle_dir, method):
     result = run_cli(
         "infer",
         str(bundle_dir),
         "--task",
         "auto",
+        "--task-inference",
+        method,
         "--dataset-split",
         "test",
         "--limit",
@@ -152,7 +155,22 @@ def test_task_auto_reports_task_inference(bundle_dir):
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
+    assert summary["method"] == method
     assert [row["task"] for row in summary["tasks"]] == [0, 1, 2]
     assert all(row["batches"] == 2 for row in summary["tasks"])
     for key in ("task_inference_accuracy", "accuracy_inferred_task", "accuracy_true_task"):
         assert 0.0 <= summary[key] <= 1.0
+
+
+def test_task_auto_on_image_files(bundle_dir, tmp_path):
+    from PIL import Image
+
+    from supsup_deploy.runtime import dataset_split
+
+    images, _ = dataset_split(load_bundle(bundle_dir), 1, limit=4)
+    for row, image in enumerate(images):
+        pixels = ((image[0] * 0.353 + 0.286) * 255).clamp(0, 255).round().byte().numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{row}.png")
+    result = run_cli("infer", str(bundle_dir), str(tmp_path), "--task", "auto", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["task"] in (0, 1, 2)
