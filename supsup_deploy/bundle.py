@@ -241,6 +241,7 @@ class Bundle:
         self.metadata = metadata
         self.summary = summarize_model(self.config.arch, **_options(self.config))
         self._packed_masks = self._check_basis_tensors(tensors)
+        self._task_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.tasks = self._read_tasks()
         self._codes: dict[str, list[torch.Tensor]] = {}
 
@@ -309,16 +310,20 @@ class Bundle:
         folder = self.path / TASKS_FOLDER
         tasks: dict[int, TaskInfo] = {}
         for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            info = self.check_task_file(file)
+            info, tensors = self._check_task(file)
             if info.index in tasks:
                 raise FormatError(
                     f"{file}: task id {info.index} is also used by {tasks[info.index].path}"
                 )
             tasks[info.index] = info
+            self._task_tensors[info.index] = tensors
         return [tasks[index] for index in sorted(tasks)]
 
     def check_task_file(self, file: Path) -> TaskInfo:
         """Validate a task file against this bundle's basis; raise FormatError naming it."""
+        return self._check_task(file)[0]
+
+    def _check_task(self, file: Path) -> tuple[TaskInfo, dict[str, torch.Tensor]]:
         tensors, metadata = _load_checked(file, TASK_FORMAT)
         try:
             index = int(metadata["index"])
@@ -358,7 +363,7 @@ class Bundle:
             raise FormatError(f"{file}: norm.running_var holds negative values")
         state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         extra = metadata.get("extra") if isinstance(metadata.get("extra"), dict) else {}
-        return TaskInfo(
+        info = TaskInfo(
             index,
             name,
             kind,
@@ -368,6 +373,7 @@ class Bundle:
             state_bytes,
             extra.get("metrics", {}),
         )
+        return info, tensors
 
     def task(self, task: int | str) -> TaskInfo:
         """A task by id or name; ConfigError listing the installed ones when absent."""
@@ -378,9 +384,8 @@ class Bundle:
         raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
-        info = self.task(task)
-        tensors, _ = _load_checked(info.path, TASK_FORMAT)
-        return tensors
+        """A task's tensors (alpha table, norm statistics), as validated when the bundle opened."""
+        return dict(self._task_tensors[self.task(task).index])
 
     def codes(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Per-layer int32 codes (sign and basis bits), computed once per device."""
