@@ -129,6 +129,7 @@ class Runner:
         self._model: torch.nn.Module | None = None
         self._sessions: dict[int, Any] = {}
         self._scratch: Any = None
+        self._exporter: Any = None
         self.provider = "torch:" + device if runtime == "torch" else ""
 
     def logits(self, task: int | str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -175,7 +176,7 @@ class Runner:
 
         from supsup_deploy.export import TaskExporter
 
-        if self._scratch is None:
+        if self._exporter is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="supsup-onnx-")
             self._exporter = TaskExporter(self.bundle)
         path = Path(self._scratch.name) / f"task_{task}.onnx"
