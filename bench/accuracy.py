@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench._common import machine_info, write_result
+from bench._common import machine_info, print_table, write_result
 from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import TaskBatchNorm2d, load_norm_state
@@ -193,33 +193,32 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / ("quick" if args.quick else "full")
     rows = [row for name in args.protocols for row in run_protocol(name, work, budget)]
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="alpha tasks vs dedicated masks (Fashion-MNIST, gem_resnet18)")
-    for column in (
-        "protocol",
-        "|B|",
-        "norm option",
-        "basis acc",
-        "alpha acc",
-        "dedicated acc",
-        "ratio",
-        "bytes/task",
-    ):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            row["protocol"],
-            str(row["basis"]),
-            row["norm_option"],
-            f"{row['basis_mask_accuracy']:.4f}",
-            f"{row['alpha_accuracy']:.4f}",
-            f"{row['dedicated_accuracy']:.4f}",
-            f"{row['ratio']:.3f}",
-            f"{row['bytes_per_task']:,}",
-        )
-    Console(width=140).print(table)
+    print_table(
+        "alpha tasks vs dedicated masks (Fashion-MNIST, gem_resnet18)",
+        (
+            "protocol",
+            "|B|",
+            "norm option",
+            "basis acc",
+            "alpha acc",
+            "dedicated acc",
+            "ratio",
+            "bytes/task",
+        ),
+        [
+            [
+                row["protocol"],
+                str(row["basis"]),
+                row["norm_option"],
+                f"{row['basis_mask_accuracy']:.4f}",
+                f"{row['alpha_accuracy']:.4f}",
+                f"{row['dedicated_accuracy']:.4f}",
+                f"{row['ratio']:.3f}",
+                f"{row['bytes_per_task']:,}",
+            ]
+            for row in rows
+        ],
+    )
     result = {
         "benchmark": "accuracy",
         "setup": {

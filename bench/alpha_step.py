@@ -33,6 +33,7 @@ from bench._common import (
     machine_info,
     median_seconds,
     peak_memory_bytes,
+    print_table,
     reset_peak_memory,
     resident_bytes,
     tensor_state_bytes,
@@ -163,36 +164,35 @@ def run(archs: list[str], *, num_basis: int, batch: int, repeats: int, device: s
     }
 
 
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"alpha step, |B| = {result['setup']['num_basis']}, batch 64")
-    for column in (
-        "arch",
-        "fixed s",
-        "ours s",
-        "published s",
-        "ours/fixed",
-        "published/fixed",
-        "ours extra MB",
-        "published extra MB",
-        "extra share",
-    ):
-        table.add_column(column, justify="right")
-    for row in result["rows"]:
-        table.add_row(
-            row["arch"],
-            f"{row['fixed']['seconds']:.3f}",
-            f"{row['ours']['seconds']:.3f}",
-            f"{row['published']['seconds']:.3f}",
-            f"{row['time_ratio_ours']:.2f}x",
-            f"{row['time_ratio_published']:.2f}x",
-            f"{row['extra_bytes_ours'] / 2**20:.0f}",
-            f"{row['extra_bytes_published'] / 2**20:.0f}",
-            f"{row['extra_memory_share']:.3f}",
-        )
-    Console(width=140).print(table)
+def print_result(result: dict) -> None:
+    print_table(
+        f"alpha step, |B| = {result['setup']['num_basis']}, batch 64",
+        (
+            "arch",
+            "fixed s",
+            "ours s",
+            "published s",
+            "ours/fixed",
+            "published/fixed",
+            "ours extra MB",
+            "published extra MB",
+            "extra share",
+        ),
+        [
+            [
+                row["arch"],
+                f"{row['fixed']['seconds']:.3f}",
+                f"{row['ours']['seconds']:.3f}",
+                f"{row['published']['seconds']:.3f}",
+                f"{row['time_ratio_ours']:.2f}x",
+                f"{row['time_ratio_published']:.2f}x",
+                f"{row['extra_bytes_ours'] / 2**20:.0f}",
+                f"{row['extra_bytes_published'] / 2**20:.0f}",
+                f"{row['extra_memory_share']:.3f}",
+            ]
+            for row in result["rows"]
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         device=args.device,
     )
-    print_table(result)
+    print_result(result)
     name = args.name or ("alpha_step" if args.device == "cpu" else "alpha_step_gpu")
     print(f"wrote {write_result(name, result)}")
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench._common import machine_info, write_result
+from bench._common import machine_info, print_table, write_result
 from supsup_deploy import summarize_model
 from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 
@@ -65,22 +65,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [row for density in DENSITIES for row in measure(args.arch, density)]
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"basis mask encodings, {args.arch} (bits per weight)")
-    for column in ("density", "entropy", *ENCODINGS, "rice/packed", "rice decode s"):
-        table.add_column(column, justify="right")
+    table_rows = []
     for density in DENSITIES:
         by = {row["encoding"]: row for row in rows if row["density"] == density}
-        table.add_row(
-            f"{density:.4f}",
-            f"{by['rice']['entropy_bits_per_weight']:.4f}",
-            *(f"{by[name]['bits_per_weight']:.4f}" for name in ENCODINGS),
-            f"{by['rice']['vs_packed']:.3f}",
-            f"{by['rice']['decode_s']:.3f}",
+        table_rows.append(
+            [
+                f"{density:.4f}",
+                f"{by['rice']['entropy_bits_per_weight']:.4f}",
+                *(f"{by[name]['bits_per_weight']:.4f}" for name in ENCODINGS),
+                f"{by['rice']['vs_packed']:.3f}",
+                f"{by['rice']['decode_s']:.3f}",
+            ]
         )
-    Console(width=140).print(table)
+    print_table(
+        f"basis mask encodings, {args.arch} (bits per weight)",
+        ("density", "entropy", *ENCODINGS, "rice/packed", "rice decode s"),
+        table_rows,
+    )
     result = {
         "benchmark": "compression",
         "setup": {"arch": args.arch, "positions": "uniform random"},

@@ -19,56 +19,27 @@ from pathlib import Path
 
 import torch
 
-from bench._common import machine_info, median_seconds, write_result
-from supsup_deploy import get_model, load_bundle
-from supsup_deploy.bundle import InputSpec, save_basis, save_task
+from bench._common import machine_info, median_seconds, print_table, write_result
+from bench._synthetic import write_synthetic_bundle
+from supsup_deploy import load_bundle
 from supsup_deploy.export import TaskExporter, onnx_session, run_onnx
-from supsup_deploy.masking import use_alpha
-from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 
 NUM_BASIS = 15
-
-
-def write_bundle(folder: Path, arch: str, *, tasks: int, channels: int, size: int, classes: int):
-    model = get_model(arch, num_classes=classes, in_channels=channels, stem="cifar", seed=0)
-    generator = torch.Generator().manual_seed(0)
-    layers = masked_layers(model)
-    basis = [
-        [torch.rand(layer.weight_shape, generator=generator) < 0.5 for layer in layers]
-        for _ in range(NUM_BASIS)
-    ]
-    spec = InputSpec(size=size, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
-    digest = save_basis(folder / "basis.safetensors", model.config, basis, spec)
-    for index in range(tasks):
-        alpha = 1.0 / NUM_BASIS + 0.02 * torch.randn(len(layers), NUM_BASIS, generator=generator)
-        save_task(
-            folder / "tasks" / f"task_{index}.safetensors",
-            index=index,
-            name=f"task_{index}",
-            alpha=alpha,
-            norm_state=batch_statistics(model, basis, alpha, channels, size),
-            class_names=[f"class_{i}" for i in range(classes)],
-            basis_sha256=digest,
-        )
-
-
-@torch.no_grad()
-def batch_statistics(model, basis, alpha, channels: int, size: int) -> dict[str, torch.Tensor]:
-    """Realistic normalisation statistics: those of a random batch through the task's weights."""
-    use_alpha(model, basis, alpha)
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.momentum = 1.0
-    model.train()
-    model(torch.randn(64, channels, size, size, generator=torch.Generator().manual_seed(2)))
-    return norm_state(model, 0)
 
 
 def export_row(tasks: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_bundle(root / "bundle", "gem_resnet18", tasks=tasks, channels=1, size=28, classes=5)
+        write_synthetic_bundle(
+            root / "bundle",
+            "gem_resnet18",
+            num_basis=NUM_BASIS,
+            tasks=tasks,
+            num_classes=5,
+            channels=1,
+            size=28,
+            stem="cifar",
+        )
         bundle = load_bundle(root / "bundle")
         started = time.perf_counter()
         exporter = TaskExporter(bundle)
@@ -94,7 +65,16 @@ def latency_rows(device: str, repeats: int) -> list[dict]:
     for arch in ("gem_resnet18", "resnet18"):
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
-            write_bundle(root / "bundle", arch, tasks=1, channels=3, size=32, classes=10)
+            write_synthetic_bundle(
+                root / "bundle",
+                arch,
+                num_basis=NUM_BASIS,
+                tasks=1,
+                num_classes=10,
+                channels=3,
+                size=32,
+                stem="cifar",
+            )
             bundle = load_bundle(root / "bundle")
             TaskExporter(bundle).export(0, root / "task.onnx")
             model = bundle.model(0, device=device)
@@ -135,28 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     export = export_row(args.tasks)
     latency = latency_rows(args.device, args.repeats)
 
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=140)
-    console.print(
+    print(
         f"export of {export['tasks']} tasks: ours {export['ours_s']:.1f} s "
         f"({export['traces_ours']} trace), from scratch {export['from_scratch_s']:.1f} s, "
         f"{export['speedup']:.1f}x faster"
     )
-    table = Table(title="inference latency (median seconds per forward pass)")
-    for column in ("arch", "batch", "torch eager", "onnxruntime", "ort/torch", "provider"):
-        table.add_column(column, justify="right")
-    for row in latency:
-        table.add_row(
-            row["arch"],
-            str(row["batch"]),
-            f"{row['torch_eager_s']:.4f}",
-            f"{row['onnxruntime_s']:.4f}",
-            f"{row['onnx_vs_torch']:.2f}x",
-            row["provider"],
-        )
-    console.print(table)
+    print_table(
+        "inference latency (median seconds per forward pass)",
+        ("arch", "batch", "torch eager", "onnxruntime", "ort/torch", "provider"),
+        [
+            [
+                row["arch"],
+                str(row["batch"]),
+                f"{row['torch_eager_s']:.4f}",
+                f"{row['onnxruntime_s']:.4f}",
+                f"{row['onnx_vs_torch']:.2f}x",
+                row["provider"],
+            ]
+            for row in latency
+        ],
+    )
     result = {
         "benchmark": "export_infer",
         "machine": machine_info(args.device),

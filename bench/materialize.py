@@ -25,44 +25,28 @@ from pathlib import Path
 
 import torch
 
-from bench._common import machine_info, median_seconds, write_result
-from supsup_deploy import get_model, load_bundle
-from supsup_deploy.bundle import InputSpec, save_basis, save_task
+from bench._common import machine_info, median_seconds, print_table, write_result
+from bench._synthetic import write_synthetic_bundle
+from supsup_deploy import load_bundle
 from supsup_deploy.models import masked_layers
 
 NUM_BASIS = 15
 GOAL_RATIO = 3.0
 
 
-def write_bundle(arch: str, folder: Path) -> None:
-    model = get_model(arch, num_classes=1000, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    layers = masked_layers(model)
-    basis = [
-        [torch.rand(layer.weight_shape, generator=generator) < 0.5 for layer in layers]
-        for _ in range(NUM_BASIS)
-    ]
-    spec = InputSpec(size=224, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    digest = save_basis(folder / "basis.safetensors", model.config, basis, spec)
-    channels = sum(m.num_features for m in model.modules() if hasattr(m, "running_mean"))
-    save_task(
-        folder / "tasks" / "task_0.safetensors",
-        index=0,
-        name="task_0",
-        alpha=torch.randn(len(layers), NUM_BASIS, generator=generator),
-        norm_state={
-            "norm.running_mean": torch.zeros(channels),
-            "norm.running_var": torch.ones(channels),
-        },
-        class_names=[f"class_{i}" for i in range(1000)],
-        basis_sha256=digest,
-    )
-
-
 def measure(arch: str, *, repeats: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder)
-        write_bundle(arch, path)
+        write_synthetic_bundle(
+            path,
+            arch,
+            num_basis=NUM_BASIS,
+            tasks=1,
+            num_classes=1000,
+            channels=3,
+            size=224,
+            stem="imagenet",
+        )
         started = time.perf_counter()
         bundle = load_bundle(path)
         opened = time.perf_counter()
@@ -124,37 +108,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [measure(arch, repeats=args.repeats, device=args.device) for arch in args.archs]
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"materialising one task, |B| = {NUM_BASIS} (median seconds)")
-    for column in (
-        "arch",
-        "weights",
-        "plain copy",
-        "naive",
-        "ours",
-        "switch",
-        "ours/copy",
-        "naive/copy",
-        "open",
-        "first task",
-    ):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            row["arch"],
-            f"{row['masked_weights']:,}",
-            f"{row['plain_copy_s']:.4f}",
-            f"{row['naive_s']:.4f}",
-            f"{row['ours_s']:.4f}",
-            f"{row['switch_s']:.4f}",
-            f"{row['ours_vs_plain_copy']:.2f}x",
-            f"{row['naive_vs_plain_copy']:.2f}x",
-            f"{row['open_s']:.3f}",
-            f"{row['first_task_s']:.3f}",
-        )
-    Console(width=150).print(table)
+    print_table(
+        f"materialising one task, |B| = {NUM_BASIS} (median seconds)",
+        (
+            "arch",
+            "weights",
+            "plain copy",
+            "naive",
+            "ours",
+            "switch",
+            "ours/copy",
+            "naive/copy",
+            "open",
+            "first task",
+        ),
+        [
+            [
+                row["arch"],
+                f"{row['masked_weights']:,}",
+                f"{row['plain_copy_s']:.4f}",
+                f"{row['naive_s']:.4f}",
+                f"{row['ours_s']:.4f}",
+                f"{row['switch_s']:.4f}",
+                f"{row['ours_vs_plain_copy']:.2f}x",
+                f"{row['naive_vs_plain_copy']:.2f}x",
+                f"{row['open_s']:.3f}",
+                f"{row['first_task_s']:.3f}",
+            ]
+            for row in rows
+        ],
+    )
     result = {
         "benchmark": "materialize",
         "goal": {"ours_vs_plain_copy_max": GOAL_RATIO},

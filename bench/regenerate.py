@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench._common import machine_info, median_seconds, write_result
+from bench._common import machine_info, median_seconds, print_table, write_result
 from supsup_deploy import backbone, summarize_model
 
 GOAL_SECONDS_RESNET50 = 1.0
@@ -80,33 +80,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [measure(arch, repeats=args.repeats, device=args.device) for arch in args.archs]
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="backbone regeneration (median seconds)")
-    for column in (
-        "arch",
-        "weights",
-        "signs",
-        "ours",
-        "torch.rand",
-        "safetensors load",
-        "ours/rand",
-        "ours/load",
-    ):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            row["arch"],
-            f"{row['masked_weights']:,}",
-            f"{row['signs_s']:.3f}",
-            f"{row['weights_s']:.3f}",
-            f"{row['torch_rand_s']:.3f}",
-            f"{row['safetensors_load_s']:.3f}",
-            f"{row['weights_vs_torch_rand']:.2f}x",
-            f"{row['weights_vs_safetensors_load']:.2f}x",
-        )
-    Console(width=140).print(table)
+    print_table(
+        "backbone regeneration (median seconds)",
+        (
+            "arch",
+            "weights",
+            "signs",
+            "ours",
+            "torch.rand",
+            "safetensors load",
+            "ours/rand",
+            "ours/load",
+        ),
+        [
+            [
+                row["arch"],
+                f"{row['masked_weights']:,}",
+                f"{row['signs_s']:.3f}",
+                f"{row['weights_s']:.3f}",
+                f"{row['torch_rand_s']:.3f}",
+                f"{row['safetensors_load_s']:.3f}",
+                f"{row['weights_vs_torch_rand']:.2f}x",
+                f"{row['weights_vs_safetensors_load']:.2f}x",
+            ]
+            for row in rows
+        ],
+    )
     result = {
         "benchmark": "regenerate",
         "goal": {"resnet50_weights_s_max": GOAL_SECONDS_RESNET50},
