@@ -36,7 +36,7 @@ GOAL_RATIO = 3.0
 
 def measure(arch: str, *, repeats: int, device: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder)
+        path = Path(folder) / "bundle"
         write_synthetic_bundle(
             path,
             arch,

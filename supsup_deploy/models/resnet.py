@@ -50,6 +50,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, norm: _Norms | N
 class BasicBlock(nn.Module):
     expansion = 1
     conv_norm_names = (("conv1", "bn1"), ("conv2", "bn2"))
+    branch_end = "bn2"
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -72,6 +73,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
     conv_norm_names = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    branch_end = "bn3"
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -100,6 +102,7 @@ class PreActBottleneck(nn.Module):
 
     expansion = 4
     conv_norm_names = ()
+    branch_end = "conv3"
 
     def __init__(self, in_channels: int, planes: int, stride: int, norm: _Norms, inner: int):
         super().__init__()
@@ -174,6 +177,14 @@ class MaskedResNet(nn.Module):
                 if block.downsample is not None and len(block.downsample) == 2:
                     pairs.append((f"{prefix}.downsample.0", f"{prefix}.downsample.1"))
         return pairs
+
+    def residual_branch_ends(self) -> list[nn.Module]:
+        """The last module of every residual branch: its final norm, or its final conv (pre-act)."""
+        return [
+            getattr(block, block.branch_end)
+            for stage in range(1, 5)
+            for block in getattr(self, f"layer{stage}")
+        ]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.maxpool(self.relu(self.bn1(self.conv1(inputs))))

@@ -1,0 +1,288 @@
+"""``supsup report storage`` and ``supsup verify``: argument parsing and printing only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._common import one_line_errors, print_json
+
+report_app = typer.Typer(
+    help="Reports computed from the registered architectures.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@report_app.command("storage")
+@one_line_errors
+def storage_command(
+    arch: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these architectures (repeat the option); default: all."),
+    ] = None,
+    basis: Annotated[int, typer.Option(help="Basis masks |B| (the poster used 15).")] = 15,
+    tasks: Annotated[int, typer.Option(help="Tasks T for the totals.")] = 100,
+    density: Annotated[
+        float, typer.Option(help="Fraction of weights a SupSup mask keeps (sets the CSC size).")
+    ] = 0.5,
+    input_size: Annotated[
+        int, typer.Option(help="Input height and width for the multiply-accumulate count.")
+    ] = 224,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classifier outputs (default: each entry's standard).")
+    ] = None,
+    stem: Annotated[
+        str | None, typer.Option(help="imagenet or cifar (default: each entry's standard).")
+    ] = None,
+    norm_dtype: Annotated[
+        str, typer.Option(help="float32 or float16 for the stored norm statistics.")
+    ] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of total bytes vs number of tasks.")
+    ] = None,
+    plot_arch: Annotated[str, typer.Option(help="Architecture drawn by --plot.")] = "resnet50",
+) -> None:
+    """Bytes per task and for T tasks under every storage scheme, for every architecture.
+
+    Schemes: a dense fine-tuned fp32 copy, a SupSup bitmask, SupSup's sparse CSC with int16
+    indices at --density, and our alpha table (fp32, fp16) over |B| shared basis masks; every
+    scheme also pays the task's normalisation statistics. Rows use each architecture's standard
+    configuration (ImageNet stem, 1000 classes) and are checked against torchvision's counts.
+    The poster's own table is printed beside ours with what each figure counts.
+    """
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.report import (
+        StorageSettings,
+        plot_storage,
+        storage_csv,
+        storage_markdown,
+        storage_report,
+        storage_row,
+        storage_table,
+    )
+
+    if sum((as_json, markdown, as_csv)) > 1:
+        raise ConfigError("choose one of --json, --markdown and --csv")
+    settings = StorageSettings(
+        num_basis=basis,
+        num_tasks=tasks,
+        density=density,
+        norm_dtype=norm_dtype,
+        input_size=input_size,
+    )
+    options = {
+        key: value
+        for key, value in (("num_classes", num_classes), ("stem", stem))
+        if value is not None
+    }
+    rows = storage_table(arch, settings, **options)
+    if plot is not None:
+        plot_storage(storage_row(plot_arch, settings, **options), plot)
+    if as_json:
+        print_json(storage_report(rows, settings))
+    elif as_csv:
+        print(storage_csv(rows), end="")
+    elif markdown:
+        print(storage_markdown(rows, settings), end="")
+    else:
+        print_storage_table(rows, settings)
+    if plot is not None and not (as_json or as_csv or markdown):
+        print(f"plot: {plot}")
+
+
+def print_storage_table(rows, settings) -> None:
+    """The storage table and the poster comparison as rich tables."""
+    from rich.table import Table
+
+    from supsup_deploy.report import (
+        NORM_DEFINITION,
+        PER_TASK_COLUMNS,
+        POSTER_COLUMNS,
+        POSTER_NOTES,
+        POSTER_ROWS,
+        SCHEME_DEFINITIONS,
+        SCHEME_LABELS,
+        SCHEMES,
+        TOTAL_COLUMNS,
+        poster_cells,
+        storage_cells,
+    )
+
+    console = wide_console()
+    cells = [storage_cells(row) for row in rows]
+    for title, columns in (
+        (
+            f"Bytes per task (|B| = {settings.num_basis}, density {settings.density}, "
+            f"norm {settings.norm_dtype})",
+            PER_TASK_COLUMNS,
+        ),
+        (f"Total bytes for T = {settings.num_tasks} tasks", TOTAL_COLUMNS),
+    ):
+        table = Table(title=title)
+        for key, header in columns:
+            table.add_column(header, justify="left" if key == "arch" else "right")
+        for row in cells:
+            table.add_row(*(_cell(row[key]) for key, _ in columns))
+        console.print(table)
+    for scheme in SCHEMES:
+        console.print(f"  {SCHEME_LABELS[scheme]}: {SCHEME_DEFINITIONS[scheme]}.", markup=False)
+    console.print(
+        f"  norm: {NORM_DEFINITION}. The backbone costs 0 bytes (regenerated).", markup=False
+    )
+    checks = [row.torchvision for row in rows if row.torchvision]
+    matching = sum(check["match"] for check in checks)
+    console.print(f"  torchvision check: {matching} of {len(checks)} comparable rows match.")
+    poster = Table(title="The poster's table beside ours (|B| = 15)")
+    for key, title in POSTER_COLUMNS:
+        poster.add_column(title, justify="left" if key == "poster_name" else "right")
+    for entry in POSTER_ROWS:
+        cells = poster_cells(entry)
+        poster.add_row(*(_cell(cells[key]) for key, _ in POSTER_COLUMNS))
+    console.print(poster)
+    for note in POSTER_NOTES:
+        console.print(f"  - {note}", markup=False)
+
+
+def wide_console():
+    """A rich console; when not writing to a terminal, wide enough that tables are not cut."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _cell(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+@one_line_errors
+def verify_command(
+    arch: Annotated[
+        str, typer.Option(help="An architecture name, or all (every registered one).")
+    ] = "all",
+    quick: Annotated[
+        bool, typer.Option(help="Only a small subset (gem_resnet18, resnet18).")
+    ] = False,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Verify this bundle (from a trained run) instead, with accuracy parity."),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="Pack this finished training run as the basis instead of random masks."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep bundles and ONNX graphs here (default: a temporary folder)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check every architecture end to end: pack, load, materialise, export, parity, bytes.
+
+    For each architecture: build a basis, pack, load, materialise, export ONNX, prove ONNX
+    Runtime parity, and compare the bytes on disk with the storage report's prediction.
+
+    Without --run the basis is 2 seeded random masks plus 2 alpha tasks, at 32x32 inputs. With
+    --bundle (packed from a trained run) it also measures every task's test accuracy with PyTorch
+    and with ONNX Runtime and requires identical predictions. Exits 1 if any check fails.
+    """
+    import tempfile
+
+    from rich.console import Console
+
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.models import get_model_entry, list_models
+    from supsup_deploy.verify import QUICK_ARCHS, verify_all, verify_bundle
+
+    console = Console(stderr=True)
+
+    def progress(name: str, step: str) -> None:
+        if not as_json:
+            console.print(f"[dim]{name}: {step}[/dim]")
+
+    if bundle is not None and run is not None:
+        raise ConfigError("give --bundle or --run, not both")
+    if bundle is not None:
+        with tempfile.TemporaryDirectory(prefix="supsup-verify-") as folder:
+            results = [verify_bundle(bundle, work_dir or folder, progress=progress)]
+    else:
+        if quick:
+            archs = list(QUICK_ARCHS)
+        elif arch == "all":
+            archs = list_models()
+        else:
+            archs = [get_model_entry(arch).name]
+        if run is not None:
+            archs = archs[:1]
+        results = verify_all(archs, run_dir=run, work_dir=work_dir, progress=progress)
+    if as_json:
+        print_json([result.to_dict() for result in results])
+    else:
+        print_verify_table(results)
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
+
+
+def print_verify_table(results) -> None:
+    """One row per architecture, then per-task accuracies when measured."""
+    from rich.table import Table
+
+    console = wide_console()
+    table = Table(title="supsup verify")
+    columns = (
+        "arch",
+        "source",
+        "layers",
+        "weights",
+        "tasks",
+        "pack s",
+        "export s",
+        "max |diff|",
+        "bytes",
+        "result",
+    )
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("arch", "source", "result") else "right"
+        )
+    for result in results:
+        seconds = result.seconds
+        table.add_row(
+            result.arch,
+            result.source,
+            str(result.masked_layers),
+            f"{result.masked_weights:,}",
+            str(result.tasks),
+            f"{seconds.get('pack', seconds.get('load', 0.0)):.1f}",
+            f"{seconds['export']:.1f}" if "export" in seconds else "-",
+            f"{result.max_abs_diff:.1e}" if result.max_abs_diff is not None else "-",
+            f"{result.bytes_checked} exact" if result.bytes_ok else "-",
+            "ok" if result.ok else f"FAILED: {result.error}",
+        )
+    console.print(table)
+    rows = [(result.arch, row) for result in results for row in result.accuracy]
+    if rows:
+        accuracy = Table(title="Accuracy parity (test split)")
+        for column in ("arch", "task", "images", "torch", "onnx", "differing"):
+            accuracy.add_column(column, justify="left" if column == "arch" else "right")
+        for arch, row in rows:
+            if "skipped" in row:
+                accuracy.add_row(arch, row["name"], "-", "-", "-", row["skipped"])
+                continue
+            accuracy.add_row(
+                arch,
+                row["name"],
+                str(row["images"]),
+                f"{row['torch_accuracy']:.4f}",
+                f"{row['onnx_accuracy']:.4f}",
+                str(row["differing_predictions"]),
+            )
+        console.print(accuracy)

@@ -1,0 +1,131 @@
+"""Seeded random bundles: random basis masks and plausible alpha tasks, without training.
+
+`supsup verify` and the benchmarks use them on architectures too large to train here. A random
+deep BatchNorm ResNet is numerically chaotic (a 1e-7 relative change of the input moves the
+logits of a random ResNet-50 by ~1e-4), which no trained network we measured is; trained ResNets
+keep their residual branches small. So each task here scales the output of every residual branch
+by :data:`RESIDUAL_BRANCH_SCALE` (through the stored variance of the branch's last batch norm,
+or the alpha row of its last conv when no norm follows it), which makes the logits as
+well-conditioned as a trained network's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from supsup_deploy.bundle import BASIS_FILE, TASKS_FOLDER, InputSpec, save_basis, save_task
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.layers import MaskedLayer
+from supsup_deploy.masking import load_alpha_table, use_alpha
+from supsup_deploy.masks import MAX_BASIS, check_density
+from supsup_deploy.models import ModelConfig, build_model, masked_layers
+from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
+
+RESIDUAL_BRANCH_SCALE = 0.2
+STATISTICS_BATCH = 16
+ALPHA_NOISE = 0.02
+
+
+def write_random_bundle(
+    out: str | Path,
+    config: ModelConfig,
+    input_spec: InputSpec,
+    *,
+    num_basis: int,
+    alpha_tasks: int,
+    basis_tasks: bool = True,
+    density: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Write a bundle of seeded random basis masks and alpha tasks (atomically, by folder rename).
+
+    Args:
+        out: the bundle folder to create; it must not exist.
+        config: architecture and backbone seed (``num_tasks`` is ignored).
+        input_spec: input size, channels and normalisation recorded in the bundle.
+        num_basis: random basis masks ``|B|``, each keeping about ``density`` of every layer.
+        alpha_tasks: alpha tasks, each ``1/|B|`` plus seeded noise per layer and mask.
+        basis_tasks: also install every basis mask as a task (one-hot alpha), as ``pack`` does.
+        density: fraction of weights each basis mask keeps.
+        seed: seeds masks, alpha tables and the batch the norm statistics come from.
+
+    Returns:
+        ``out``.
+
+    Example:
+        >>> write_random_bundle("artifacts/r18", get_model_entry("resnet18").config(),
+        ...                     InputSpec(32, 3, (0.5,) * 3, (0.25,) * 3), num_basis=2,
+        ...                     alpha_tasks=2)
+    """
+    out = Path(out)
+    check_density(density)
+    if not 1 <= num_basis <= MAX_BASIS:
+        raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    if out.exists():
+        raise ConfigError(f"{out} already exists: choose a new folder")
+    model = build_model(ModelConfig.from_dict({**config.to_dict(), "num_tasks": 1}))
+    generator = torch.Generator().manual_seed(seed)
+    layers = masked_layers(model)
+    basis = [
+        [torch.rand(layer.weight_shape, generator=generator) < density for layer in layers]
+        for _ in range(num_basis)
+    ]
+    tables = [torch.eye(num_basis)[index].repeat(len(layers), 1) for index in range(num_basis)]
+    if not basis_tasks:
+        tables = []
+    noise = [torch.randn(len(layers), num_basis, generator=generator) for _ in range(alpha_tasks)]
+    tables += [1.0 / num_basis + ALPHA_NOISE * table for table in noise]
+    use_alpha(model, basis)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
+        for index, alpha in enumerate(tables):
+            kind = "basis" if basis_tasks and index < num_basis else "alpha"
+            alpha, statistics = _plausible_task(model, alpha, input_spec, seed)
+            save_task(
+                staging / TASKS_FOLDER / f"task_{index}.safetensors",
+                index=index,
+                name=f"task_{index}",
+                alpha=alpha,
+                norm_state=statistics,
+                class_names=[f"class_{i}" for i in range(config.num_classes)],
+                basis_sha256=digest,
+                kind=kind,
+            )
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def _plausible_task(
+    model: nn.Module, alpha: torch.Tensor, spec: InputSpec, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scale the residual branches, then take norm statistics from one seeded random batch."""
+    alpha = alpha.clone()
+    ends = model.residual_branch_ends() if hasattr(model, "residual_branch_ends") else []
+    for end in ends:
+        if isinstance(end, MaskedLayer):
+            alpha[end.layer_index] *= RESIDUAL_BRANCH_SCALE
+    load_alpha_table(model, alpha)
+    for module in model.modules():
+        if isinstance(module, TaskBatchNorm2d):
+            module.momentum = 1.0
+    model.train()
+    generator = torch.Generator().manual_seed(seed + 1)
+    shape = (STATISTICS_BATCH, spec.channels, spec.size, spec.size)
+    model(torch.randn(shape, generator=generator))
+    for end in ends:
+        if isinstance(end, TaskBatchNorm2d):
+            end.running_var[0] /= RESIDUAL_BRANCH_SCALE**2
+    model.eval()
+    return alpha, norm_state(model, 0)

@@ -1,0 +1,292 @@
+"""End-to-end verification per architecture: basis, tasks, pack, load, materialise, export, parity.
+
+Each step checks something a user depends on: materialised weights equal the alpha formula, the
+ONNX graph matches PyTorch within the exporter's tolerance, the bytes on disk are exactly what
+the storage accounting predicts, and (for a bundle from a trained run) PyTorch and ONNX Runtime
+give identical predictions on every task's test split.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supsup_deploy import backbone
+from supsup_deploy.bundle import Bundle, InputSpec, load_bundle
+from supsup_deploy.errors import SupsupError
+from supsup_deploy.export import TaskExporter, probe_batch
+from supsup_deploy.masks import unpack_bits
+from supsup_deploy.models import get_model_entry
+from supsup_deploy.report import compare_bundle_bytes
+
+QUICK_ARCHS = ("gem_resnet18", "resnet18")
+VERIFY_INPUT_SIZE = 32
+VERIFY_BASIS = 2
+VERIFY_ALPHA_TASKS = 2
+VERIFY_PROBE_BATCH = 8
+MATERIALIZE_RELATIVE_TOLERANCE = 1e-5
+
+
+@dataclass
+class VerifyResult:
+    """What one architecture's verification found; ``error`` is None when every check passed."""
+
+    arch: str
+    source: str
+    masked_layers: int = 0
+    masked_weights: int = 0
+    tasks: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    max_abs_diff: float | None = None
+    bytes_checked: int = 0
+    bytes_ok: bool = False
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "source": self.source,
+            "ok": self.ok,
+            "masked_layers": self.masked_layers,
+            "masked_weights": self.masked_weights,
+            "tasks": self.tasks,
+            "seconds": {key: round(value, 3) for key, value in self.seconds.items()},
+            "max_abs_diff": self.max_abs_diff,
+            "bytes_checked": self.bytes_checked,
+            "bytes_ok": self.bytes_ok,
+            "accuracy": self.accuracy,
+            "error": self.error,
+        }
+
+
+class _Steps:
+    """Times named steps into a result and turns the first package error into its ``error``."""
+
+    def __init__(self, result: VerifyResult, progress) -> None:
+        self.result = result
+        self.progress = progress
+
+    def run(self, name: str, action, *args, **kwargs):
+        if self.progress:
+            self.progress(self.result.arch, name)
+        started = time.perf_counter()
+        value = action(*args, **kwargs)
+        self.result.seconds[name] = time.perf_counter() - started
+        return value
+
+
+def verify_architecture(
+    arch: str,
+    work_dir: str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    progress=None,
+) -> VerifyResult:
+    """Build (or pack from ``run_dir``) a bundle for ``arch`` and verify it end to end.
+
+    Without a run, the basis is :data:`VERIFY_BASIS` seeded random masks with
+    :data:`VERIFY_ALPHA_TASKS` alpha tasks, in the architecture's standard configuration at
+    :data:`VERIFY_INPUT_SIZE` x :data:`VERIFY_INPUT_SIZE` inputs.
+
+    Args:
+        arch: a registered architecture (ignored with ``run_dir``: the run's is used).
+        work_dir: folder for the bundle and its ONNX graphs (created).
+        run_dir: a finished training run to pack instead of random masks.
+        progress: optional ``callback(arch, step)`` called as each step starts.
+
+    Returns:
+        A :class:`VerifyResult`; a failed check sets its ``error``, never raises SupsupError.
+    """
+    from supsup_deploy.synthetic import write_random_bundle
+
+    work_dir = Path(work_dir)
+    result = VerifyResult(arch=arch, source="trained run" if run_dir else "seeded random masks")
+    steps = _Steps(result, progress)
+    try:
+        if run_dir is not None:
+            from supsup_deploy.pack import pack_run
+
+            steps.run("pack", pack_run, run_dir, work_dir / "bundle")
+        else:
+            config = get_model_entry(arch).config()
+            spec = InputSpec(
+                size=VERIFY_INPUT_SIZE,
+                channels=config.in_channels,
+                mean=(0.5,) * config.in_channels,
+                std=(0.25,) * config.in_channels,
+            )
+            steps.run(
+                "pack",
+                write_random_bundle,
+                work_dir / "bundle",
+                config,
+                spec,
+                num_basis=VERIFY_BASIS,
+                alpha_tasks=VERIFY_ALPHA_TASKS,
+            )
+        bundle = steps.run("load", load_bundle, work_dir / "bundle")
+        _check_bundle(bundle, result, steps, work_dir, accuracy=run_dir is not None)
+    except SupsupError as error:
+        result.error = str(error)
+    return result
+
+
+def verify_bundle(bundle_path: str | Path, work_dir: str | Path, *, progress=None) -> VerifyResult:
+    """Verify an existing bundle (from a trained run): parity, bytes, and accuracy parity.
+
+    Args:
+        bundle_path: the bundle folder (only read).
+        work_dir: folder for the ONNX graphs.
+        progress: optional ``callback(arch, step)``.
+
+    Returns:
+        A :class:`VerifyResult`; accuracy parity is measured when the dataset is available.
+
+    Raises:
+        SupsupError: the bundle cannot be loaded.
+    """
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_path)
+    result = VerifyResult(arch=bundle.config.arch, source=str(bundle_path))
+    result.seconds["load"] = time.perf_counter() - started
+    steps = _Steps(result, progress)
+    try:
+        _check_bundle(bundle, result, steps, Path(work_dir), accuracy=True)
+    except SupsupError as error:
+        result.error = str(error)
+    return result
+
+
+def _check_bundle(
+    bundle: Bundle, result: VerifyResult, steps: _Steps, work_dir: Path, *, accuracy: bool
+) -> None:
+    result.masked_layers = bundle.summary.masked_layers
+    result.masked_weights = bundle.summary.masked_weights
+    result.tasks = len(bundle.tasks)
+    if not bundle.tasks:
+        raise SupsupError(f"{bundle.path}: the bundle has no tasks to verify")
+    steps.run("materialize", _check_materialized, bundle)
+    steps.run("bytes", _check_bytes, bundle, result)
+    probe, probe_name = probe_batch(bundle, VERIFY_PROBE_BATCH)
+    exporter = TaskExporter(bundle)
+    reports = steps.run(
+        "export",
+        lambda: [
+            exporter.export(
+                info.index,
+                work_dir / "onnx" / f"{info.name}.onnx",
+                probe=probe,
+                probe_name=probe_name,
+            )
+            for info in bundle.tasks
+        ],
+    )
+    result.max_abs_diff = max(report.max_abs_diff for report in reports)
+    if accuracy:
+        result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir / "onnx")
+
+
+def _check_materialized(bundle: Bundle) -> None:
+    """Every task's materialised weights against sign x scale x sum_b alpha_b mask_b, computed
+    independently of the code table, on the first and the last layer."""
+    summary = bundle.summary
+    layers = sorted({0, summary.masked_layers - 1})
+    expected_parts = {}
+    for layer in layers:
+        shape = summary.weight_shapes[layer]
+        numel = math.prod(shape)
+        weight = backbone.signed_constant_weight(bundle.config.seed, layer, shape).reshape(-1)
+        masks = torch.stack([unpack_bits(row, numel) for row in bundle._packed_masks[layer]])
+        expected_parts[layer] = (weight.double(), masks.double())
+    for info in bundle.tasks:
+        weights = bundle.materialize(info.index)
+        for layer in layers:
+            weight, masks = expected_parts[layer]
+            alpha = bundle.task_tensors(info.index)["alpha"][layer].double()
+            expected = weight * (alpha @ masks)
+            got = weights[layer].reshape(-1).double()
+            limit = MATERIALIZE_RELATIVE_TOLERANCE * float(expected.abs().max())
+            if float((got - expected).abs().max()) > limit:
+                raise SupsupError(
+                    f"task {info.index} layer {layer}: materialised weights differ from the "
+                    "alpha formula"
+                )
+
+
+def _check_bytes(bundle: Bundle, result: VerifyResult) -> None:
+    checks = compare_bundle_bytes(bundle)
+    result.bytes_checked = len(checks)
+    wrong = [check for check in checks if not check["ok"]]
+    result.bytes_ok = not wrong
+    if wrong:
+        first = wrong[0]
+        raise SupsupError(
+            f"{bundle.path}: {first['component']} holds {first['measured']} bytes, the storage "
+            f"report predicts {first['predicted']} ({len(wrong)} component(s) differ)"
+        )
+
+
+def _accuracy_parity(bundle: Bundle, onnx_folder: Path) -> list[dict[str, Any]]:
+    """Test accuracy of every task with PyTorch and with ONNX Runtime; predictions must agree."""
+    from supsup_deploy.runtime import Runner, dataset_split
+
+    rows = []
+    torch_runner = Runner(bundle, runtime="torch")
+    for info in bundle.tasks:
+        try:
+            images, labels = dataset_split(bundle, info.index, split="test")
+        except SupsupError as error:
+            rows.append({"task": info.index, "name": info.name, "skipped": str(error)})
+            continue
+        onnx_runner = Runner(bundle, runtime="onnx", onnx_path=onnx_folder / f"{info.name}.onnx")
+        with torch.no_grad():
+            torch_predictions = torch_runner.logits(info.index, images).argmax(1)
+        onnx_predictions = onnx_runner.logits(info.index, images).argmax(1)
+        differing = int((torch_predictions != onnx_predictions).sum())
+        rows.append(
+            {
+                "task": info.index,
+                "name": info.name,
+                "images": len(labels),
+                "torch_accuracy": float((torch_predictions == labels).float().mean()),
+                "onnx_accuracy": float((onnx_predictions == labels).float().mean()),
+                "differing_predictions": differing,
+            }
+        )
+        if differing:
+            raise SupsupError(
+                f"task {info.index}: PyTorch and ONNX Runtime disagree on {differing} of "
+                f"{len(labels)} test images"
+            )
+    return rows
+
+
+def verify_all(
+    archs: list[str],
+    *,
+    run_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    progress=None,
+) -> list[VerifyResult]:
+    """:func:`verify_architecture` for each name, in a temporary folder unless ``work_dir``."""
+    if work_dir is not None:
+        return [
+            verify_architecture(arch, Path(work_dir) / arch, run_dir=run_dir, progress=progress)
+            for arch in archs
+        ]
+    results = []
+    for arch in archs:
+        with tempfile.TemporaryDirectory(prefix=f"supsup-verify-{arch}-") as folder:
+            results.append(verify_architecture(arch, folder, run_dir=run_dir, progress=progress))
+    return results
