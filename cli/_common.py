@@ -35,3 +35,10 @@ def one_line_errors(command: Command) -> Command:
 def print_json(payload: Any) -> None:
     """Print machine-readable output on stdout."""
     print(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def wide_console():
+    """A rich console; when not writing to a terminal, wide enough that tables are not cut."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._common import one_line_errors, print_json
+from cli._common import one_line_errors, print_json, wide_console
 
 report_app = typer.Typer(
     help="Reports computed from the registered architectures.",
@@ -148,15 +148,6 @@ def print_storage_table(rows, settings) -> None:
     console.print(poster)
     for note in POSTER_NOTES:
         console.print(f"  - {note}", markup=False)
-
-
-def wide_console():
-    """A rich console; when not writing to a terminal, wide enough that tables are not cut."""
-    import sys
-
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _cell(value) -> str:

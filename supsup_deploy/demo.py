@@ -1,0 +1,289 @@
+"""The main job in one call: train, pack, export with parity, infer, and report storage.
+
+Everything lands in one folder (``artifacts/demo`` from the CLI). Running it again resumes: a
+finished run is not retrained and an existing bundle is reused after validation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from supsup_deploy.bundle import Bundle, load_bundle
+from supsup_deploy.errors import FormatError
+from supsup_deploy.files import atomic_write_bytes, atomic_write_json
+
+DEMO_TRAIN = {"epochs": 2, "max_train_samples": 2000, "max_test_samples": 1000}
+DEMO_IMAGES_PER_TASK = 32
+DEMO_PREDICTIONS_SHOWN = 8
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo writes, under one root folder."""
+
+    root: Path
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "onnx"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        return self.root / "accuracy.png"
+
+    @property
+    def storage_plot(self) -> Path:
+        return self.root / "storage.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def demo_config(**overrides: Any):
+    """The demo's training configuration: the defaults of ``supsup train``, in a short budget."""
+    from supsup_deploy.train import TrainConfig
+
+    return TrainConfig(**{**DEMO_TRAIN, **overrides})
+
+
+def train_demo(paths: DemoPaths, *, device: str = "cpu", reporter=None) -> list[dict[str, Any]]:
+    """Train (or finish) the demo run; returns per-task metrics."""
+    from supsup_deploy.train import train_run
+
+    return train_run(demo_config(), paths.run, resume=True, device=device, reporter=reporter)
+
+
+def pack_demo(paths: DemoPaths) -> Bundle:
+    """Pack the run, or reuse the bundle already there when it holds every task of the run."""
+    from supsup_deploy.pack import pack_run
+
+    if not paths.bundle.exists():
+        return pack_run(paths.run, paths.bundle)
+    bundle = load_bundle(paths.bundle)
+    if len(bundle.tasks) != demo_config().num_tasks:
+        raise FormatError(
+            f"{paths.bundle} holds {len(bundle.tasks)} tasks, not the run's "
+            f"{demo_config().num_tasks}: move it away and run the demo again"
+        )
+    return bundle
+
+
+def export_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
+    """Export the first alpha task (the last task when there is none) with the parity check."""
+    from supsup_deploy.export import TaskExporter, probe_batch
+
+    info = next((task for task in bundle.tasks if task.kind == "alpha"), bundle.tasks[-1])
+    probe, probe_name = probe_batch(bundle)
+    report = TaskExporter(bundle).export(
+        info.index, paths.onnx / f"{info.name}.onnx", probe=probe, probe_name=probe_name
+    )
+    return report.to_dict()
+
+
+def write_demo_images(bundle: Bundle, paths: DemoPaths) -> dict[int, list[Path]]:
+    """Save a few test images of every task as PNG files (the input of the infer step)."""
+    from PIL import Image
+
+    from supsup_deploy import data as datasets
+
+    name = bundle.metadata["extra"]["dataset"]
+    test = datasets.load_dataset(name, split="test")
+    written: dict[int, list[Path]] = {}
+    for info in bundle.tasks:
+        classes = torch.tensor(info.metrics["classes"])
+        rows = torch.nonzero(torch.isin(test.labels, classes)).flatten()[:DEMO_IMAGES_PER_TASK]
+        files = []
+        for row in rows.tolist():
+            pixels = test.images[row].numpy().astype(np.uint8)
+            image = Image.fromarray(
+                pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+            )
+            path = paths.images / info.name / f"test_{row:05d}.png"
+            buffer = _png_bytes(image)
+            atomic_write_bytes(path, buffer)
+            files.append(path)
+        written[info.index] = files
+    return written
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    stream = io.BytesIO()
+    image.save(stream, format="PNG")
+    return stream.getvalue()
+
+
+def infer_demo(
+    bundle: Bundle, images: dict[int, list[Path]], onnx_path: Path, exported_task: int
+) -> dict[str, Any]:
+    """Predictions for the exported task's images with PyTorch and ONNX Runtime (task given),
+    and the task inferred for every task's batch of images."""
+    from supsup_deploy.runtime import Runner, load_images
+    from supsup_deploy.task_inference import TaskInferrer
+
+    files = images[exported_task]
+    batch = load_images(files, bundle)
+    truth = _labels(bundle, exported_task, files)
+    given = {}
+    for runtime, runner in (
+        ("torch", Runner(bundle, runtime="torch")),
+        ("onnx", Runner(bundle, runtime="onnx", onnx_path=onnx_path)),
+    ):
+        predictions = runner.predict(exported_task, batch, [str(path) for path in files], truth)
+        given[runtime] = {
+            "provider": runner.provider,
+            "predictions": [prediction.to_dict() for prediction in predictions],
+        }
+    inferrer = TaskInferrer(bundle)
+    inferred = []
+    for task, task_files in images.items():
+        guess = inferrer.infer(load_images(task_files, bundle))
+        inferred.append({"true_task": task, "inferred_task": guess.task, "images": len(task_files)})
+    return {"task_given": given, "task_inferred": inferred, "method": inferrer.method}
+
+
+def _labels(bundle: Bundle, task: int, files: list[Path]) -> torch.Tensor:
+    from supsup_deploy import data as datasets
+
+    info = bundle.task(task)
+    test = datasets.load_dataset(bundle.metadata["extra"]["dataset"], split="test")
+    classes = list(info.metrics["classes"])
+    rows = [int(path.stem.split("_")[1]) for path in files]
+    return torch.tensor([classes.index(int(test.labels[row])) for row in rows])
+
+
+def storage_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
+    """The storage table for this bundle's own configuration, its files, and the plot."""
+    from supsup_deploy.report import (
+        StorageSettings,
+        bundle_report,
+        compare_bundle_bytes,
+        plot_storage,
+        storage_row,
+    )
+
+    config = bundle.config
+    settings = StorageSettings(
+        num_basis=bundle.num_basis,
+        num_tasks=len(bundle.tasks),
+        input_size=bundle.input.size,
+    )
+    options = {
+        key: value for key, value in config.to_dict().items() if key not in ("arch", "num_tasks")
+    }
+    row = storage_row(config.arch, settings, **options)
+    plot_storage(row, paths.storage_plot, max_tasks=1000)
+    return {
+        "row": row.to_dict(),
+        "bundle": bundle_report(bundle),
+        "bytes_check": compare_bundle_bytes(bundle),
+        "plot": str(paths.storage_plot),
+    }
+
+
+def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
+    """Bar chart of test accuracy per task, basis masks and alpha tasks coloured apart."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=120)
+    colours = {"mask": "tab:blue", "alpha": "tab:orange"}
+    for kind, label in (("mask", "basis mask (SupSup)"), ("alpha", "alpha task")):
+        rows = [row for row in metrics if row["kind"] == kind]
+        axes.bar(
+            [f"{row['task']}: {'/'.join(row['class_names'])}" for row in rows],
+            [row["test_accuracy"] for row in rows],
+            color=colours[kind],
+            label=label,
+        )
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Accuracy per task")
+    axes.tick_params(axis="x", labelrotation=30, labelsize=7)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    stream = io.BytesIO()
+    figure.savefig(stream, format="png", metadata={"Software": None})
+    pyplot.close(figure)
+    atomic_write_bytes(path, stream.getvalue())
+    return path
+
+
+def run_demo(
+    root: str | Path = "artifacts/demo",
+    *,
+    device: str = "cpu",
+    reporter=None,
+    step=None,
+) -> dict[str, Any]:
+    """Run the whole demo and write ``summary.json`` (everything but the timings).
+
+    Args:
+        root: output folder.
+        device: where to train and run PyTorch.
+        reporter: training progress events (see :class:`supsup_deploy.train.Reporter`).
+        step: optional ``callback(name)`` called as each step starts.
+
+    Returns:
+        The summary: metrics, parity, predictions, task inference, storage, paths and timings.
+    """
+    paths = DemoPaths(Path(root))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, action, *args, **kwargs):
+        if step:
+            step(name)
+        started = time.perf_counter()
+        value = action(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - started, 2)
+        return value
+
+    metrics = timed("train", train_demo, paths, device=device, reporter=reporter)
+    bundle = timed("pack", pack_demo, paths)
+    parity = timed("export", export_demo, bundle, paths)
+    images = timed("images", write_demo_images, bundle, paths)
+    inference = timed("infer", infer_demo, bundle, images, Path(parity["path"]), parity["task"])
+    storage = timed("storage", storage_demo, bundle, paths)
+    plot_accuracy(metrics, paths.accuracy_plot)
+    summary = {
+        "config": demo_config().to_dict(),
+        "metrics": metrics,
+        "parity": parity,
+        "inference": inference,
+        "storage": storage,
+        "paths": {
+            "run": str(paths.run),
+            "bundle": str(paths.bundle),
+            "onnx": parity["path"],
+            "images": str(paths.images),
+            "accuracy_plot": str(paths.accuracy_plot),
+            "storage_plot": str(paths.storage_plot),
+            "summary": str(paths.summary),
+        },
+    }
+    atomic_write_json(paths.summary, summary)
+    return {**summary, "seconds": timings}

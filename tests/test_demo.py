@@ -1,0 +1,75 @@
+"""``supsup demo``: the main job end to end, in a tiny budget (the full budget is a slow test)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from supsup_deploy import demo
+from supsup_deploy.data import DEBIAN_FASHION_MNIST
+
+pytestmark = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"
+)
+TINY = {"epochs": 1, "max_train_samples": 96, "max_test_samples": 64, "val_fraction": 0.05}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_writes_everything_and_reruns_identically(tmp_path, monkeypatch, capsys):
+    from cli.main import print_demo
+
+    monkeypatch.setattr(demo, "DEMO_TRAIN", TINY)
+    root = tmp_path / "demo"
+    summary = demo.run_demo(root)
+
+    assert [row["task"] for row in summary["metrics"]] == [0, 1, 2, 3, 4]
+    parity = summary["parity"]
+    assert parity["task"] == 3 and parity["max_abs_diff"] <= parity["tolerance"]
+    assert parity["probe"] == "fashion-mnist test images"
+    given = summary["inference"]["task_given"]
+    torch_classes = [row["class_index"] for row in given["torch"]["predictions"]]
+    assert torch_classes == [row["class_index"] for row in given["onnx"]["predictions"]]
+    assert len(torch_classes) == demo.DEMO_IMAGES_PER_TASK
+    inferred = summary["inference"]["task_inferred"]
+    assert [row["true_task"] for row in inferred] == [0, 1, 2, 3, 4]
+    assert all(0 <= row["inferred_task"] < 5 for row in inferred)
+    assert all(check["ok"] for check in summary["storage"]["bytes_check"])
+    for name in ("accuracy_plot", "storage_plot"):
+        assert (root / f"{name.split('_')[0]}.png").read_bytes()[:8] == PNG
+    assert (root / "onnx" / "task_3.onnx").is_file()
+    assert len(list((root / "images").rglob("*.png"))) == 5 * demo.DEMO_IMAGES_PER_TASK
+
+    first = (root / "summary.json").read_bytes()
+    again = demo.run_demo(root)
+    assert (root / "summary.json").read_bytes() == first
+    assert again["seconds"]["train"] < summary["seconds"]["train"]
+
+    print_demo(summary)
+    printed = capsys.readouterr().out
+    assert "Accuracy per task" in printed and "exactly as predicted" in printed
+    assert str(root / "storage.png") in printed
+
+
+def test_demo_never_overwrites_a_foreign_bundle(tmp_path):
+    from supsup_deploy.errors import FormatError
+
+    paths = demo.DemoPaths(tmp_path)
+    paths.bundle.mkdir()
+    (paths.bundle / "notes.txt").write_text("mine")
+    with pytest.raises(FormatError):
+        demo.pack_demo(paths)
+    assert (paths.bundle / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_full_demo_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "demo", "--out", str(tmp_path / "demo"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert all(row["test_accuracy"] > 0.8 for row in summary["metrics"])
