@@ -3,9 +3,10 @@
 The exported network is the task's materialised model with every norm that directly follows a
 conv folded into that conv (weight scaled, bias added), so the graph holds only the task's own
 tensors as initializers, named after the PyTorch parameters. Exporting more tasks of a bundle then
-swaps those initializers in the graph traced once, instead of tracing again; every file written is
-checked (``onnx.checker`` full check, then ONNX Runtime against PyTorch) before it is renamed into
-place.
+swaps those initializers in the graph traced once, instead of tracing again. Every graph is checked
+(``onnx.checker`` full check, then ONNX Runtime against PyTorch) from a scratch file beside the
+output before the same bytes are written into place atomically (fsynced, with the umask's
+permissions), so a killed export leaves the earlier file or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from supsup_deploy.bundle import FORMAT_VERSION, Bundle
 from supsup_deploy.errors import ConfigError, SupsupError
+from supsup_deploy.files import atomic_write_bytes
 from supsup_deploy.layers import MaskedConv2d, MaskedLinear
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 
@@ -202,28 +204,27 @@ class TaskExporter:
         if self.fp16:
             graph = _weights_to_fp16(graph)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        os.close(handle)
+        data = graph.SerializeToString()
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            onnx.save(graph, temporary)
-            onnx.checker.check_model(temporary, full_check=True)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            onnx.checker.check_model(scratch, full_check=True)
             if probe is None:
                 probe, probe_name = probe_batch(self.bundle)
             report = check_parity(
                 self._model,
-                temporary,
+                scratch,
                 probe,
                 task=info.index,
                 fp16=self.fp16,
                 probe_name=probe_name,
             )
-            os.replace(temporary, path)
         except onnx.checker.ValidationError as error:
             raise SupsupError(f"{path}: the exported graph fails onnx.checker ({error})") from None
         finally:
-            Path(temporary).unlink(missing_ok=True)
+            Path(scratch).unlink(missing_ok=True)
+        atomic_write_bytes(path, data)
         return ParityReport(**{**report.to_dict(), "path": str(path)})
 
     def _graph_for(self, plain: nn.Module):

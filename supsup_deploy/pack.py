@@ -20,6 +20,7 @@ from supsup_deploy.bundle import (
 )
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes
+from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.train import (
     TrainConfig,
@@ -41,8 +42,9 @@ def pack_run(
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
 
-    The bundle is assembled in a temporary folder beside ``out`` and renamed into place, so
-    ``out`` either does not exist or holds a complete bundle.
+    The bundle is assembled in a temporary folder beside ``out`` (named ``.<out>.*.tmp``) and
+    renamed into place, so ``out`` either does not exist or holds a complete bundle, even if the
+    process is killed; the folder gets the usual permissions (the umask's), not the temporary's.
 
     Args:
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
@@ -60,7 +62,7 @@ def pack_run(
     if norm_dtype not in NORM_DTYPES:
         raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
     if out.exists():
-        raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
+        raise _already_exists(out)
     record = read_run_record(run_dir)
     config = TrainConfig(**record["config"])
     model_config = ModelConfig.from_dict(record["model"])
@@ -75,8 +77,10 @@ def pack_run(
         std=tuple(dataset["std"]),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        staging = scratch / "bundle"
+        staging.mkdir()
         extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
         basis_sha256 = save_basis(
             staging / BASIS_FILE,
@@ -89,11 +93,29 @@ def pack_run(
         for index in range(config.num_tasks):
             if task_path(run_dir, index).exists():
                 _pack_task(run_dir, index, config, staging, basis_sha256, NORM_DTYPES[norm_dtype])
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return load_bundle(out)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename a finished bundle folder to ``out``, which another process may have taken since.
+
+    Args:
+        staging: the complete bundle, on the same file system as ``out``.
+        out: the final folder; must not exist, or be an empty folder.
+    """
+    try:
+        os.rename(staging, out)
+    except OSError as error:
+        if out.exists():
+            raise _already_exists(out) from None
+        raise ConfigError(f"{out}: cannot create the bundle folder ({error.strerror})") from None
+
+
+def _already_exists(out: Path) -> ConfigError:
+    return ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
 
 
 def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:
@@ -138,26 +160,49 @@ def _pack_task(
     )
 
 
-def add_task(bundle_path: str | Path, task_file: str | Path) -> Bundle:
+def add_task(
+    bundle_path: str | Path, task_file: str | Path, *, lock_timeout: float = LOCK_TIMEOUT
+) -> Bundle:
     """Install a shipped task file into a bundle: validated, never overwriting, atomic.
+
+    Holds the bundle's lock (:func:`~supsup_deploy.locking.folder_lock`) from reading the
+    installed tasks to linking the new file in, so two processes adding tasks at once take turns
+    and never install two tasks with the same id or name.
 
     Args:
         bundle_path: the bundle folder.
         task_file: a task file made for this bundle's basis.
+        lock_timeout: seconds to wait while another process is adding a task.
 
     Returns:
         The reloaded bundle.
 
     Raises:
-        FormatError: the file is corrupt or made for another basis.
+        FormatError: not a bundle, or the file is corrupt or made for another basis.
         ConfigError: a task with the same id or name is already installed.
+        LockError: another process held the bundle's lock for ``lock_timeout`` seconds.
     """
-    bundle = load_bundle(bundle_path)
-    task_file = Path(task_file)
+    bundle_path, task_file = Path(bundle_path), Path(task_file)
+    if not (bundle_path / BASIS_FILE).is_file():
+        raise FormatError(f"{bundle_path}: not a bundle (no {BASIS_FILE})")
     try:
         data = task_file.read_bytes()
     except OSError as error:
         raise FormatError(f"{task_file}: cannot read ({error.strerror})") from None
+    with folder_lock(bundle_path, timeout=lock_timeout):
+        bundle = load_bundle(bundle_path)
+        _install(bundle, task_file, data)
+        return load_bundle(bundle_path)
+
+
+def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
+    """Check a task file's bytes against a bundle and link them in under the task's name.
+
+    Args:
+        bundle: the bundle as loaded under its lock.
+        task_file: where ``data`` came from (named in errors).
+        data: the task file's bytes.
+    """
     folder = bundle.path / TASKS_FOLDER
     folder.mkdir(exist_ok=True)
     staged = folder / f".incoming-{os.getpid()}.safetensors.tmp"
@@ -174,9 +219,9 @@ def add_task(bundle_path: str | Path, task_file: str | Path) -> Bundle:
                     f"{installed.index} ({installed.name}) in {bundle.path}"
                 )
         final = folder / f"{info.name}.safetensors"
-        if final.exists():
-            raise ConfigError(f"{final} already exists")
-        os.link(staged, final)
+        try:
+            os.link(staged, final)
+        except FileExistsError:
+            raise ConfigError(f"{final} already exists") from None
     finally:
         staged.unlink(missing_ok=True)
-    return load_bundle(bundle.path)

@@ -1,0 +1,71 @@
+"""An exclusive lock on a folder, so that processes writing into one bundle take turns.
+
+The lock is an ``fcntl.flock`` on an empty file in the folder (``LOCK_FILE``). The kernel drops it
+when its holder exits for any reason, SIGKILL included, so a crashed writer never leaves a folder
+locked; the file itself stays and is never deleted (a writer that deleted it could let the next
+two writers lock two different files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from supsup_deploy.errors import SupsupError
+
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT = 30.0
+_POLL_SECONDS = 0.02
+
+
+class LockError(SupsupError):
+    """A folder's lock could not be taken: held by another process too long, or unopenable."""
+
+
+@contextmanager
+def folder_lock(folder: str | Path, *, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the exclusive lock of ``folder`` for the duration of a ``with`` block.
+
+    Args:
+        folder: an existing folder; its ``LOCK_FILE`` is created when missing.
+        timeout: seconds to wait while another process holds the lock.
+
+    Yields:
+        Nothing; the lock is held until the block exits.
+
+    Raises:
+        LockError: the lock file cannot be opened, or the lock stayed taken for ``timeout``.
+
+    Example:
+        >>> with folder_lock("artifacts/bundle"):
+        ...     install_the_task()
+    """
+    path = Path(folder) / LOCK_FILE
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise LockError(f"{path}: cannot open the lock file ({error.strerror})") from None
+    try:
+        _acquire(descriptor, path, timeout)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _acquire(descriptor: int, path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockError(
+                    f"{path}: another process has held this lock for over {timeout:g} s "
+                    "(is another add-task still running?); try again when it has finished"
+                ) from None
+            time.sleep(_POLL_SECONDS)
