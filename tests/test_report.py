@@ -139,3 +139,13 @@ def test_storage_cli_bad_input_is_one_line(args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_storage_page_in_docs_is_current():
+    from pathlib import Path
+
+    from supsup_deploy.report import storage_markdown, storage_table
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "STORAGE.md").read_text()
+    settings = StorageSettings()
+    assert storage_markdown(storage_table(settings=settings), settings) in page
