@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,18 @@ import torch
 from torch import nn
 
 from supsup_deploy import backbone
-from supsup_deploy.errors import ConfigError, FormatError, SupsupError
-from supsup_deploy.files import load_safetensors, save_safetensors_atomic
+from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import MAX_HEADER_BYTES, load_safetensors, save_safetensors_atomic
 from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.masking import use_fixed
 from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
-from supsup_deploy.models import ModelConfig, build_model, masked_layers, summarize_model
+from supsup_deploy.models import (
+    ModelConfig,
+    ModelSummary,
+    build_model,
+    masked_layers,
+    summarize_model,
+)
 from supsup_deploy.normalization import load_norm_state
 
 FORMAT_VERSION = 1
@@ -36,8 +44,28 @@ TASK_FORMAT = "supsup-task"
 BASIS_FILE = "basis.safetensors"
 TASKS_FOLDER = "tasks"
 SIGN_HASH = "mix32x2-v1"
-TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+CONFIG_FIELDS = {
+    "arch": str,
+    "num_classes": int,
+    "in_channels": int,
+    "stem": str,
+    "width": float,
+    "seed": int,
+    "norm": str,
+    "norm_groups": int,
+    "num_tasks": int,
+}
+# Limits on what a bundle may declare, checked before anything is allocated (docs/SECURITY.md).
+MAX_MASKED_WEIGHTS = 1 << 30
+"""Masked weights of an architecture (wide_resnet101_2 has 126.8 million)."""
+MAX_INPUT_SIZE = 4096
+"""Side of the square input images."""
+MAX_TASK_ID = 2**31 - 1
+"""Largest task id."""
+ENCODED_MASK_SLACK = 64
+"""Bytes an encoded mask may take beyond twice its packed size (its header and size entry)."""
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -46,7 +74,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -204,7 +232,7 @@ def save_task(
 
 
 def check_task_name(name: str) -> None:
-    if not TASK_NAME_PATTERN.match(name):
+    if not TASK_NAME_PATTERN.fullmatch(name):
         raise ConfigError(
             f"bad task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -217,38 +245,48 @@ def _options(config: ModelConfig) -> dict[str, Any]:
     return options
 
 
+@dataclass(frozen=True)
+class _BasisHeader:
+    """What a basis file's metadata declares, checked: all that is needed before its tensors."""
+
+    config: ModelConfig
+    summary: ModelSummary
+    input: InputSpec
+    num_basis: int
+    encoding: str
+
+    def max_file_bytes(self) -> int:
+        """The largest basis file this architecture can need; larger ones are never read."""
+        mask_bytes = [math.ceil(math.prod(shape) / 8) for shape in self.summary.weight_shapes]
+        data = self.num_basis * sum(mask_bytes)
+        if self.encoding != "packed":
+            data = 2 * data + self.num_basis * len(mask_bytes) * ENCODED_MASK_SLACK
+        return 8 + MAX_HEADER_BYTES + data
+
+
 class Bundle:
     """A loaded, validated bundle. Build with :func:`load_bundle`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.basis_path = path / BASIS_FILE
-        tensors, metadata = _load_checked(self.basis_path, BASIS_FORMAT)
+        tensors, self.metadata = _load_checked(
+            self.basis_path,
+            BASIS_FORMAT,
+            lambda metadata: _basis_header(self.basis_path, metadata).max_file_bytes(),
+        )
+        header = _basis_header(self.basis_path, self.metadata)
+        self.config, self.summary = header.config, header.summary
+        self.input, self.num_basis = header.input, header.num_basis
         self.basis_sha256 = file_sha256(self.basis_path)
-        try:
-            self.config = ModelConfig.from_dict(metadata["model"])
-            self.input = InputSpec(
-                size=int(metadata["input"]["size"]),
-                channels=int(metadata["input"]["channels"]),
-                mean=tuple(float(v) for v in metadata["input"]["mean"]),
-                std=tuple(float(v) for v in metadata["input"]["std"]),
-            )
-            self.num_basis = int(metadata["num_basis"])
-        except (KeyError, TypeError, ValueError, SupsupError) as error:
-            raise FormatError(f"{self.basis_path}: bad metadata ({error})") from None
-        if metadata.get("sign_hash") != SIGN_HASH:
-            raise FormatError(f"{self.basis_path}: unknown sign hash {metadata.get('sign_hash')!r}")
-        self.metadata = metadata
-        self.summary = summarize_model(self.config.arch, **_options(self.config))
-        self._packed_masks = self._check_basis_tensors(tensors)
+        self._check_basis_tensors(tensors, header.encoding)
         self._task_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.tasks = self._read_tasks()
+        self._packed_masks = self._unpack_basis(tensors, header.encoding)
         self._codes: dict[str, list[torch.Tensor]] = {}
 
-    def _check_basis_tensors(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        encoding = self.metadata.get("mask_encoding", "packed")
-        if encoding not in ENCODINGS:
-            raise FormatError(f"{self.basis_path}: unknown mask encoding {encoding!r}")
+    def _check_basis_tensors(self, tensors: dict[str, torch.Tensor], encoding: str) -> None:
+        """Names, dtypes and shapes against the architecture; nothing is decoded yet."""
         layers = range(self.summary.masked_layers)
         expected = {f"mask.{layer:03d}" for layer in layers}
         if encoding != "packed":
@@ -260,30 +298,24 @@ class Bundle:
                 f"{self.basis_path}: tensors do not match {self.config.arch} "
                 f"(missing {missing}, unexpected {unknown})"
             )
-        if not 1 <= self.num_basis <= MAX_BASIS:
-            raise FormatError(f"{self.basis_path}: num_basis {self.num_basis} out of range")
-        packed = []
         for layer, shape in enumerate(self.summary.weight_shapes):
             name = f"mask.{layer:03d}"
-            tensor = tensors[name]
-            numel = math.prod(shape)
-            want = (self.num_basis, math.ceil(numel / 8))
             if encoding == "packed":
-                if tensor.dtype != torch.uint8 or tuple(tensor.shape) != want:
-                    raise FormatError(
-                        f"{self.basis_path}: {name} is {tensor.dtype} {list(tensor.shape)}, "
-                        f"expected uint8 {list(want)}"
-                    )
-                packed.append(tensor)
-                continue
-            packed.append(
-                self._decode_layer(
-                    name, tensor, tensors[f"mask_sizes.{layer:03d}"], numel, encoding
-                )
-            )
-        return packed
+                self._check_packed(name, tensors[name], math.prod(shape))
+            else:
+                self._check_encoded(name, tensors[name], tensors[f"mask_sizes.{layer:03d}"])
 
-    def _decode_layer(self, name, blob, sizes, numel: int, encoding: str) -> torch.Tensor:
+    def _check_packed(self, name: str, tensor: torch.Tensor, numel: int) -> None:
+        want = (self.num_basis, math.ceil(numel / 8))
+        if tensor.dtype != torch.uint8 or tuple(tensor.shape) != want:
+            raise FormatError(
+                f"{self.basis_path}: {name} is {tensor.dtype} {list(tensor.shape)}, "
+                f"expected uint8 {list(want)}"
+            )
+        if numel % 8 and (tensor[:, -1] >> (numel % 8)).any():
+            raise FormatError(f"{self.basis_path}: {name} has bits set past its {numel} elements")
+
+    def _check_encoded(self, name: str, blob: torch.Tensor, sizes: torch.Tensor) -> None:
         if blob.dtype != torch.uint8 or blob.dim() != 1:
             raise FormatError(f"{self.basis_path}: {name} must be a 1-D uint8 tensor")
         if sizes.dtype != torch.int64 or tuple(sizes.shape) != (self.num_basis,):
@@ -292,6 +324,23 @@ class Bundle:
             )
         if (sizes < 0).any() or int(sizes.sum()) != blob.numel():
             raise FormatError(f"{self.basis_path}: mask sizes of {name} do not add up to its bytes")
+
+    def _unpack_basis(self, tensors: dict[str, torch.Tensor], encoding: str) -> list[torch.Tensor]:
+        """Each layer's ``[|B|, ceil(numel / 8)]`` packed masks (decoded when compressed)."""
+        if encoding == "packed":
+            return [tensors[f"mask.{layer:03d}"] for layer in range(self.summary.masked_layers)]
+        return [
+            self._decode_layer(
+                f"mask.{layer:03d}",
+                tensors[f"mask.{layer:03d}"],
+                tensors[f"mask_sizes.{layer:03d}"],
+                math.prod(shape),
+                encoding,
+            )
+            for layer, shape in enumerate(self.summary.weight_shapes)
+        ]
+
+    def _decode_layer(self, name, blob, sizes, numel: int, encoding: str) -> torch.Tensor:
         data = blob.numpy().tobytes()
         rows, start = [], 0
         for size in sizes.tolist():
@@ -308,9 +357,15 @@ class Bundle:
 
     def _read_tasks(self) -> list[TaskInfo]:
         folder = self.path / TASKS_FOLDER
+        if not folder.is_dir():
+            if os.path.lexists(folder):
+                raise FormatError(f"{folder}: not a folder")
+            return []
         tasks: dict[int, TaskInfo] = {}
-        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        for file in sorted(folder.glob("*.safetensors")):
             info, tensors = self._check_task(file)
+            if file.name != f"{info.name}.safetensors":
+                raise FormatError(f"{file}: holds task {info.name!r}, whose file is named after it")
             if info.index in tasks:
                 raise FormatError(
                     f"{file}: task id {info.index} is also used by {tasks[info.index].path}"
@@ -323,31 +378,63 @@ class Bundle:
         """Validate a task file against this bundle's basis; raise FormatError naming it."""
         return self._check_task(file)[0]
 
+    def _expected_task_tensors(self) -> dict[str, tuple[int, ...]]:
+        expected = {"alpha": (self.summary.masked_layers, self.num_basis)}
+        if self.config.norm == "batch":
+            channels = (self.summary.norm_channels,)
+            expected.update({"norm.running_mean": channels, "norm.running_var": channels})
+        return expected
+
+    def _max_task_bytes(self, metadata: dict[str, Any]) -> int:
+        """The largest task file this basis can need (float32 tensors); larger ones are not read."""
+        elements = sum(math.prod(shape) for shape in self._expected_task_tensors().values())
+        return 8 + MAX_HEADER_BYTES + 4 * elements
+
     def _check_task(self, file: Path) -> tuple[TaskInfo, dict[str, torch.Tensor]]:
-        tensors, metadata = _load_checked(file, TASK_FORMAT)
-        try:
-            index = int(metadata["index"])
-            name = str(metadata["name"])
-            kind = str(metadata["kind"])
-            class_names = tuple(str(item) for item in metadata["class_names"])
-            basis_sha256 = str(metadata["basis_sha256"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise FormatError(f"{file}: bad task metadata ({error})") from None
+        tensors, metadata = _load_checked(file, TASK_FORMAT, self._max_task_bytes)
+        basis_sha256 = metadata.get("basis_sha256")
+        if not isinstance(basis_sha256, str):
+            raise FormatError(f"{file}: bad task metadata (basis_sha256 {_short(basis_sha256)})")
         if basis_sha256 != self.basis_sha256:
             raise FormatError(
                 f"{file}: made for another basis (sha256 {basis_sha256[:12]}..., this bundle's "
                 f"basis is {self.basis_sha256[:12]}...)"
             )
-        if index < 0 or not TASK_NAME_PATTERN.match(name) or kind not in ("basis", "alpha"):
-            raise FormatError(f"{file}: bad task id, name or kind ({index}, {name!r}, {kind!r})")
+        index, name, kind = (metadata.get(key) for key in ("index", "name", "kind"))
+        if not (
+            _is_int(index)
+            and 0 <= index <= MAX_TASK_ID
+            and isinstance(name, str)
+            and TASK_NAME_PATTERN.fullmatch(name)
+            and kind in ("basis", "alpha")
+        ):
+            raise FormatError(
+                f"{file}: bad task id, name or kind ({_short(index)}, {_short(name)}, "
+                f"{_short(kind)})"
+            )
+        class_names = metadata.get("class_names")
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            raise FormatError(f"{file}: class names must be a list of strings")
         if len(class_names) != self.config.num_classes:
             raise FormatError(
                 f"{file}: {len(class_names)} class names for {self.config.num_classes} outputs"
             )
-        expected = {"alpha": (self.summary.masked_layers, self.num_basis)}
-        if self.config.norm == "batch":
-            channels = (self.summary.norm_channels,)
-            expected.update({"norm.running_mean": channels, "norm.running_var": channels})
+        self._check_task_tensors(file, tensors)
+        state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        info = TaskInfo(
+            index,
+            name,
+            kind,
+            tuple(class_names),
+            file,
+            file.stat().st_size,
+            state_bytes,
+            _task_metrics(file, metadata),
+        )
+        return info, tensors
+
+    def _check_task_tensors(self, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+        expected = self._expected_task_tensors()
         if set(tensors) != set(expected):
             raise FormatError(f"{file}: tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
@@ -361,19 +448,6 @@ class Bundle:
                 raise FormatError(f"{file}: {key} holds non-finite values")
         if "norm.running_var" in tensors and (tensors["norm.running_var"] < 0).any():
             raise FormatError(f"{file}: norm.running_var holds negative values")
-        state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        extra = metadata.get("extra") if isinstance(metadata.get("extra"), dict) else {}
-        info = TaskInfo(
-            index,
-            name,
-            kind,
-            class_names,
-            file,
-            file.stat().st_size,
-            state_bytes,
-            extra.get("metrics", {}),
-        )
-        return info, tensors
 
     def task(self, task: int | str) -> TaskInfo:
         """A task by id or name; ConfigError listing the installed ones when absent."""
@@ -458,18 +532,148 @@ def _single_slot(config: ModelConfig) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
-def _load_checked(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, metadata = load_safetensors(path)
-    if metadata.get("format") != expected_format:
-        raise FormatError(f"{path}: not a {expected_format} file")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: format version {metadata.get('format_version')}, "
-            f"this version reads {FORMAT_VERSION}"
-        )
+def _load_checked(
+    path: Path, expected_format: str, max_bytes: Callable[[dict[str, Any]], int]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file of ``expected_format``: format, version, size limit, then content hash."""
+
+    def limit(metadata: dict[str, Any]) -> int:
+        if metadata.get("format") != expected_format:
+            raise FormatError(f"{path}: not a {expected_format} file")
+        version = metadata.get("format_version")
+        if not _is_int(version) or version != FORMAT_VERSION:
+            raise FormatError(
+                f"{path}: format version {_short(version)}, this version reads {FORMAT_VERSION}"
+            )
+        return max_bytes(metadata)
+
+    tensors, metadata = load_safetensors(path, max_bytes=limit)
     if metadata.get("tensors_sha256") != tensors_sha256(tensors):
         raise FormatError(f"{path}: content hash mismatch (the file is corrupt)")
     return tensors, metadata
+
+
+def _basis_header(path: Path, metadata: dict[str, Any]) -> _BasisHeader:
+    """Check a basis file's metadata (before its tensors are read)."""
+    if metadata.get("sign_hash") != SIGN_HASH:
+        raise FormatError(f"{path}: unknown sign hash {_short(metadata.get('sign_hash'))}")
+    encoding = metadata.get("mask_encoding", "packed")
+    if encoding not in ENCODINGS:
+        raise FormatError(f"{path}: unknown mask encoding {_short(encoding)}")
+    config = _model_config(path, metadata.get("model"))
+    summary = _summary(path, config)
+    num_basis = metadata.get("num_basis")
+    if not _is_int(num_basis) or not 1 <= num_basis <= MAX_BASIS:
+        raise FormatError(f"{path}: num_basis {_short(num_basis)} out of range 1..{MAX_BASIS}")
+    layers = [
+        {"name": name, "shape": list(shape)}
+        for name, shape in zip(summary.layer_names, summary.weight_shapes, strict=True)
+    ]
+    if metadata.get("layers") != layers or metadata.get("norm_channels") != summary.norm_channels:
+        raise FormatError(f"{path}: layers or norm_channels do not match {config.arch}")
+    dataset = _extra(path, metadata).get("dataset", "")
+    if not isinstance(dataset, str):
+        raise FormatError(f"{path}: extra.dataset must be a string")
+    spec = _input_spec(path, metadata.get("input"), config)
+    return _BasisHeader(config, summary, spec, num_basis, encoding)
+
+
+def _model_config(path: Path, values: Any) -> ModelConfig:
+    """The model config, every field present and of its JSON type, then range-checked."""
+    if not isinstance(values, dict) or set(values) != set(CONFIG_FIELDS):
+        raise FormatError(f"{path}: model config must have exactly {sorted(CONFIG_FIELDS)}")
+    for key, kind in CONFIG_FIELDS.items():
+        value = values[key]
+        fits = {
+            str: isinstance(value, str),
+            int: _is_int(value) and 0 <= value < 2**32,
+            float: _is_number(value),
+        }[kind]
+        if not fits:
+            raise FormatError(f"{path}: model config {key} is {_short(value)}")
+    try:
+        return ModelConfig.from_dict(values)
+    except ConfigError as error:
+        raise FormatError(f"{path}: bad model config ({error})") from None
+
+
+def _summary(path: Path, config: ModelConfig) -> ModelSummary:
+    """The architecture's layers, refused past ``MAX_MASKED_WEIGHTS`` masked weights."""
+    try:
+        summary = summarize_model(config.arch, **_options(config))
+    except ConfigError as error:
+        raise FormatError(f"{path}: bad model config ({error})") from None
+    if summary.masked_weights > MAX_MASKED_WEIGHTS:
+        raise FormatError(
+            f"{path}: {config.arch} with these options has {summary.masked_weights} masked "
+            f"weights, more than the {MAX_MASKED_WEIGHTS} a bundle may have"
+        )
+    return summary
+
+
+def _input_spec(path: Path, values: Any, config: ModelConfig) -> InputSpec:
+    """The input preprocessing: a size in ``1..MAX_INPUT_SIZE``, finite means, positive stds."""
+    if not isinstance(values, dict) or set(values) != {"size", "channels", "mean", "std"}:
+        raise FormatError(f"{path}: input must have exactly size, channels, mean and std")
+    size, channels, mean, std = (values[key] for key in ("size", "channels", "mean", "std"))
+    valid = (
+        _is_int(size)
+        and 1 <= size <= MAX_INPUT_SIZE
+        and _is_int(channels)
+        and channels == config.in_channels
+        and isinstance(mean, list)
+        and isinstance(std, list)
+        and len(mean) == len(std) == channels
+        and all(_is_number(value) for value in mean + std)
+        and all(value > 0 for value in std)
+    )
+    if not valid:
+        raise FormatError(f"{path}: bad input spec {_short(values)}")
+    return InputSpec(size, channels, tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def _extra(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    extra = metadata.get("extra", {})
+    if not isinstance(extra, dict):
+        raise FormatError(f"{path}: extra metadata is not a JSON object")
+    return extra
+
+
+def _task_metrics(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """A task's recorded metrics, with the values readers use checked for type."""
+    metrics = _extra(path, metadata).get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise FormatError(f"{path}: extra.metrics is not a JSON object")
+    accuracy = metrics.get("test_accuracy")
+    classes = metrics.get("classes", [])
+    if accuracy is not None and not _is_number(accuracy):
+        raise FormatError(f"{path}: extra.metrics.test_accuracy is {_short(accuracy)}")
+    if not isinstance(classes, list) or not all(
+        _is_int(label) and 0 <= label < 2**31 for label in classes
+    ):
+        raise FormatError(f"{path}: extra.metrics.classes must be a list of class numbers")
+    return metrics
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (JSON's true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: Any) -> str:
+    """A value's repr cut to one short line, for error messages about hostile metadata."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -15,6 +17,10 @@ from safetensors.torch import load, save
 from supsup_deploy.errors import FormatError
 
 METADATA_KEY = "supsup"
+MAX_HEADER_BYTES = 1 << 20
+"""Largest safetensors header (JSON) read, in bytes; safetensors itself allows 100 MB."""
+TENSOR_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "I32", "I64", "F16", "BF16", "F32", "F64"})
+"""The safetensors dtypes a file may hold: those torch and numpy both read natively."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -74,38 +80,89 @@ def save_safetensors_atomic(
     atomic_write_bytes(path, save(prepared, metadata=header))
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a file written by :func:`save_safetensors_atomic`.
+def load_safetensors(
+    path: str | Path, *, max_bytes: Callable[[dict[str, Any]], int] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by :func:`save_safetensors_atomic`, refusing hostile ones cheaply.
+
+    Only a regular file is opened, and at most ``MAX_HEADER_BYTES`` of header is read before the
+    metadata is checked; the tensors are read only when the file is no larger than
+    ``max_bytes(metadata)``. Tensor dtypes are limited to ``TENSOR_DTYPES``.
 
     Args:
         path: the file.
+        max_bytes: given the file's metadata, the largest file size its contents can need (it
+            may raise FormatError itself); no limit when omitted.
 
     Returns:
         ``(tensors, metadata)``, tensors on the CPU.
 
     Raises:
-        FormatError: missing, truncated or corrupt file, or metadata that is not ours.
+        FormatError: missing, truncated, oversized or corrupt file, or metadata that is not ours.
 
     Example:
         >>> tensors, metadata = load_safetensors("/tmp/x.safetensors")
     """
     path = Path(path)
+    with _open_regular_file(path) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        header = _read_header(stream, path, size)
+        metadata = _parse_header(header, path)
+        limit = size if max_bytes is None else max_bytes(metadata)
+        if size > limit:
+            raise FormatError(f"{path}: {size} bytes, more than the {limit} its contents can need")
+        data = header + stream.read(size - len(header))
+    if len(data) != size:
+        raise FormatError(f"{path}: changed while it was being read")
     try:
-        data = path.read_bytes()
+        tensors = load(data)
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise FormatError(f"{path}: not a valid supsup safetensors file ({error})") from None
+    return tensors, metadata
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
     except OSError as error:
         raise FormatError(f"{path}: cannot read ({error.strerror})") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise FormatError(f"{path}: not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def _read_header(stream: BinaryIO, path: Path, size: int) -> bytes:
+    """The 8-byte length and the JSON header, checked against the limits before reading it."""
+    if size < 8:
+        raise FormatError(f"{path}: not a valid supsup safetensors file ({size} bytes)")
+    prefix = stream.read(8)
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{path}: declares a {length}-byte header, more than the {MAX_HEADER_BYTES} allowed"
+        )
+    if 8 + length > size:
+        raise FormatError(f"{path}: truncated (its header runs past the end of the file)")
+    return prefix + stream.read(length)
+
+
+def _parse_header(header: bytes, path: Path) -> dict[str, Any]:
+    """Our metadata from a raw header, after checking every tensor's dtype is one we read."""
     try:
-        tensors = load(data)
-        header_size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_size])
-        metadata = json.loads(header["__metadata__"][METADATA_KEY])
-    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        entries = json.loads(header[8:])
+        for name, entry in entries.items():
+            if name != "__metadata__" and entry["dtype"] not in TENSOR_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r}")
+        metadata = json.loads(entries["__metadata__"][METADATA_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise FormatError(f"{path}: not a valid supsup safetensors file ({error})") from None
     if not isinstance(metadata, dict):
         raise FormatError(f"{path}: metadata is not a JSON object")
-    return tensors, metadata
+    return metadata
 
 
 def _current_umask() -> int:

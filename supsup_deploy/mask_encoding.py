@@ -134,10 +134,15 @@ def _rice_decode(data: bytes, numel: int) -> np.ndarray:
     if terminators.size != ones:
         raise ValueError(f"holds {terminators.size} codes, header says {ones}")
     quotients = np.diff(terminators, prepend=-1) - 1
+    # Checking every gap before summing keeps the int64 arithmetic exact (numel < 2**31).
+    if ones and int(quotients.max()) > numel >> k:
+        raise ValueError("a gap runs past the end of the mask")
     bits = np.unpackbits(body[unary_size:], bitorder="little", count=ones * k).reshape(ones, k)
-    remainders = (bits.astype(np.int64) << np.arange(k)).sum(axis=1)
-    positions = np.cumsum((quotients << k) + remainders + 1) - 1
-    if ones and (positions[-1] >= numel or positions[0] < 0):
+    gaps = (quotients << k) + (bits.astype(np.int64) << np.arange(k)).sum(axis=1)
+    if ones and int(gaps.max()) >= numel:
+        raise ValueError("a gap runs past the end of the mask")
+    positions = np.cumsum(gaps + 1) - 1
+    if ones and positions[-1] >= numel:
         raise ValueError("a kept position lies outside the mask")
     mask = np.zeros(numel, dtype=np.uint8)
     mask[positions] = 1
