@@ -38,7 +38,8 @@ def print_json(payload: Any) -> None:
 
 
 def wide_console():
-    """A rich console; when not writing to a terminal, wide enough that tables are not cut."""
+    """A rich console for tables of user data (no markup parsing); when not writing to a
+    terminal, wide enough that tables are not cut."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    return Console(width=None if sys.stdout.isatty() else 200, markup=False)

@@ -78,7 +78,7 @@ def models_command(
             f"{row['masked_weights']:,}",
             f"{row['norm_channels']:,}",
         )
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @app.command("train")
@@ -208,7 +208,7 @@ def print_metrics_table(results: list[dict], *, title: str) -> None:
             f"{row['test_accuracy']:.4f}",
             f"{row['state_bytes']:,}",
         )
-    console = Console()
+    console = Console(markup=False)
     console.print(table)
     for kind in ("mask", "alpha"):
         accuracies = [row["test_accuracy"] for row in results if row["kind"] == kind]
@@ -437,7 +437,7 @@ def infer_command(
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(markup=False)
     shown = predictions if len(predictions) <= 50 else predictions[:20]
     for prediction in shown:
         console.print(
@@ -461,7 +461,7 @@ def _print_bundle(bundle, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)
     model = report["model"]
     console.print(
         f"[bold]{report['path']}[/bold]  format {report['format_version']}, integrity "
@@ -520,7 +520,7 @@ def demo_command(
             out,
             device=device,
             reporter=reporter,
-            step=lambda name: progress.console.print(f"[bold]{name}[/bold]"),
+            step=lambda name: progress.console.print(f"step: {name}", markup=False),
         )
     if as_json:
         print_json(summary)

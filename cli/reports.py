@@ -197,7 +197,7 @@ def verify_command(
 
     def progress(name: str, step: str) -> None:
         if not as_json:
-            console.print(f"[dim]{name}: {step}[/dim]")
+            console.print(f"{name}: {step}", markup=False, style="dim")
 
     if bundle is not None and run is not None:
         raise ConfigError("give --bundle or --run, not both")

@@ -461,6 +461,10 @@ class Bundle:
         """A task's tensors (alpha table, norm statistics), as validated when the bundle opened."""
         return dict(self._task_tensors[self.task(task).index])
 
+    def packed_basis(self, layer: int) -> torch.Tensor:
+        """The basis masks of one masked layer, bit-packed: uint8 ``[|B|, ceil(numel / 8)]``."""
+        return self._packed_masks[layer]
+
     def codes(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Per-layer int32 codes (sign and basis bits), computed once per device."""
         key = str(torch.device(device))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from supsup_deploy.errors import FormatError
+from supsup_deploy.errors import ConfigError, FormatError
 
 METADATA_KEY = "supsup"
 MAX_HEADER_BYTES = 1 << 20
@@ -182,3 +184,48 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+@contextmanager
+def new_folder(out: str | Path) -> Iterator[Path]:
+    """Build a new folder in a scratch folder beside ``out``, renamed to ``out`` when complete.
+
+    ``out`` either does not exist or holds everything written in the ``with`` block, even if the
+    process is killed; the folder gets the umask's permissions (not a temporary folder's 0700).
+    Leftover scratch folders are named ``.<out>.*.tmp``.
+
+    Args:
+        out: the folder to create; it must not exist.
+
+    Yields:
+        The folder to fill.
+
+    Raises:
+        ConfigError: ``out`` exists, or appeared while the block ran.
+
+    Example:
+        >>> with new_folder("artifacts/bundle") as folder:
+        ...     (folder / "basis.safetensors").write_bytes(data)
+    """
+    out = Path(out)
+    if out.exists():
+        raise _folder_exists(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        staging = scratch / out.name
+        staging.mkdir()
+        yield staging
+        try:
+            os.rename(staging, out)
+        except OSError as error:
+            if out.exists():
+                raise _folder_exists(out) from None
+            raise ConfigError(f"{out}: cannot create the folder ({error.strerror})") from None
+        _fsync_folder(out.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _folder_exists(out: Path) -> ConfigError:
+    return ConfigError(f"{out} already exists: choose a new folder (bundles are never merged)")

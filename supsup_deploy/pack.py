@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from supsup_deploy.bundle import (
     save_task,
 )
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import atomic_write_bytes
+from supsup_deploy.files import atomic_write_bytes, new_folder
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.train import (
@@ -62,7 +60,7 @@ def pack_run(
     if norm_dtype not in NORM_DTYPES:
         raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
     if out.exists():
-        raise _already_exists(out)
+        raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
     record = read_run_record(run_dir)
     config = TrainConfig(**record["config"])
     model_config = ModelConfig.from_dict(record["model"])
@@ -76,11 +74,7 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        staging = scratch / "bundle"
-        staging.mkdir()
+    with new_folder(out) as staging:
         extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
         basis_sha256 = save_basis(
             staging / BASIS_FILE,
@@ -93,29 +87,7 @@ def pack_run(
         for index in range(config.num_tasks):
             if task_path(run_dir, index).exists():
                 _pack_task(run_dir, index, config, staging, basis_sha256, NORM_DTYPES[norm_dtype])
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return load_bundle(out)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename a finished bundle folder to ``out``, which another process may have taken since.
-
-    Args:
-        staging: the complete bundle, on the same file system as ``out``.
-        out: the final folder; must not exist, or be an empty folder.
-    """
-    try:
-        os.rename(staging, out)
-    except OSError as error:
-        if out.exists():
-            raise _already_exists(out) from None
-        raise ConfigError(f"{out}: cannot create the bundle folder ({error.strerror})") from None
-
-
-def _already_exists(out: Path) -> ConfigError:
-    return ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
 
 
 def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:

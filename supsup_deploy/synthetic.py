@@ -11,9 +11,6 @@ well-conditioned as a trained network's.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from torch import nn
 
 from supsup_deploy.bundle import BASIS_FILE, TASKS_FOLDER, InputSpec, save_basis, save_task
 from supsup_deploy.errors import ConfigError
+from supsup_deploy.files import new_folder
 from supsup_deploy.layers import MaskedLayer
 from supsup_deploy.masking import load_alpha_table, use_alpha
 from supsup_deploy.masks import MAX_BASIS, check_density
@@ -67,8 +65,6 @@ def write_random_bundle(
     check_density(density)
     if not 1 <= num_basis <= MAX_BASIS:
         raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
-    if out.exists():
-        raise ConfigError(f"{out} already exists: choose a new folder")
     model = build_model(ModelConfig.from_dict({**config.to_dict(), "num_tasks": 1}))
     generator = torch.Generator().manual_seed(seed)
     layers = masked_layers(model)
@@ -82,9 +78,7 @@ def write_random_bundle(
     noise = [torch.randn(len(layers), num_basis, generator=generator) for _ in range(alpha_tasks)]
     tables += [1.0 / num_basis + ALPHA_NOISE * table for table in noise]
     use_alpha(model, basis)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with new_folder(out) as staging:
         digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
         for index, alpha in enumerate(tables):
             kind = "basis" if basis_tasks and index < num_basis else "alpha"
@@ -99,10 +93,6 @@ def write_random_bundle(
                 basis_sha256=digest,
                 kind=kind,
             )
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -207,7 +207,7 @@ def _check_materialized(bundle: Bundle) -> None:
         shape = summary.weight_shapes[layer]
         numel = math.prod(shape)
         weight = backbone.signed_constant_weight(bundle.config.seed, layer, shape).reshape(-1)
-        masks = torch.stack([unpack_bits(row, numel) for row in bundle._packed_masks[layer]])
+        masks = torch.stack([unpack_bits(row, numel) for row in bundle.packed_basis(layer)])
         expected_parts[layer] = (weight.double(), masks.double())
     for info in bundle.tasks:
         weights = bundle.materialize(info.index)
