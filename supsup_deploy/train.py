@@ -104,6 +104,7 @@ class TrainConfig:
         if self.basis < self.num_tasks:
             check_num_basis(self.basis)
         resolve_densities([(1, 1)], self.density)
+        get_model_entry(self.arch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,108 @@
+"""Bad input anywhere gives one line that names the problem and says what to do, exit code 2;
+unusual but valid images (any mode, any size) are converted, not refused."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from supsup_deploy.bundle import InputSpec
+from supsup_deploy.models import get_model_entry
+from supsup_deploy.synthetic import write_random_bundle
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs") / "bundle"
+    config = get_model_entry("gem_resnet18").config(num_classes=3, in_channels=1, width=0.25)
+    spec = InputSpec(size=16, channels=1, mean=(0.5,), std=(0.25,))
+    write_random_bundle(folder, config, spec, num_basis=2, alpha_tasks=1)
+    return folder
+
+
+@pytest.mark.parametrize("task", ["-1", "3", "99999999999999999999", "nope", ""])
+def test_task_out_of_range(tiny_bundle, tmp_path, task):
+    image = tmp_path / "a.png"
+    Image.new("L", (16, 16)).save(image)
+    assert_one_line(
+        run_cli("infer", str(tiny_bundle), str(image), "--task", task), "installed tasks"
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, size",
+    [
+        ("L", (16, 16)),
+        ("RGB", (1, 1)),
+        ("RGBA", (500, 7)),
+        ("P", (16, 16)),
+        ("CMYK", (33, 33)),
+        ("I;16", (20, 20)),
+        ("1", (16, 16)),
+        ("F", (16, 16)),
+    ],
+)
+def test_any_image_mode_and_size_is_converted(tiny_bundle, tmp_path, mode, size):
+    image = tmp_path / ("image.tiff" if mode in ("I;16", "F", "CMYK") else "image.png")
+    pixels = np.random.default_rng(0).integers(0, 255, size=(size[1], size[0]), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(image)
+    result = run_cli("infer", str(tiny_bundle), str(image), "--task", "0", "--json")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "make, fragments",
+    [
+        (lambda tmp: tmp / "empty", ("no images",)),
+        (lambda tmp: tmp / "notes.jpg", ("notes.jpg", "not a readable image")),
+        (lambda tmp: tmp / "cut.png", ("cut.png", "not a readable image")),
+        (lambda tmp: tmp / "missing.png", ("missing.png",)),
+    ],
+)
+def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.jpg").write_text("just text")
+    Image.new("L", (64, 64), color=7).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert_one_line(run_cli("infer", str(tiny_bundle), str(make(tmp_path))), *fragments)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("inspect", "/nonexistent/bundle"), ("/nonexistent/bundle",)),
+        (("pack", "/nonexistent/run", "--out", "/tmp/never"), ("/nonexistent/run",)),
+        (("add-task", "{bundle}", "/nonexistent/task.safetensors"), ("task.safetensors",)),
+        (("add-task", "{bundle}", "{bundle}"), ("cannot read",)),
+        (("export", "{bundle}", "--task", "0", "--all"), ("--all",)),
+        (("infer", "{bundle}", "--task", "0", "--batch-size", "0"), ("--batch-size",)),
+        (("infer", "{bundle}", "--task", "0", "--runtime", "tvm"), ("torch or onnx",)),
+        (("infer", "{bundle}", "--task", "0", "--dataset-split", "test"), ("no dataset",)),
+        (("train", "--density", "1.5", "--out", "/tmp/never"), ("density",)),
+        (("train", "--arch", "resnet-18", "--out", "/tmp/never"), ("did you mean",)),
+        (("report", "storage", "--density", "0"), ("density",)),
+        (("report", "storage", "--arch", "vgg16"), ("available:",)),
+        (("verify", "--arch", "resnet-50"), ("did you mean",)),
+    ],
+)
+def test_bad_arguments(tiny_bundle, args, fragments):
+    args = tuple(arg.replace("{bundle}", str(tiny_bundle)) for arg in args)
+    assert_one_line(run_cli(*args), *fragments)
