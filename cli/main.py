@@ -502,7 +502,7 @@ def demo_command(
 ) -> None:
     """The main job in one command, on Fashion-MNIST with the default small model.
 
-    Trains 3 basis masks and 2 alpha tasks (2 epochs, 2,000 training images per task), packs
+    Trains 3 basis masks and 2 alpha tasks (2 epochs, 1,500 training images per task), packs
     them into a bundle, exports an alpha task to ONNX with the parity check, predicts a few
     test images with the task given (PyTorch and ONNX Runtime) and inferred, and prints the
     accuracy table and the storage report. Running it again reuses what is finished.

@@ -18,7 +18,7 @@ from supsup_deploy.bundle import Bundle, load_bundle
 from supsup_deploy.errors import FormatError
 from supsup_deploy.files import atomic_write_bytes, atomic_write_json
 
-DEMO_TRAIN = {"epochs": 2, "max_train_samples": 2000, "max_test_samples": 1000}
+DEMO_TRAIN = {"epochs": 2, "max_train_samples": 1500, "max_test_samples": 1000}
 DEMO_IMAGES_PER_TASK = 32
 DEMO_PREDICTIONS_SHOWN = 8
 
