@@ -5,21 +5,29 @@ the lowest mean prediction entropy relative to the task's own reference entropy 
 images (``val_entropy``, recorded by training). Tasks differ widely in how confident they are;
 without the reference the most confident task wins whatever the batch. Costs one forward per task.
 
-``oneshot``: SupSup's one-shot entropy gradient, in alpha form.
+``oneshot``: SupSup's entropy gradient in alpha form, iterated a fixed number of times.
 
-All tasks are put in superposition with weights ``beta`` (uniform): layer ``d`` uses the alpha row
-``sum_t beta_t * A_t[d]``, so the cost is one forward and backward over ``|B|``-term layers
-whatever the number of tasks. The task whose ``beta`` most decreases the mean entropy of the
-batch's predictions is chosen: ``argmin_t dH/dbeta_t = sum_d <dH/dalpha_d, A_t[d]>``.
+All tasks are put in superposition with weights ``beta`` (uniform at first): layer ``d`` uses the
+alpha row ``sum_t beta_t * A_t[d]``, so one forward and backward over ``|B|``-term layers gives
+``dH/dbeta_t = sum_d <dH/dalpha_d, A_t[d]>`` for every task at once, whatever the number of tasks
+(``H``: the batch's mean prediction entropy). SupSup picks ``argmin_t dH/dbeta_t`` after one pass;
+here ``steps`` passes (default 3, so the cost stays independent of the number of tasks) each move
+``beta`` by an exponentiated-gradient step on the standardised gradient,
+``beta <- softmax(log beta - step_size * (g - mean g) / std g)``, and the task with the largest
+final ``beta`` wins. One pass reduces to SupSup's rule. On a 5-task split Fashion-MNIST run three
+passes infer the task of about 0.7 of 64-image batches against 0.36 for one pass; on 20 tasks of
+5 random classes neither beats 0.1 (see ``bench/task_inference.py``).
 
-Two problems the published code left open, and what this does about them (it remains far less
-accurate than ``calibrated``; see bench notes):
+Two problems the published code left open, and what this does about them:
 
 - per-task normalisation statistics have no superposed form: the superposed pass normalises
-  with the batch's own statistics (the batch is one task's data, which is the premise);
+  with the batch's own statistics (the batch is one task's data, which is the premise). The
+  mixture of the tasks' running statistics (mean ``sum_t beta_t mu_t``, variance
+  ``sum_t beta_t (var_t + mu_t^2) - mean^2``) was measured too and is worse: it fits none of the
+  mixed network's features and the gradient then always favours the same task;
 - alpha's scale on the classifier acts as a temperature and biases the entropy comparison
   (and elsewhere sets a task's weight in the mixture): every task's alpha rows are scaled to
-  unit L2 norm in the superposition.
+  unit L2 norm in the superposition (without it one pass still gets 0.36, three get 0.4).
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class TaskInferrer:
         method: ``"calibrated"``, ``"oneshot"`` or ``"auto"`` (calibrated when every task has a
             reference entropy).
         normalize_alpha: one-shot only: scale each task's alpha rows to unit norm.
+        steps: one-shot only: forward and backward passes (each one updates ``beta``).
+        step_size: one-shot only: exponentiated-gradient step on the standardised gradient.
     """
 
     def __init__(
@@ -65,6 +75,8 @@ class TaskInferrer:
         device: str = "cpu",
         method: str = "auto",
         normalize_alpha: bool = True,
+        steps: int = 3,
+        step_size: float = 1.0,
     ):
         if not bundle.tasks:
             raise ConfigError(f"{bundle.path}: no tasks installed")
@@ -82,7 +94,11 @@ class TaskInferrer:
                 f"{bundle.path}: some tasks have no reference entropy (val_entropy); "
                 "retrain them or use --task-inference oneshot"
             )
+        if steps < 1:
+            raise ConfigError(f"one-shot steps must be at least 1, got {steps}")
         self.method = method
+        self.steps = steps
+        self.step_size = step_size
         if method == "calibrated":
             self.references = torch.tensor(references).clamp_min(1e-6)
             self.model = bundle.model(self.task_ids[0], device=device)
@@ -116,21 +132,30 @@ class TaskInferrer:
         return TaskGuess(self.task_ids[int(scores.argmin())], tuple(scores.tolist()), "calibrated")
 
     def _one_shot(self, images: torch.Tensor) -> TaskGuess:
-        beta = torch.full((len(self.task_ids),), 1.0 / len(self.task_ids), device=self.device)
-        mixed = torch.einsum("t,tlb->lb", beta, self.tables)
+        images = images.to(self.device)
         sources = [layer.source for layer in masked_layers(self.model)]
+        log_beta = torch.full((len(self.task_ids),), -math.log(len(self.task_ids)))
+        log_beta = log_beta.to(self.device)
+        for _ in range(self.steps):
+            gradient = self._entropy_gradient(images, sources, log_beta.softmax(0))
+            spread = gradient.std(unbiased=False).clamp_min(1e-12)
+            step = self.step_size * (gradient - gradient.mean()) / spread
+            log_beta = (log_beta - step).log_softmax(0)
+        scores = -log_beta
+        return TaskGuess(self.task_ids[int(scores.argmin())], tuple(scores.tolist()), "oneshot")
+
+    def _entropy_gradient(self, images, sources, beta: torch.Tensor) -> torch.Tensor:
+        """``dH/dbeta`` of the batch's mean prediction entropy: one forward and backward."""
+        mixed = torch.einsum("t,tlb->lb", beta, self.tables)
         with torch.no_grad():
             for source, row in zip(sources, mixed, strict=True):
                 source.alpha.copy_(row)
                 source.alpha.grad = None
-        logits = self.model(images.to(self.device))
+        logits = self.model(images)
         entropy = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
         entropy.backward()
         alpha_gradients = torch.stack([source.alpha.grad for source in sources])
-        gradients = torch.einsum("lb,tlb->t", alpha_gradients, self.tables)
-        return TaskGuess(
-            self.task_ids[int(gradients.argmin())], tuple(gradients.tolist()), "oneshot"
-        )
+        return torch.einsum("lb,tlb->t", alpha_gradients, self.tables)
 
 
 def evaluate_task_inference(
@@ -142,6 +167,7 @@ def evaluate_task_inference(
     limit: int | None = None,
     data_root: str | None = None,
     method: str = "auto",
+    steps: int = 3,
 ) -> dict:
     """Task-inference accuracy over every task's labelled images, batch by batch.
 
@@ -152,13 +178,15 @@ def evaluate_task_inference(
         batch_size: images per inferred batch (each batch comes from one task).
         limit: at most this many images per task.
         data_root: dataset folder.
+        method: task-inference method (see :class:`TaskInferrer`).
+        steps: one-shot passes per batch.
 
     Returns:
         Task-inference accuracy, and classification accuracy with the inferred and the true task.
     """
     from supsup_deploy.runtime import dataset_split
 
-    inferrer = TaskInferrer(bundle, device=runner.device, method=method)
+    inferrer = TaskInferrer(bundle, device=runner.device, method=method, steps=steps)
     rows = []
     for info in bundle.tasks:
         images, labels = dataset_split(
@@ -190,6 +218,7 @@ def evaluate_task_inference(
     return {
         "method": inferrer.method,
         "batch_size": batch_size,
+        **({"steps": steps} if inferrer.method == "oneshot" else {}),
         "task_inference_accuracy": sum(r["task_inference_accuracy"] * r["batches"] for r in rows)
         / max(batches, 1),
         "accuracy_inferred_task": sum(r["accuracy_inferred_task"] * r["images"] for r in rows)
