@@ -94,6 +94,11 @@ def dataset_split(
             f"{info.path}: no dataset or classes recorded for task {info.index}; pass image files"
         )
     dataset = datasets.load_dataset(name, split=split, data_root=data_root)
+    if not all(isinstance(c, int) and 0 <= c < dataset.spec.num_classes for c in classes):
+        raise FormatError(
+            f"{info.path}: task {info.index} records classes {list(classes)[:10]}, but {name} "
+            f"has classes 0..{dataset.spec.num_classes - 1}; the task file is not for this dataset"
+        )
     lookup = torch.full((dataset.spec.num_classes,), -1, dtype=torch.int64)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     labels = lookup[dataset.labels]

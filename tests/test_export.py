@@ -174,3 +174,13 @@ def test_task_auto_on_image_files(bundle_dir, tmp_path):
     result = run_cli("infer", str(bundle_dir), str(tmp_path), "--task", "auto", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["task"] in (0, 1, 2)
+
+
+def test_recorded_classes_outside_the_dataset_are_refused(bundle_dir):
+    from supsup_deploy.errors import FormatError
+    from supsup_deploy.runtime import dataset_split
+
+    bundle = load_bundle(bundle_dir)
+    bundle.task(0).metrics["classes"] = [0, 42]
+    with pytest.raises(FormatError, match="not for this dataset"):
+        dataset_split(bundle, 0)
