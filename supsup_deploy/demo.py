@@ -6,6 +6,7 @@ finished run is not retrained and an existing bundle is reused after validation.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,11 @@ def pack_demo(paths: DemoPaths) -> Bundle:
     if not paths.bundle.exists():
         return pack_run(paths.run, paths.bundle)
     bundle = load_bundle(paths.bundle)
-    if len(bundle.tasks) != demo_config().num_tasks:
+    expected = demo_config().num_tasks
+    if len(bundle.tasks) != expected:
         raise FormatError(
-            f"{paths.bundle} holds {len(bundle.tasks)} tasks, not the run's "
-            f"{demo_config().num_tasks}: move it away and run the demo again"
+            f"{paths.bundle} holds {len(bundle.tasks)} tasks, not the run's {expected}: "
+            "move it away and run the demo again"
         )
     return bundle
 
@@ -99,77 +101,68 @@ def export_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
     return report.to_dict()
 
 
-def write_demo_images(bundle: Bundle, paths: DemoPaths) -> dict[int, list[Path]]:
+@dataclass(frozen=True)
+class DemoImages:
+    """One task's test images written as PNG files, with their labels (0..k-1 in the task)."""
+
+    files: list[Path]
+    labels: torch.Tensor
+
+
+def write_demo_images(bundle: Bundle, paths: DemoPaths) -> dict[int, DemoImages]:
     """Save a few test images of every task as PNG files (the input of the infer step)."""
     from PIL import Image
 
     from supsup_deploy import data as datasets
 
-    name = bundle.metadata["extra"]["dataset"]
-    test = datasets.load_dataset(name, split="test")
-    written: dict[int, list[Path]] = {}
+    test = datasets.load_dataset(bundle.metadata["extra"]["dataset"], split="test")
+    written = {}
     for info in bundle.tasks:
-        classes = torch.tensor(info.metrics["classes"])
-        rows = torch.nonzero(torch.isin(test.labels, classes)).flatten()[:DEMO_IMAGES_PER_TASK]
+        classes = list(info.metrics["classes"])
+        rows = torch.nonzero(torch.isin(test.labels, torch.tensor(classes))).flatten()
         files = []
-        for row in rows.tolist():
+        for row in rows[:DEMO_IMAGES_PER_TASK].tolist():
             pixels = test.images[row].numpy().astype(np.uint8)
             image = Image.fromarray(
                 pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
             )
+            stream = io.BytesIO()
+            image.save(stream, format="PNG")
             path = paths.images / info.name / f"test_{row:05d}.png"
-            buffer = _png_bytes(image)
-            atomic_write_bytes(path, buffer)
+            atomic_write_bytes(path, stream.getvalue())
             files.append(path)
-        written[info.index] = files
+        labels = [classes.index(int(label)) for label in test.labels[rows[: len(files)]]]
+        written[info.index] = DemoImages(files, torch.tensor(labels))
     return written
 
 
-def _png_bytes(image) -> bytes:
-    import io
-
-    stream = io.BytesIO()
-    image.save(stream, format="PNG")
-    return stream.getvalue()
-
-
 def infer_demo(
-    bundle: Bundle, images: dict[int, list[Path]], onnx_path: Path, exported_task: int
+    bundle: Bundle, images: dict[int, DemoImages], onnx_path: Path, exported_task: int
 ) -> dict[str, Any]:
     """Predictions for the exported task's images with PyTorch and ONNX Runtime (task given),
     and the task inferred for every task's batch of images."""
     from supsup_deploy.runtime import Runner, load_images
     from supsup_deploy.task_inference import TaskInferrer
 
-    files = images[exported_task]
-    batch = load_images(files, bundle)
-    truth = _labels(bundle, exported_task, files)
+    batches = {task: load_images(written.files, bundle) for task, written in images.items()}
+    exported = images[exported_task]
+    names = [str(path) for path in exported.files]
     given = {}
     for runtime, runner in (
         ("torch", Runner(bundle, runtime="torch")),
         ("onnx", Runner(bundle, runtime="onnx", onnx_path=onnx_path)),
     ):
-        predictions = runner.predict(exported_task, batch, [str(path) for path in files], truth)
+        predictions = runner.predict(exported_task, batches[exported_task], names, exported.labels)
         given[runtime] = {
             "provider": runner.provider,
             "predictions": [prediction.to_dict() for prediction in predictions],
         }
     inferrer = TaskInferrer(bundle)
-    inferred = []
-    for task, task_files in images.items():
-        guess = inferrer.infer(load_images(task_files, bundle))
-        inferred.append({"true_task": task, "inferred_task": guess.task, "images": len(task_files)})
+    inferred = [
+        {"true_task": task, "inferred_task": inferrer.infer(batch).task, "images": len(batch)}
+        for task, batch in batches.items()
+    ]
     return {"task_given": given, "task_inferred": inferred, "method": inferrer.method}
-
-
-def _labels(bundle: Bundle, task: int, files: list[Path]) -> torch.Tensor:
-    from supsup_deploy import data as datasets
-
-    info = bundle.task(task)
-    test = datasets.load_dataset(bundle.metadata["extra"]["dataset"], split="test")
-    classes = list(info.metrics["classes"])
-    rows = [int(path.stem.split("_")[1]) for path in files]
-    return torch.tensor([classes.index(int(test.labels[row])) for row in rows])
 
 
 def storage_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
@@ -203,14 +196,9 @@ def storage_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
 
 def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     """Bar chart of test accuracy per task, basis masks and alpha tasks coloured apart."""
-    import io
+    from supsup_deploy.report import headless_pyplot, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=120)
+    figure, axes = headless_pyplot().subplots(figsize=(6, 3.5), dpi=120)
     colours = {"mask": "tab:blue", "alpha": "tab:orange"}
     for kind, label in (("mask", "basis mask (SupSup)"), ("alpha", "alpha task")):
         rows = [row for row in metrics if row["kind"] == kind]
@@ -225,12 +213,7 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     axes.set_title("Accuracy per task")
     axes.tick_params(axis="x", labelrotation=30, labelsize=7)
     axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    stream = io.BytesIO()
-    figure.savefig(stream, format="png", metadata={"Software": None})
-    pyplot.close(figure)
-    atomic_write_bytes(path, stream.getvalue())
-    return path
+    return save_figure(figure, path)
 
 
 def run_demo(

@@ -123,6 +123,29 @@ def load_safetensors(
     return tensors, metadata
 
 
+def safetensors_layout(path: str | Path) -> tuple[int, dict[str, int]]:
+    """Header bytes (length prefix included) and payload bytes per tensor of a safetensors file.
+
+    Reads only the header, with the same guards as :func:`load_safetensors`.
+
+    Raises:
+        FormatError: missing, not a regular file, or a header that is too large or not JSON.
+    """
+    path = Path(path)
+    with _open_regular_file(path) as stream:
+        header = _read_header(stream, path, os.fstat(stream.fileno()).st_size)
+    try:
+        entries = json.loads(header[8:])
+        payload = {
+            name: entry["data_offsets"][1] - entry["data_offsets"][0]
+            for name, entry in entries.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise FormatError(f"{path}: not a valid supsup safetensors file ({error})") from None
+    return len(header), payload
+
+
 def _open_regular_file(path: Path) -> BinaryIO:
     # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
     try:

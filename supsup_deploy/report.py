@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from supsup_deploy.bundle import FORMAT_VERSION, Bundle
+from supsup_deploy.bundle import FLOAT_DTYPES, FORMAT_VERSION, Bundle
 from supsup_deploy.errors import ConfigError
+from supsup_deploy.files import atomic_write_bytes, safetensors_layout
 from supsup_deploy.masks import MAX_BASIS, check_density, kept_count
-from supsup_deploy.models import ModelConfig, ModelSummary, get_model_entry, summarize_model
+from supsup_deploy.models import (
+    ModelConfig,
+    ModelSummary,
+    get_model_entry,
+    list_models,
+    summarize_model,
+)
 
 SCHEMES = ("dense_fp32", "supsup_bitmask", "supsup_csc_int16", "alpha_fp32", "alpha_fp16")
 SCHEME_LABELS = {
@@ -138,7 +144,6 @@ class StorageRow:
     shared_bytes: dict[str, int]
     torchvision: dict[str, Any] | None = None
     poster: PosterRow | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arch(self) -> str:
@@ -268,8 +273,6 @@ def storage_table(
     archs: list[str] | None = None, settings: StorageSettings | None = None, **options: Any
 ) -> list[StorageRow]:
     """:func:`storage_row` for each architecture (default: every registered one)."""
-    from supsup_deploy.models import list_models
-
     return [storage_row(arch, settings, **options) for arch in archs or list_models()]
 
 
@@ -494,13 +497,7 @@ def plot_storage(row: StorageRow, path: str | Path, *, max_tasks: int | None = N
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    from supsup_deploy.files import atomic_write_bytes
-
+    pyplot = headless_pyplot()
     last = max_tasks or row.settings.num_tasks
     counts = sorted({max(1, round(last ** (step / 60))) for step in range(61)})
     figure, axes = pyplot.subplots(figsize=(7, 4.5), dpi=120)
@@ -517,25 +514,28 @@ def plot_storage(row: StorageRow, path: str | Path, *, max_tasks: int | None = N
     )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def headless_pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (no software tag, so the same figure gives the same
+    bytes) and close it."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
-    pyplot.close(figure)
+    headless_pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
-
-
-def safetensors_layout(path: str | Path) -> tuple[int, dict[str, int]]:
-    """Header bytes (length prefix included) and payload bytes per tensor of a safetensors file."""
-    with open(path, "rb") as stream:
-        size = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(size))
-    payload = {
-        name: entry["data_offsets"][1] - entry["data_offsets"][0]
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
-    return 8 + size, payload
 
 
 def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
@@ -551,9 +551,7 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
         alpha = tensors["alpha"]
         norm_dtype = "float32"
         if "norm.running_mean" in tensors:
-            norm_dtype = {torch.float32: "float32", torch.float16: "float16"}[
-                tensors["norm.running_mean"].dtype
-            ]
+            norm_dtype = FLOAT_DTYPES[tensors["norm.running_mean"].dtype]
         predicted[f"{info.name}.alpha"] = (
             alpha.element_size() * bundle.num_basis * summary.masked_layers
         )

@@ -78,6 +78,9 @@ def write_random_bundle(
     noise = [torch.randn(len(layers), num_basis, generator=generator) for _ in range(alpha_tasks)]
     tables += [1.0 / num_basis + ALPHA_NOISE * table for table in noise]
     use_alpha(model, basis)
+    for module in model.modules():
+        if isinstance(module, TaskBatchNorm2d):
+            module.momentum = 1.0  # the statistics of one batch, replacing the slot's
     with new_folder(out) as staging:
         digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
         for index, alpha in enumerate(tables):
@@ -107,9 +110,6 @@ def _plausible_task(
         if isinstance(end, MaskedLayer):
             alpha[end.layer_index] *= RESIDUAL_BRANCH_SCALE
     load_alpha_table(model, alpha)
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.momentum = 1.0
     model.train()
     generator = torch.Generator().manual_seed(seed + 1)
     shape = (STATISTICS_BATCH, spec.channels, spec.size, spec.size)

@@ -71,7 +71,7 @@ class VerifyResult:
 
 
 class _Steps:
-    """Times named steps into a result and turns the first package error into its ``error``."""
+    """Runs named steps, reporting each to ``progress`` and recording its time in the result."""
 
     def __init__(self, result: VerifyResult, progress) -> None:
         self.result = result
@@ -136,6 +136,7 @@ def verify_architecture(
                 alpha_tasks=VERIFY_ALPHA_TASKS,
             )
         bundle = steps.run("load", load_bundle, work_dir / "bundle")
+        result.arch = bundle.config.arch
         _check_bundle(bundle, result, steps, work_dir, accuracy=run_dir is not None)
     except SupsupError as error:
         result.error = str(error)
@@ -280,13 +281,9 @@ def verify_all(
     progress=None,
 ) -> list[VerifyResult]:
     """:func:`verify_architecture` for each name, in a temporary folder unless ``work_dir``."""
-    if work_dir is not None:
-        return [
-            verify_architecture(arch, Path(work_dir) / arch, run_dir=run_dir, progress=progress)
-            for arch in archs
-        ]
     results = []
     for arch in archs:
-        with tempfile.TemporaryDirectory(prefix=f"supsup-verify-{arch}-") as folder:
+        with tempfile.TemporaryDirectory(prefix=f"supsup-verify-{arch}-") as scratch:
+            folder = Path(work_dir) / arch if work_dir is not None else Path(scratch)
             results.append(verify_architecture(arch, folder, run_dir=run_dir, progress=progress))
     return results
