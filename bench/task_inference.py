@@ -1,11 +1,11 @@
 """Task inference without a task id on trained runs: accuracy and time per method.
 
-Run: ``python -m bench.task_inference [--limit 192] [--runs artifacts/.../split_batch ...]``.
+Run: ``python -m bench.task_inference [--limit 320] [--runs artifacts/.../split_batch ...]``.
 
 Each run is packed into a temporary bundle; every task's test images are cut into batches of 64
-(from one task each) and the task of every batch is inferred. ``oneshot`` is timed with one pass
-(SupSup's rule) and with the default three; ``calibrated`` only where training recorded
-reference entropies.
+(from one task each) and the task of every batch is inferred. ``statistics`` runs on BatchNorm
+runs only (GroupNorm keeps no statistics); ``information`` on every run; ``oneshot`` with one pass
+(SupSup's rule) and with the default three.
 """
 
 from __future__ import annotations
@@ -23,21 +23,36 @@ from supsup_deploy.task_inference import evaluate_task_inference
 RUNS = (
     "artifacts/bench_accuracy/full/split_batch",
     "artifacts/bench_accuracy/full/random_batch",
+    "artifacts/bench_accuracy/full/split_group",
+    "artifacts/bench_accuracy/full/random_group",
 )
-VARIANTS = (("oneshot", 1), ("oneshot", 3), ("calibrated", 1))
+VARIANTS = (
+    ("statistics", {"shortlist": 5}),
+    ("statistics", {"shortlist": 0}),
+    ("information", {}),
+    ("oneshot", {"steps": 1}),
+    ("oneshot", {"steps": 3}),
+)
 
 
-def measure(run: str, method: str, steps: int, *, limit: int | None) -> dict | None:
+def measure(run: str, method: str, options: dict, *, limit: int | None) -> dict | None:
     """One run and method: the summary of :func:`evaluate_task_inference` and its wall time."""
     with tempfile.TemporaryDirectory() as folder:
         bundle = pack_run(run, Path(folder) / "bundle")
-        if method == "calibrated" and not all("val_entropy" in t.metrics for t in bundle.tasks):
+        if method == "statistics" and bundle.config.norm != "batch":
             return None
         start = time.perf_counter()
         summary = evaluate_task_inference(
-            bundle, Runner(bundle), limit=limit, method=method, steps=steps
+            bundle, Runner(bundle), limit=limit, method=method, **options
         )
-    summary.update(run=run, tasks_installed=len(bundle.tasks), limit=limit)
+    tasks = len(bundle.tasks)
+    if method == "oneshot":
+        cost = f"{options['steps']} forward+backward"
+    elif summary.get("shortlist"):
+        cost = f"{summary['shortlist']} forwards + {bundle.num_basis} stem convs"
+    else:
+        cost = f"{tasks} forwards"
+    summary.update(run=run, tasks_installed=tasks, limit=limit, cost=cost)
     summary["seconds"] = time.perf_counter() - start
     return summary
 
@@ -45,27 +60,36 @@ def measure(run: str, method: str, steps: int, *, limit: int | None) -> dict | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS))
-    parser.add_argument("--limit", type=int, default=None, help="test images per task")
+    parser.add_argument("--limit", type=int, default=320, help="test images per task")
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        for method, steps in VARIANTS:
-            summary = measure(run, method, steps, limit=args.limit)
+        for method, options in VARIANTS:
+            summary = measure(run, method, options, limit=args.limit)
             if summary is not None:
                 rows.append(summary)
     print_table(
         "task inference, batches of 64",
-        ("run", "tasks", "method", "passes", "inference", "acc inferred", "acc true", "seconds"),
+        (
+            "run",
+            "tasks",
+            "method",
+            "cost per batch",
+            "inference",
+            "acc inferred",
+            "acc true",
+            "ms/batch",
+        ),
         [
             [
                 Path(row["run"]).name,
                 str(row["tasks_installed"]),
                 row["method"],
-                str(row.get("steps", row["tasks_installed"])),
+                row["cost"],
                 f"{row['task_inference_accuracy']:.3f}",
                 f"{row['accuracy_inferred_task']:.3f}",
                 f"{row['accuracy_true_task']:.3f}",
-                f"{row['seconds']:.0f}",
+                f"{1000 * row['seconds_per_batch']:.0f}",
             ]
             for row in rows
         ],

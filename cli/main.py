@@ -348,10 +348,22 @@ def infer_command(
     task_inference: Annotated[
         str,
         typer.Option(
-            help="With --task auto: calibrated (entropy relative to each task's reference), "
-            "oneshot (SupSup's entropy gradient) or auto."
+            help="With --task auto: statistics (batch statistics against each task's stored "
+            "norm statistics), information (confident and diverse predictions), oneshot "
+            "(SupSup's entropy gradient, cost independent of the number of tasks) or auto "
+            "(statistics for BatchNorm bundles, else information)."
         ),
     ] = "auto",
+    shortlist: Annotated[
+        int,
+        typer.Option(
+            help="statistics: with more tasks, rank them all at the first norm layer and run "
+            "only this many in full (0: run every task)."
+        ),
+    ] = 5,
+    oneshot_steps: Annotated[
+        int, typer.Option(help="oneshot: forward and backward passes per batch.")
+    ] = 3,
     dataset_split: Annotated[
         str | None,
         typer.Option(help="Instead of images: the task's images of this split (e.g. test)."),
@@ -394,6 +406,8 @@ def infer_command(
                 limit=limit,
                 data_root=data_root,
                 method=task_inference,
+                steps=oneshot_steps,
+                shortlist=shortlist,
             )
             summary["runtime"] = runner.provider
             if as_json:
@@ -406,10 +420,12 @@ def infer_command(
                 f"{summary['accuracy_true_task']:.4f} ({runner.provider})"
             )
             return
+        inferrer = TaskInferrer(
+            bundle, device=device, method=task_inference, steps=oneshot_steps, shortlist=shortlist
+        )
         files = collect_image_paths(paths or [])
         if len(files) < 2:
             raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        inferrer = TaskInferrer(bundle, device=device, method=task_inference)
         task = str(inferrer.infer(load_images(files, bundle)).task)
     info = bundle.task(task)
     labels = None

@@ -1,12 +1,27 @@
-"""Which task does a batch belong to? Calibrated entropy, or SupSup's one-shot gradient.
+"""Which task does a batch belong to? Matched norm statistics, prediction information, or
+SupSup's one-shot entropy gradient.
 
-``calibrated`` (the default when every task recorded one): run each task on the batch and pick
-the lowest mean prediction entropy relative to the task's own reference entropy on its validation
-images (``val_entropy``, recorded by training). Tasks differ widely in how confident they are;
-without the reference the most confident task wins whatever the batch. Costs one forward per task.
+Every method takes a batch of images from one task (the premise of task inference) and returns
+the installed task it belongs to, with every task's score (lowest wins).
+
+``statistics`` (the default for BatchNorm bundles): run each task's network on the batch, in
+eval mode, and compare the batch's own statistics at every norm layer's input with the running
+statistics the task stored there. The score is the mean, over norm layers and channels, of the
+Gaussian KL divergence ``KL(N(batch mean, batch var + eps) || N(running mean, running var + eps))``.
+The per-task statistics that have no superposed form are the signal here, not an obstacle: a
+task's statistics describe its own data under its own weights, and no other task's data matches
+them through every layer. With more tasks than ``shortlist`` (default 5), every task is first
+scored at the first norm layer alone, in closed form from ``|B|`` basis convolutions
+(:mod:`supsup_deploy.stem_statistics`), and only the best ``shortlist`` run in full: the cost is
+then ``|B|`` stem convolutions plus ``shortlist`` forwards, whatever the number of tasks.
+
+``information`` (the default for statistic-free GroupNorm bundles): run each task and score the
+mutual information between the batch's images and the predicted class, ``H(mean prediction) -
+mean H(prediction)``: the right task is confident on every image and spreads the batch over its
+classes. Comparing it across tasks needs no reference, so the classifier's temperature (each
+task's overall confidence) does not decide the winner, as it does for plain entropy.
 
 ``oneshot``: SupSup's entropy gradient in alpha form, iterated a fixed number of times.
-
 All tasks are put in superposition with weights ``beta`` (uniform at first): layer ``d`` uses the
 alpha row ``sum_t beta_t * A_t[d]``, so one forward and backward over ``|B|``-term layers gives
 ``dH/dbeta_t = sum_d <dH/dalpha_d, A_t[d]>`` for every task at once, whatever the number of tasks
@@ -14,25 +29,24 @@ alpha row ``sum_t beta_t * A_t[d]``, so one forward and backward over ``|B|``-te
 here ``steps`` passes (default 3, so the cost stays independent of the number of tasks) each move
 ``beta`` by an exponentiated-gradient step on the standardised gradient,
 ``beta <- softmax(log beta - step_size * (g - mean g) / std g)``, and the task with the largest
-final ``beta`` wins. One pass reduces to SupSup's rule. On a 5-task split Fashion-MNIST run three
-passes infer the task of about 0.7 of 64-image batches against 0.36 for one pass; on 20 tasks of
-5 random classes neither beats 0.1 (see ``bench/task_inference.py``).
-
-Two problems the published code left open, and what this does about them:
+final ``beta`` wins. One pass reduces to SupSup's rule. Its two open problems, and what it does:
 
 - per-task normalisation statistics have no superposed form: the superposed pass normalises
-  with the batch's own statistics (the batch is one task's data, which is the premise). The
-  mixture of the tasks' running statistics (mean ``sum_t beta_t mu_t``, variance
-  ``sum_t beta_t (var_t + mu_t^2) - mean^2``) was measured too and is worse: it fits none of the
-  mixed network's features and the gradient then always favours the same task;
+  with the batch's own statistics (the batch is one task's data). The mixture of the tasks'
+  running statistics (mean ``sum_t beta_t mu_t``, variance ``sum_t beta_t (var_t + mu_t^2) -
+  mean^2``) was measured too and is worse: it fits none of the mixed network's features;
 - alpha's scale on the classifier acts as a temperature and biases the entropy comparison
   (and elsewhere sets a task's weight in the mixture): every task's alpha rows are scaled to
-  unit L2 norm in the superposition (without it one pass still gets 0.36, three get 0.4).
+  unit L2 norm in the superposition.
+
+Measured figures for every method are in ``bench/results/task_inference.json``
+(``python -m bench.task_inference``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,16 +56,21 @@ from supsup_deploy.errors import ConfigError
 from supsup_deploy.layers import AlphaMask
 from supsup_deploy.models import build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 
-METHODS = ("auto", "calibrated", "oneshot")
+METHODS = ("auto", "statistics", "information", "oneshot")
+
+
+DEFAULT_SHORTLIST = 5
+"""Tasks the statistics method runs in full after the first-layer shortlist."""
 
 
 @dataclass(frozen=True)
 class TaskGuess:
-    """The inferred task of one batch, with every task's score (lowest wins)."""
+    """The inferred task of one batch, with every task's score (lowest wins; None: not run)."""
 
     task: int
-    scores: tuple[float, ...]
+    scores: tuple[float | None, ...]
     method: str
 
 
@@ -61,11 +80,19 @@ class TaskInferrer:
     Args:
         bundle: a loaded bundle.
         device: where to run.
-        method: ``"calibrated"``, ``"oneshot"`` or ``"auto"`` (calibrated when every task has a
-            reference entropy).
+        method: ``"statistics"``, ``"information"``, ``"oneshot"`` or ``"auto"`` (statistics
+            when the bundle's norm layers keep per-task statistics, else information).
         normalize_alpha: one-shot only: scale each task's alpha rows to unit norm.
         steps: one-shot only: forward and backward passes (each one updates ``beta``).
         step_size: one-shot only: exponentiated-gradient step on the standardised gradient.
+        shortlist: statistics only: when more tasks are installed, score them all at the first
+            norm layer from ``|B|`` basis convolutions (:mod:`supsup_deploy.stem_statistics`)
+            and run only this many best ones in full; 0 runs every task.
+
+    Example:
+        >>> inferrer = TaskInferrer(load_bundle("artifacts/bundle"))
+        >>> inferrer.infer(images).task
+        3
     """
 
     def __init__(
@@ -77,31 +104,36 @@ class TaskInferrer:
         normalize_alpha: bool = True,
         steps: int = 3,
         step_size: float = 1.0,
+        shortlist: int = DEFAULT_SHORTLIST,
     ):
         if not bundle.tasks:
             raise ConfigError(f"{bundle.path}: no tasks installed")
         if method not in METHODS:
             raise ConfigError(f"unknown task-inference method {method!r}: {', '.join(METHODS)}")
-        self.bundle = bundle
-        self.device = device
-        self.task_ids = [info.index for info in bundle.tasks]
-        references = [info.metrics.get("val_entropy") for info in bundle.tasks]
-        known = all(isinstance(value, float) and math.isfinite(value) for value in references)
+        has_statistics = bundle.config.norm == "batch"
         if method == "auto":
-            method = "calibrated" if known else "oneshot"
-        if method == "calibrated" and not known:
+            method = "statistics" if has_statistics else "information"
+        if method == "statistics" and not has_statistics:
             raise ConfigError(
-                f"{bundle.path}: some tasks have no reference entropy (val_entropy); "
-                "retrain them or use --task-inference oneshot"
+                f"{bundle.path}: its {bundle.config.norm} norm keeps no per-task statistics; "
+                "use --task-inference information or oneshot"
             )
         if steps < 1:
             raise ConfigError(f"one-shot steps must be at least 1, got {steps}")
+        if shortlist < 0:
+            raise ConfigError(f"the shortlist must be 0 (off) or more tasks, got {shortlist}")
+        self.bundle = bundle
+        self.device = device
+        self.task_ids = [info.index for info in bundle.tasks]
         self.method = method
         self.steps = steps
         self.step_size = step_size
-        if method == "calibrated":
-            self.references = torch.tensor(references).clamp_min(1e-6)
+        self.stem: StemStatistics | None = None
+        if method in ("statistics", "information"):
             self.model = bundle.model(self.task_ids[0], device=device)
+            self.shortlist = shortlist
+            if method == "statistics" and 0 < shortlist < len(self.task_ids):
+                self.stem = StemStatistics.for_bundle(bundle, self.model, device)
             return
         tables = torch.stack([bundle.task_tensors(t)["alpha"].float() for t in self.task_ids])
         if normalize_alpha:
@@ -117,22 +149,27 @@ class TaskInferrer:
 
     def infer(self, images: torch.Tensor) -> TaskGuess:
         """The task of a batch of normalised images (at least 2, from one task)."""
-        if self.method == "calibrated":
-            return self._calibrated(images)
-        return self._one_shot(images)
-
-    @torch.no_grad()
-    def _calibrated(self, images: torch.Tensor) -> TaskGuess:
-        entropies = []
-        for task in self.task_ids:
-            self.bundle.switch(self.model, task)
-            logits = self.model(images.to(self.device))
-            entropies.append(float(-(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()))
-        scores = torch.tensor(entropies) / self.references
-        return TaskGuess(self.task_ids[int(scores.argmin())], tuple(scores.tolist()), "calibrated")
+        if len(images) < 2:
+            raise ConfigError(
+                f"task inference needs a batch of at least 2 images, got {len(images)}"
+            )
+        images = images.to(self.device)
+        if self.method == "oneshot":
+            return self._one_shot(images)
+        candidates = range(len(self.task_ids))
+        if self.stem is not None:
+            candidates = self.stem.divergences(images).argsort()[: self.shortlist].tolist()
+        scores: list[float | None] = [None] * len(self.task_ids)
+        for position in candidates:
+            self.bundle.switch(self.model, self.task_ids[position])
+            if self.method == "statistics":
+                scores[position] = statistics_divergence(self.model, images)
+            else:
+                scores[position] = -prediction_information(self.model, images)
+        best = min(candidates, key=scores.__getitem__)
+        return TaskGuess(self.task_ids[best], tuple(scores), self.method)
 
     def _one_shot(self, images: torch.Tensor) -> TaskGuess:
-        images = images.to(self.device)
         sources = [layer.source for layer in masked_layers(self.model)]
         log_beta = torch.full((len(self.task_ids),), -math.log(len(self.task_ids)))
         log_beta = log_beta.to(self.device)
@@ -158,6 +195,53 @@ class TaskInferrer:
         return torch.einsum("lb,tlb->t", alpha_gradients, self.tables)
 
 
+@torch.no_grad()
+def statistics_divergence(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """How far a batch's statistics are from the ones its task stored, under that task's weights.
+
+    Args:
+        model: an eval-mode model running one task (its norm layers hold the task's statistics).
+        images: normalised images of one batch (at least 2).
+
+    Returns:
+        The mean over norm layers and channels of ``KL(N(m, v + eps) || N(mu, var + eps))``,
+        where ``m, v`` are the batch's per-channel mean and variance at the layer's input and
+        ``mu, var`` the stored running statistics; 0 when they agree.
+    """
+    divergences: list[torch.Tensor] = []
+
+    def measure(module: TaskBatchNorm2d, inputs: tuple[torch.Tensor, ...], _output) -> None:
+        batch_var, batch_mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
+        batch_var = batch_var.double() + module.eps
+        var = module.running_var[module.task].double() + module.eps
+        mean = module.running_mean[module.task].double()
+        divergences.append(gaussian_divergence(batch_mean.double(), batch_var, mean, var).mean())
+
+    norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+    handles = [norm.register_forward_hook(measure) for norm in norms]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float(torch.stack(divergences).mean())
+
+
+@torch.no_grad()
+def prediction_information(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Mutual information between a batch's images and a model's predicted class, in nats.
+
+    ``H(mean prediction) - mean H(prediction)``: high when every image is predicted confidently
+    and the batch spreads over the classes.
+    """
+    logits = model(images).double()
+    probabilities = logits.softmax(dim=1)
+    mean_entropy = -(probabilities * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    marginal = probabilities.mean(dim=0)
+    marginal_entropy = -(marginal * marginal.clamp_min(1e-300).log()).sum()
+    return float(marginal_entropy - mean_entropy)
+
+
 def evaluate_task_inference(
     bundle: Bundle,
     runner,
@@ -168,6 +252,7 @@ def evaluate_task_inference(
     data_root: str | None = None,
     method: str = "auto",
     steps: int = 3,
+    shortlist: int = DEFAULT_SHORTLIST,
 ) -> dict:
     """Task-inference accuracy over every task's labelled images, batch by batch.
 
@@ -180,34 +265,44 @@ def evaluate_task_inference(
         data_root: dataset folder.
         method: task-inference method (see :class:`TaskInferrer`).
         steps: one-shot passes per batch.
+        shortlist: tasks the statistics method runs in full (0: all).
 
     Returns:
-        Task-inference accuracy, and classification accuracy with the inferred and the true task.
+        Task-inference accuracy, classification accuracy with the inferred and the true task, and
+        the mean wall time of inferring one batch's task.
+        With the inferred task a prediction counts as right when it names the image's dataset
+        class: tasks that share classes (the random protocol) can be wrong about the task and
+        right about the class.
     """
     from supsup_deploy.runtime import dataset_split
 
-    inferrer = TaskInferrer(bundle, device=runner.device, method=method, steps=steps)
+    inferrer = TaskInferrer(
+        bundle, device=runner.device, method=method, steps=steps, shortlist=shortlist
+    )
+    classes = {info.index: info.metrics.get("classes") for info in bundle.tasks}
     rows = []
+    inference_seconds = 0.0
     for info in bundle.tasks:
         images, labels = dataset_split(
             bundle, info.index, split=split, limit=limit, data_root=data_root
         )
-        batches = right = inferred_correct = true_correct = 0
-        for start in range(0, len(images) - 1, batch_size):
-            batch, batch_labels = (
-                images[start : start + batch_size],
-                labels[start : start + batch_size],
-            )
+        right = inferred_correct = true_correct = 0
+        batches = _batch_slices(len(images), batch_size)
+        for rows_of_batch in batches:
+            batch, batch_labels = images[rows_of_batch], labels[rows_of_batch]
+            started = time.perf_counter()
             guess = inferrer.infer(batch).task
-            batches += 1
+            inference_seconds += time.perf_counter() - started
             right += guess == info.index
-            inferred_correct += int((runner.logits(guess, batch).argmax(1) == batch_labels).sum())
+            predicted = _dataset_classes(runner.logits(guess, batch).argmax(1), classes[guess])
+            truth = _dataset_classes(batch_labels, classes[info.index])
+            inferred_correct += int((predicted == truth).sum())
             true_correct += int((runner.logits(info.index, batch).argmax(1) == batch_labels).sum())
         rows.append(
             {
                 "task": info.index,
-                "batches": batches,
-                "task_inference_accuracy": right / max(batches, 1),
+                "batches": len(batches),
+                "task_inference_accuracy": right / max(len(batches), 1),
                 "accuracy_inferred_task": inferred_correct / max(len(images), 1),
                 "accuracy_true_task": true_correct / max(len(images), 1),
                 "images": len(images),
@@ -219,11 +314,27 @@ def evaluate_task_inference(
         "method": inferrer.method,
         "batch_size": batch_size,
         **({"steps": steps} if inferrer.method == "oneshot" else {}),
+        **({"shortlist": shortlist} if inferrer.stem is not None else {}),
         "task_inference_accuracy": sum(r["task_inference_accuracy"] * r["batches"] for r in rows)
         / max(batches, 1),
         "accuracy_inferred_task": sum(r["accuracy_inferred_task"] * r["images"] for r in rows)
         / max(images, 1),
         "accuracy_true_task": sum(r["accuracy_true_task"] * r["images"] for r in rows)
         / max(images, 1),
+        "seconds_per_batch": inference_seconds / max(batches, 1),
         "tasks": rows,
     }
+
+
+def _batch_slices(count: int, batch_size: int) -> list[slice]:
+    """Consecutive batches of ``batch_size`` rows; a last single row joins the batch before it."""
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] < 2:
+        starts.pop()
+    ends = [*starts[1:], count] if starts else []
+    return [slice(start, end) for start, end in zip(starts, ends, strict=True)]
+
+
+def _dataset_classes(labels: torch.Tensor, classes: list[int] | None) -> torch.Tensor:
+    """Task labels as dataset class ids when the task recorded its classes, else unchanged."""
+    return torch.tensor(classes)[labels] if classes else labels

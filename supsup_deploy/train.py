@@ -431,7 +431,6 @@ def _train_task(
     assert best is not None
     model.load_state_dict(best[2])
     test_accuracy = evaluate(model, splits.test, device, config.batch_size)
-    val_entropy = mean_entropy(model, splits.val.images, device, config.batch_size)
     return {
         "task": index,
         "name": splits.task.name,
@@ -442,7 +441,6 @@ def _train_task(
         "train_loss": train_loss,
         "val_accuracy": best[0],
         "test_accuracy": test_accuracy,
-        "val_entropy": val_entropy,
         "train_samples": len(train),
         "val_samples": len(splits.val),
         "test_samples": len(splits.test),
@@ -507,22 +505,6 @@ def evaluate(model: nn.Module, pair: datasets.TensorPair, device: str, batch_siz
 
 
 @torch.no_grad()
-def mean_entropy(model: nn.Module, images: torch.Tensor, device: str, batch_size: int) -> float:
-    """Mean per-sample prediction entropy (nats) of ``model`` in eval mode; NaN when empty.
-
-    Recorded per task on its validation images: task inference compares a batch's entropy under
-    each task relative to this reference, since tasks differ in how confident they are.
-    """
-    if len(images) == 0:
-        return float("nan")
-    model.eval()
-    total = 0.0
-    for start in range(0, len(images), max(batch_size, 256)):
-        logits = model(images[start : start + max(batch_size, 256)].to(device))
-        total += float(-(logits.softmax(1) * logits.log_softmax(1)).sum())
-    return total / len(images)
-
-
 def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:
     """The tensors that define a trained task: packed masks or alpha table, and norm state."""
     if kind == "mask":

@@ -136,7 +136,7 @@ def test_bad_task_id(bundle_dir):
     assert result.returncode == 2 and "installed tasks" in result.stderr
 
 
-@pytest.mark.parametrize("method", ["calibrated", "oneshot"])
+@pytest.mark.parametrize("method", ["statistics", "information", "oneshot"])
 def test_task_auto_reports_task_inference(bundle_dir, method):
     result = run_cli(
         "infer",

@@ -1,8 +1,10 @@
-"""Task inference: the one-shot method's cost, scores and choice on constructed bundles."""
+"""Task inference: each method's scores, choice and cost on constructed bundles."""
 
 from __future__ import annotations
 
+import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +19,15 @@ from supsup_deploy.bundle import (
 )
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import ModelConfig, masked_layers
+from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
+from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 from supsup_deploy.synthetic import write_random_bundle
-from supsup_deploy.task_inference import TaskInferrer
+from supsup_deploy.task_inference import (
+    TaskInferrer,
+    _batch_slices,
+    prediction_information,
+    statistics_divergence,
+)
 
 CONFIG = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
 INPUT = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
@@ -104,7 +113,138 @@ def test_rejects_no_steps(bundles):
         TaskInferrer(load_bundle(bundles[1]), method="oneshot", steps=0)
 
 
-def test_auto_without_references_is_one_shot(bundles):
-    assert TaskInferrer(load_bundle(bundles[1])).method == "oneshot"
-    with pytest.raises(ConfigError, match="reference entropy"):
-        TaskInferrer(load_bundle(bundles[1]), method="calibrated")
+def test_auto_picks_statistics_for_batch_norm_and_information_for_group_norm(bundles, tmp_path):
+    assert TaskInferrer(load_bundle(bundles[1])).method == "statistics"
+    group = replace(CONFIG, norm="group")
+    path = write_random_bundle(tmp_path / "group", group, INPUT, num_basis=2, alpha_tasks=1)
+    assert TaskInferrer(load_bundle(path)).method == "information"
+    with pytest.raises(ConfigError, match="no per-task statistics"):
+        TaskInferrer(load_bundle(path), method="statistics")
+    guess = TaskInferrer(load_bundle(path)).infer(images())
+    assert guess.method == "information" and len(guess.scores) == 3
+
+
+def task_batch(task: int) -> torch.Tensor:
+    """A batch whose distribution differs from task to task (scaled and shifted)."""
+    return images(16) * (1.0 + 0.5 * task) + 0.3 * task
+
+
+def test_statistics_picks_the_task_whose_stored_statistics_the_batch_matches(bundles, tmp_path):
+    """Each task stores the statistics of its own batch; every batch is then traced back to it."""
+    path = tmp_path / "bundle"
+    shutil.copytree(bundles[8], path)
+    bundle = load_bundle(path)
+    for info in bundle.tasks:
+        model = bundle.model(info.index).train()
+        for module in model.modules():
+            if isinstance(module, TaskBatchNorm2d):
+                module.momentum = 1.0
+        with torch.no_grad():
+            model(task_batch(info.index))
+        save_task(
+            info.path,
+            index=info.index,
+            name=info.name,
+            alpha=bundle.task_tensors(info.index)["alpha"],
+            norm_state=norm_state(model, 0),
+            class_names=list(info.class_names),
+            basis_sha256=file_sha256(path / BASIS_FILE),
+            kind=info.kind,
+        )
+    bundle = load_bundle(path)
+    inferrer = TaskInferrer(bundle, method="statistics")
+    for info in bundle.tasks:
+        guess = inferrer.infer(task_batch(info.index))
+        assert guess.task == info.index and guess.method == "statistics"
+        assert guess.scores[info.index] < 0.05
+    model = bundle.model(0)
+    statistics_divergence(model, task_batch(0))
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, _images: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize(
+    ("logits", "expected"),
+    [
+        (torch.eye(4) * 100.0, math.log(4)),  # confident, spread over every class
+        (torch.zeros(4, 4), 0.0),  # uncertain
+        (torch.tensor([[100.0, 0, 0, 0]] * 4), 0.0),  # confident, one class for everything
+        (torch.tensor([[100.0, 0], [100.0, 0], [0, 100.0], [0, 100.0]]), math.log(2)),
+    ],
+)
+def test_prediction_information(logits, expected):
+    assert prediction_information(FixedLogits(logits), images(4)) == pytest.approx(
+        expected, abs=1e-9
+    )
+
+
+@pytest.mark.parametrize("method", ["statistics", "information", "oneshot"])
+def test_a_single_image_is_refused(bundles, method):
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        TaskInferrer(load_bundle(bundles[1]), method=method).infer(images(1))
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "expected"),
+    [
+        (0, 4, []),
+        (1, 4, [(0, 1)]),
+        (8, 4, [(0, 4), (4, 8)]),
+        (9, 4, [(0, 4), (4, 9)]),
+        (10, 4, [(0, 4), (4, 8), (8, 10)]),
+    ],
+)
+def test_batches_never_end_with_a_single_image(count, size, expected):
+    assert [(s.start, s.stop) for s in _batch_slices(count, size)] == expected
+
+
+def test_stem_statistics_equal_every_tasks_first_norm_layer(bundles):
+    """The closed form over |B| basis convolutions matches each task's own forward pass."""
+    bundle = load_bundle(bundles[8])
+    model = bundle.model(0)
+    stem = StemStatistics.for_bundle(bundle, model, "cpu")
+    assert stem is not None
+    batch = images(16)
+    first_norm = next(m for m in model.modules() if isinstance(m, TaskBatchNorm2d))
+    seen = []
+    first_norm.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    expected = []
+    for info in bundle.tasks:
+        bundle.switch(model, info.index)
+        with torch.no_grad():
+            model(batch)
+        features = seen.pop().double()
+        eps = first_norm.eps
+        divergence = gaussian_divergence(
+            features.mean(dim=(0, 2, 3)),
+            features.var(dim=(0, 2, 3), unbiased=False) + eps,
+            first_norm.running_mean[0].double(),
+            first_norm.running_var[0].double() + eps,
+        )
+        expected.append(float(divergence.mean()))
+    assert stem.divergences(batch).tolist() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("shortlist", [0, 1, 3])
+def test_shortlist_runs_only_the_best_tasks_in_full(bundles, shortlist):
+    bundle = load_bundle(bundles[8])
+    inferrer = TaskInferrer(bundle, method="statistics", shortlist=shortlist)
+    calls = count_forwards(inferrer)
+    guess = inferrer.infer(images())
+    ran = shortlist or len(bundle.tasks)
+    assert calls[0] == ran
+    assert sum(score is not None for score in guess.scores) == ran
+    assert guess.scores[guess.task] == min(s for s in guess.scores if s is not None)
+
+
+def test_rejects_a_negative_shortlist(bundles):
+    with pytest.raises(ConfigError, match="shortlist"):
+        TaskInferrer(load_bundle(bundles[1]), shortlist=-1)
