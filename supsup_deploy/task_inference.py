@@ -60,7 +60,6 @@ from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 
 METHODS = ("auto", "statistics", "information", "oneshot")
 
-
 DEFAULT_SHORTLIST = 5
 """Tasks the statistics method runs in full after the first-layer shortlist."""
 
@@ -128,10 +127,10 @@ class TaskInferrer:
         self.method = method
         self.steps = steps
         self.step_size = step_size
+        self.shortlist = shortlist
         self.stem: StemStatistics | None = None
         if method in ("statistics", "information"):
             self.model = bundle.model(self.task_ids[0], device=device)
-            self.shortlist = shortlist
             if method == "statistics" and 0 < shortlist < len(self.task_ids):
                 self.stem = StemStatistics.for_bundle(bundle, self.model, device)
             return
