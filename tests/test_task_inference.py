@@ -18,7 +18,7 @@ from supsup_deploy.bundle import (
     save_task,
 )
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.models import ModelConfig, masked_layers
+from supsup_deploy.models import ModelConfig, get_model_entry, list_models, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 from supsup_deploy.synthetic import write_random_bundle
@@ -206,17 +206,12 @@ def test_batches_never_end_with_a_single_image(count, size, expected):
     assert [(s.start, s.stop) for s in _batch_slices(count, size)] == expected
 
 
-def test_stem_statistics_equal_every_tasks_first_norm_layer(bundles):
-    """The closed form over |B| basis convolutions matches each task's own forward pass."""
-    bundle = load_bundle(bundles[8])
-    model = bundle.model(0)
-    stem = StemStatistics.for_bundle(bundle, model, "cpu")
-    assert stem is not None
-    batch = images(16)
+def first_norm_divergences(bundle, model, batch) -> list[float]:
+    """Each task's mean KL at the first norm layer, from the task's own forward pass."""
     first_norm = next(m for m in model.modules() if isinstance(m, TaskBatchNorm2d))
     seen = []
     first_norm.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
-    expected = []
+    divergences = []
     for info in bundle.tasks:
         bundle.switch(model, info.index)
         with torch.no_grad():
@@ -229,8 +224,37 @@ def test_stem_statistics_equal_every_tasks_first_norm_layer(bundles):
             first_norm.running_mean[0].double(),
             first_norm.running_var[0].double() + eps,
         )
-        expected.append(float(divergence.mean()))
-    assert stem.divergences(batch).tolist() == pytest.approx(expected, rel=1e-4)
+        divergences.append(float(divergence.mean()))
+    return divergences
+
+
+def test_stem_statistics_equal_every_tasks_first_norm_layer(bundles):
+    """The closed form over |B| basis convolutions matches each task's own forward pass."""
+    bundle = load_bundle(bundles[8])
+    model = bundle.model(0)
+    stem = StemStatistics.for_bundle(bundle, model, "cpu")
+    assert stem is not None
+    batch = images(16)
+    assert stem.divergences(batch).tolist() == pytest.approx(
+        first_norm_divergences(bundle, model, batch), rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_stem_statistics_hold_for_every_architecture(arch, tmp_path):
+    """Every registered stem is conv -> norm, so the shortlist applies to every architecture."""
+    config = get_model_entry(arch).config(width=0.25, num_classes=4)
+    spec = InputSpec(size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    bundle = load_bundle(
+        write_random_bundle(tmp_path / arch, config, spec, num_basis=3, alpha_tasks=2)
+    )
+    model = bundle.model(0)
+    stem = StemStatistics.for_bundle(bundle, model, "cpu")
+    assert stem is not None
+    batch = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert stem.divergences(batch).tolist() == pytest.approx(
+        first_norm_divergences(bundle, model, batch), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("shortlist", [0, 1, 3])
