@@ -270,12 +270,14 @@ class Bundle:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.basis_path = path / BASIS_FILE
-        tensors, self.metadata = _load_checked(
-            self.basis_path,
-            BASIS_FORMAT,
-            lambda metadata: _basis_header(self.basis_path, metadata).max_file_bytes(),
-        )
-        header = _basis_header(self.basis_path, self.metadata)
+        headers: list[_BasisHeader] = []
+
+        def max_bytes(metadata: dict[str, Any]) -> int:
+            headers.append(_basis_header(self.basis_path, metadata))
+            return headers[0].max_file_bytes()
+
+        tensors, self.metadata = _load_checked(self.basis_path, BASIS_FORMAT, max_bytes)
+        header = headers[0]
         self.config, self.summary = header.config, header.summary
         self.input, self.num_basis = header.input, header.num_basis
         self.basis_sha256 = file_sha256(self.basis_path)
