@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,10 @@ class PosterRow:
     values_per_mask: int
     values_per_new_task: int
     arch: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as printed on the poster (without our architecture name)."""
+        return {key: value for key, value in asdict(self).items() if key != "arch"}
 
 
 POSTER_BASIS = 15
@@ -123,13 +127,7 @@ class StorageSettings:
             raise ConfigError(f"--input-size must be positive, got {self.input_size}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "num_basis": self.num_basis,
-            "num_tasks": self.num_tasks,
-            "density": self.density,
-            "norm_dtype": self.norm_dtype,
-            "input_size": self.input_size,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -160,21 +158,7 @@ class StorageRow:
 
     def to_dict(self) -> dict[str, Any]:
         summary = self.summary
-        ours = {
-            "words64_per_mask": math.ceil(summary.masked_weights / WORD_BITS),
-            "alpha_values_per_new_task": self.settings.num_basis * summary.masked_layers,
-            "norm_values_per_new_task": self.norm_bytes
-            // NORM_DTYPE_BYTES[self.settings.norm_dtype],
-        }
-        poster = None
-        if self.poster is not None:
-            poster = {
-                "name": self.poster.name,
-                "params": self.poster.params,
-                "conv_layers": self.poster.conv_layers,
-                "values_per_mask": self.poster.values_per_mask,
-                "values_per_new_task": self.poster.values_per_new_task,
-            }
+        poster = None if self.poster is None else self.poster.to_dict()
         return {
             "arch": self.arch,
             "config": summary.config.to_dict(),
@@ -190,7 +174,7 @@ class StorageRow:
             "per_task_bytes": {scheme: self.per_task_bytes(scheme) for scheme in SCHEMES},
             "total_bytes": {scheme: self.total_bytes(scheme) for scheme in SCHEMES},
             "torchvision": self.torchvision,
-            "ours_in_poster_units": ours,
+            "ours_in_poster_units": poster_units(summary, self.settings.num_basis),
             "poster": poster,
         }
 
@@ -216,6 +200,15 @@ def standard_parameter_count(summary: ModelSummary) -> int:
     This is what torchvision and the poster count as #params (e.g. 11,689,512 for resnet18).
     """
     return summary.masked_weights + 2 * summary.norm_channels + summary.config.num_classes
+
+
+def poster_units(summary: ModelSummary, num_basis: int) -> dict[str, int]:
+    """Our counts in the poster's units: 64-bit words per mask, values per new task."""
+    return {
+        "words64_per_mask": math.ceil(summary.masked_weights / WORD_BITS),
+        "alpha_values_per_new_task": num_basis * summary.masked_layers,
+        "norm_values_per_new_task": norm_bytes_per_task(summary) // NORM_DTYPE_BYTES["float32"],
+    }
 
 
 def norm_bytes_per_task(summary: ModelSummary, norm_dtype: str = "float32") -> int:
@@ -347,17 +340,7 @@ def storage_report(rows: list[StorageRow], settings: StorageSettings) -> dict[st
         "norm_state": NORM_DEFINITION,
         "total_bytes": "shared bytes + T x (scheme bytes + norm bytes) for T = num_tasks",
         "rows": [row.to_dict() for row in rows],
-        "poster": [
-            {
-                "name": row.name,
-                "params": row.params,
-                "conv_layers": row.conv_layers,
-                "values_per_mask": row.values_per_mask,
-                "values_per_new_task": row.values_per_new_task,
-                "ours": row.arch,
-            }
-            for row in POSTER_ROWS
-        ],
+        "poster": [{**row.to_dict(), "ours": row.arch} for row in POSTER_ROWS],
         "poster_notes": list(POSTER_NOTES),
     }
 
@@ -428,9 +411,10 @@ def poster_cells(poster: PosterRow) -> dict[str, Any]:
     if poster.arch is not None:
         summary = summarize_model(poster.arch)
         cells["ours_params"] = standard_parameter_count(summary)
-        cells["ours_words64_per_mask"] = math.ceil(summary.masked_weights / WORD_BITS)
-        cells["ours_values_per_new_task"] = POSTER_BASIS * summary.masked_layers
-        cells["ours_norm_values"] = 2 * summary.norm_channels
+        units = poster_units(summary, POSTER_BASIS)
+        cells["ours_words64_per_mask"] = units["words64_per_mask"]
+        cells["ours_values_per_new_task"] = units["alpha_values_per_new_task"]
+        cells["ours_norm_values"] = units["norm_values_per_new_task"]
         cells["poster_name"] = f"{poster.name} ({poster.arch})"
     return cells
 
