@@ -480,8 +480,8 @@ def _print_bundle(bundle, as_json: bool) -> None:
     console = Console(markup=False)
     model = report["model"]
     console.print(
-        f"[bold]{report['path']}[/bold]  format {report['format_version']}, integrity "
-        f"[green]{report['integrity']}[/green]\n"
+        f"{report['path']}  format {report['format_version']}, integrity "
+        f"{report['integrity']}\n"
         f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
         f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
         f"norm {model['norm']}\n"

@@ -111,6 +111,7 @@ def print_storage_table(rows, settings) -> None:
         SCHEME_LABELS,
         SCHEMES,
         TOTAL_COLUMNS,
+        format_cell,
         poster_cells,
         storage_cells,
     )
@@ -129,13 +130,11 @@ def print_storage_table(rows, settings) -> None:
         for key, header in columns:
             table.add_column(header, justify="left" if key == "arch" else "right")
         for row in cells:
-            table.add_row(*(_cell(row[key]) for key, _ in columns))
+            table.add_row(*(format_cell(row[key]) for key, _ in columns))
         console.print(table)
     for scheme in SCHEMES:
-        console.print(f"  {SCHEME_LABELS[scheme]}: {SCHEME_DEFINITIONS[scheme]}.", markup=False)
-    console.print(
-        f"  norm: {NORM_DEFINITION}. The backbone costs 0 bytes (regenerated).", markup=False
-    )
+        console.print(f"  {SCHEME_LABELS[scheme]}: {SCHEME_DEFINITIONS[scheme]}.")
+    console.print(f"  norm: {NORM_DEFINITION}. The backbone costs 0 bytes (regenerated).")
     checks = [row.torchvision for row in rows if row.torchvision]
     matching = sum(check["match"] for check in checks)
     console.print(f"  torchvision check: {matching} of {len(checks)} comparable rows match.")
@@ -144,14 +143,10 @@ def print_storage_table(rows, settings) -> None:
         poster.add_column(title, justify="left" if key == "poster_name" else "right")
     for entry in POSTER_ROWS:
         cells = poster_cells(entry)
-        poster.add_row(*(_cell(cells[key]) for key, _ in POSTER_COLUMNS))
+        poster.add_row(*(format_cell(cells[key]) for key, _ in POSTER_COLUMNS))
     console.print(poster)
     for note in POSTER_NOTES:
-        console.print(f"  - {note}", markup=False)
-
-
-def _cell(value) -> str:
-    return f"{value:,}" if isinstance(value, int) else str(value)
+        console.print(f"  - {note}")
 
 
 @one_line_errors

@@ -451,11 +451,12 @@ def storage_markdown(rows: list[StorageRow], settings: StorageSettings) -> str:
 def _markdown_table(columns, rows: list[dict[str, Any]]) -> list[str]:
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_format(row[key]) for key, _ in columns) + " |" for row in rows]
+    body = ["| " + " | ".join(format_cell(row[key]) for key, _ in columns) + " |" for row in rows]
     return [header, rule, *body]
 
 
-def _format(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: integers with thousands separators, anything else as text."""
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
