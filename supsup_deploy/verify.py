@@ -251,8 +251,7 @@ def _accuracy_parity(bundle: Bundle, onnx_folder: Path) -> list[dict[str, Any]]:
             rows.append({"task": info.index, "name": info.name, "skipped": str(error)})
             continue
         onnx_runner = Runner(bundle, runtime="onnx", onnx_path=onnx_folder / f"{info.name}.onnx")
-        with torch.no_grad():
-            torch_predictions = torch_runner.logits(info.index, images).argmax(1)
+        torch_predictions = torch_runner.logits(info.index, images).argmax(1)
         onnx_predictions = onnx_runner.logits(info.index, images).argmax(1)
         differing = int((torch_predictions != onnx_predictions).sum())
         rows.append(
