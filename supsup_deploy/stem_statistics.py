@@ -60,11 +60,10 @@ class StemStatistics:
         self.channels = norm.num_features
         tensors = [bundle.task_tensors(info.index) for info in bundle.tasks]
         self.alphas = torch.stack([t["alpha"][0] for t in tensors]).double().to(device)
-        self.means = torch.stack(
-            [t["norm.running_mean"][: self.channels] for t in tensors]
-        ).double()
-        self.vars = torch.stack([t["norm.running_var"][: self.channels] for t in tensors]).double()
-        self.means, self.vars = self.means.to(device), self.vars.to(device) + norm.eps
+        means = torch.stack([t["norm.running_mean"][: self.channels] for t in tensors])
+        variances = torch.stack([t["norm.running_var"][: self.channels] for t in tensors])
+        self.means = means.double().to(device)
+        self.vars = variances.double().to(device) + norm.eps
         self.eps = norm.eps
 
     @classmethod
