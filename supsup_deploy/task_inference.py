@@ -293,10 +293,14 @@ def evaluate_task_inference(
             guess = inferrer.infer(batch).task
             inference_seconds += time.perf_counter() - started
             right += guess == info.index
-            predicted = _dataset_classes(runner.logits(guess, batch).argmax(1), classes[guess])
-            truth = _dataset_classes(batch_labels, classes[info.index])
-            inferred_correct += int((predicted == truth).sum())
-            true_correct += int((runner.logits(info.index, batch).argmax(1) == batch_labels).sum())
+            true_hits = int((runner.logits(info.index, batch).argmax(1) == batch_labels).sum())
+            true_correct += true_hits
+            if guess == info.index:
+                inferred_correct += true_hits
+            else:
+                predicted = _dataset_classes(runner.logits(guess, batch).argmax(1), classes[guess])
+                truth = _dataset_classes(batch_labels, classes[info.index])
+                inferred_correct += int((predicted == truth).sum())
         rows.append(
             {
                 "task": info.index,
