@@ -2,16 +2,21 @@
 
 A bundle is a folder::
 
-    basis.safetensors          model config, input preprocessing, bit-packed basis masks
-    tasks/<name>.safetensors   one per task: alpha table, normalisation statistics, class names
+    basis.safetensors               model config, input preprocessing, bit-packed basis masks
+    tasks/<id>.<name>.safetensors   one per task: alpha table, normalisation statistics, classes
 
 No weight is stored: the backbone is regenerated from the model config's seed. Every task,
 basis tasks included (one-hot alpha), is an alpha table over the basis masks.
+
+Opening a bundle reads its basis and lists ``tasks/`` by file name; a task file is read, checked
+and cached the first time the task is used (format 1 bundles, whose file names carry no id, are
+read whole when opened).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -25,7 +30,13 @@ from torch import nn
 
 from supsup_deploy import backbone
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import MAX_HEADER_BYTES, load_safetensors, save_safetensors_atomic
+from supsup_deploy.files import (
+    MAX_HEADER_BYTES,
+    METADATA_KEY,
+    metadata_text,
+    read_safetensors,
+    save_safetensors_atomic,
+)
 from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.masking import use_fixed
 from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
@@ -38,13 +49,25 @@ from supsup_deploy.models import (
 )
 from supsup_deploy.normalization import load_norm_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version writers write."""
+READ_VERSIONS = (1, 2)
+"""The versions readers read."""
+CONTENT_HASH_KEY = "supsup_sha256"
+"""Format 2: the header ``__metadata__`` key holding the content hash of metadata and tensors."""
 BASIS_FORMAT = "supsup-basis"
 TASK_FORMAT = "supsup-task"
 BASIS_FILE = "basis.safetensors"
 TASKS_FOLDER = "tasks"
 SIGN_HASH = "mix32x2-v1"
 TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TASK_FILE_PATTERN = re.compile(
+    r"(0|[1-9][0-9]{0,9})\.([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.safetensors"
+)
+"""Format 2 task file names: ``<id>.<name>.safetensors``, the id decimal, no leading zeros."""
+TASK_FILE_SUFFIX = ".safetensors"
+MAX_LISTED_TASKS = 10
+"""Tasks named in the error for an unknown task."""
 FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 CONFIG_FIELDS = {
     "arch": str,
@@ -69,13 +92,59 @@ ENCODED_MASK_SLACK = 64
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    """Format 1's hash: SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
+    _hash_tensors(digest, tensors)
+    return digest.hexdigest()
+
+
+def content_sha256(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Format 2's hash: the metadata text (length-prefixed), then the tensors as format 1.
+
+    Args:
+        text: the metadata JSON exactly as stored under the header key ``"supsup"``.
+        tensors: the file's tensors.
+
+    Returns:
+        Lowercase hex SHA-256.
+
+    Raises:
+        FormatError: ``text`` is not valid Unicode (holds a lone surrogate).
+    """
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError("metadata text is not valid Unicode") from None
+    digest = hashlib.sha256(f"{len(data)}|".encode() + data)
+    _hash_tensors(digest, tensors)
+    return digest.hexdigest()
+
+
+def _hash_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+
+
+def _save_sealed(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a format 2 file: metadata and tensors under one content hash."""
+    digest = content_sha256(metadata_text(metadata), tensors)
+    save_safetensors_atomic(tensors, path, metadata, header_extra={CONTENT_HASH_KEY: digest})
+
+
+def task_file_name(index: int, name: str, *, version: int = FORMAT_VERSION) -> str:
+    """A task's file name in a bundle's ``tasks/`` folder.
+
+    Args:
+        index: task id.
+        name: task name.
+        version: the bundle's format version.
+
+    Returns:
+        ``<id>.<name>.safetensors`` (format 2), or ``<name>.safetensors`` (format 1).
+    """
+    return f"{int(index)}.{name}{TASK_FILE_SUFFIX}" if version >= 2 else f"{name}{TASK_FILE_SUFFIX}"
 
 
 def file_sha256(path: Path) -> str:
@@ -103,6 +172,15 @@ class InputSpec:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One installed task as listed from its file name, before its file is read."""
+
+    index: int
+    name: str
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -179,10 +257,9 @@ def save_basis(
         ],
         "norm_channels": summary.norm_channels,
         "input": input_spec.to_dict(),
-        "tensors_sha256": tensors_sha256(tensors),
         **({"extra": extra} if extra else {}),
     }
-    save_safetensors_atomic(tensors, path, metadata)
+    _save_sealed(path, tensors, metadata)
     return file_sha256(Path(path))
 
 
@@ -201,7 +278,7 @@ def save_task(
     """Write one task file (atomically).
 
     Args:
-        path: file to write.
+        path: file to write; inside a bundle it is ``tasks/`` + :func:`task_file_name`.
         index: task id, unique within the bundle.
         name: task name (letters, digits, ``_.-``; also its file name).
         alpha: ``[num_layers, |B|]`` table, float32 or float16.
@@ -212,7 +289,7 @@ def save_task(
         extra: more JSON metadata (e.g. training metrics).
 
     Example:
-        >>> save_task("b/tasks/t3.safetensors", index=3, name="t3", alpha=table,
+        >>> save_task("b/tasks/3.t3.safetensors", index=3, name="t3", alpha=table,
         ...           norm_state={}, class_names=["a", "b"], basis_sha256=digest)
     """
     check_task_name(name)
@@ -225,10 +302,9 @@ def save_task(
         "kind": kind,
         "class_names": list(class_names),
         "basis_sha256": basis_sha256,
-        "tensors_sha256": tensors_sha256(tensors),
         **({"extra": extra} if extra else {}),
     }
-    save_safetensors_atomic(tensors, path, metadata)
+    _save_sealed(path, tensors, metadata)
 
 
 def check_task_name(name: str) -> None:
@@ -249,6 +325,7 @@ def _options(config: ModelConfig) -> dict[str, Any]:
 class _BasisHeader:
     """What a basis file's metadata declares, checked: all that is needed before its tensors."""
 
+    version: int
     config: ModelConfig
     summary: ModelSummary
     input: InputSpec
@@ -265,7 +342,11 @@ class _BasisHeader:
 
 
 class Bundle:
-    """A loaded, validated bundle. Build with :func:`load_bundle`."""
+    """An opened bundle: its basis read and validated, its tasks listed. Use :func:`load_bundle`.
+
+    A format 2 task file is read and checked the first time its task is used (:meth:`task`,
+    :meth:`task_tensors`, :meth:`model`, ...) and then cached; :attr:`tasks` checks them all.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -276,16 +357,28 @@ class Bundle:
             headers.append(_basis_header(self.basis_path, metadata))
             return headers[0].max_file_bytes()
 
-        tensors, self.metadata = _load_checked(self.basis_path, BASIS_FORMAT, max_bytes)
+        tensors, self.metadata = _load_checked(
+            self.basis_path, BASIS_FORMAT, READ_VERSIONS, max_bytes
+        )
         header = headers[0]
+        self.format_version = header.version
         self.config, self.summary = header.config, header.summary
         self.input, self.num_basis = header.input, header.num_basis
         self.basis_sha256 = file_sha256(self.basis_path)
         self._check_basis_tensors(tensors, header.encoding)
-        self._task_tensors: dict[int, dict[str, torch.Tensor]] = {}
-        self.tasks = self._read_tasks()
+        self._checked: dict[int, tuple[TaskInfo, dict[str, torch.Tensor]]] = {}
+        entries = self._list_tasks() if self.format_version >= 2 else self._read_version_1_tasks()
+        self.task_entries: tuple[TaskEntry, ...] = tuple(sorted(entries, key=lambda e: e.index))
+        """Every installed task as listed (by id), without reading its file."""
+        self._by_index = {entry.index: entry for entry in self.task_entries}
+        self._by_name = {entry.name: entry for entry in self.task_entries}
         self._packed_masks = self._unpack_basis(tensors, header.encoding)
         self._codes: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def tasks(self) -> list[TaskInfo]:
+        """Every installed task by id, each read and checked (those not used yet are read now)."""
+        return [self._checked_task(entry)[0] for entry in self.task_entries]
 
     def _check_basis_tensors(self, tensors: dict[str, torch.Tensor], encoding: str) -> None:
         """Names, dtypes and shapes against the architecture; nothing is decoded yet."""
@@ -357,24 +450,72 @@ class Bundle:
             start += size
         return torch.stack(rows)
 
-    def _read_tasks(self) -> list[TaskInfo]:
+    def _task_folder(self) -> Path | None:
         folder = self.path / TASKS_FOLDER
         if not folder.is_dir():
             if os.path.lexists(folder):
                 raise FormatError(f"{folder}: not a folder")
+            return None
+        return folder
+
+    def _list_tasks(self) -> list[TaskEntry]:
+        """Format 2: the tasks named by ``tasks/<id>.<name>.safetensors``; no file is opened."""
+        folder = self._task_folder()
+        if folder is None:
             return []
-        tasks: dict[int, TaskInfo] = {}
-        for file in sorted(folder.glob("*.safetensors")):
+        by_index: dict[int, TaskEntry] = {}
+        names: dict[str, TaskEntry] = {}
+        with os.scandir(folder) as listing:
+            for item in listing:
+                if item.name.startswith(".") or not item.name.endswith(TASK_FILE_SUFFIX):
+                    continue
+                file = folder / item.name
+                match = TASK_FILE_PATTERN.fullmatch(item.name)
+                if match is None or int(match[1]) > MAX_TASK_ID:
+                    raise FormatError(
+                        f"{file}: not a task file name (<id>.<name>.safetensors, id 0 to "
+                        f"{MAX_TASK_ID}); install tasks with supsup add-task"
+                    )
+                entry = TaskEntry(int(match[1]), match[2], file)
+                for table, key in ((by_index, entry.index), (names, entry.name)):
+                    if key in table:
+                        raise FormatError(
+                            f"{file}: task {key!r} is also installed as {table[key].path.name}"
+                        )
+                    table[key] = entry
+        return list(by_index.values())
+
+    def _read_version_1_tasks(self) -> list[TaskEntry]:
+        """Format 1: every ``tasks/*.safetensors`` read and checked now (ids are inside)."""
+        folder = self._task_folder()
+        if folder is None:
+            return []
+        entries: dict[int, TaskEntry] = {}
+        for file in sorted(folder.glob(f"*{TASK_FILE_SUFFIX}")):
             info, tensors = self._check_task(file)
-            if file.name != f"{info.name}.safetensors":
+            if file.name != f"{info.name}{TASK_FILE_SUFFIX}":
                 raise FormatError(f"{file}: holds task {info.name!r}, whose file is named after it")
-            if info.index in tasks:
+            if info.index in entries:
                 raise FormatError(
-                    f"{file}: task id {info.index} is also used by {tasks[info.index].path}"
+                    f"{file}: task id {info.index} is also used by {entries[info.index].path}"
                 )
-            tasks[info.index] = info
-            self._task_tensors[info.index] = tensors
-        return [tasks[index] for index in sorted(tasks)]
+            entries[info.index] = TaskEntry(info.index, info.name, file)
+            self._checked[info.index] = (info, tensors)
+        return list(entries.values())
+
+    def _checked_task(self, entry: TaskEntry) -> tuple[TaskInfo, dict[str, torch.Tensor]]:
+        """A listed task's file, read and checked on first use, then cached."""
+        checked = self._checked.get(entry.index)
+        if checked is None:
+            checked = self._check_task(entry.path)
+            info = checked[0]
+            if (info.index, info.name) != (entry.index, entry.name):
+                raise FormatError(
+                    f"{entry.path}: holds task {info.index} ({info.name}), not the "
+                    f"{entry.index} ({entry.name}) its file name says"
+                )
+            self._checked[entry.index] = checked
+        return checked
 
     def check_task_file(self, file: Path) -> TaskInfo:
         """Validate a task file against this bundle's basis; raise FormatError naming it."""
@@ -393,7 +534,9 @@ class Bundle:
         return 8 + MAX_HEADER_BYTES + 4 * elements
 
     def _check_task(self, file: Path) -> tuple[TaskInfo, dict[str, torch.Tensor]]:
-        tensors, metadata = _load_checked(file, TASK_FORMAT, self._max_task_bytes)
+        tensors, metadata = _load_checked(
+            file, TASK_FORMAT, (self.format_version,), self._max_task_bytes
+        )
         basis_sha256 = metadata.get("basis_sha256")
         if not isinstance(basis_sha256, str):
             raise FormatError(f"{file}: bad task metadata (basis_sha256 {_short(basis_sha256)})")
@@ -422,6 +565,8 @@ class Bundle:
                 f"{file}: {len(class_names)} class names for {self.config.num_classes} outputs"
             )
         self._check_task_tensors(file, tensors)
+        if kind == "basis":
+            _check_one_hot(file, tensors["alpha"])
         state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         info = TaskInfo(
             index,
@@ -452,16 +597,33 @@ class Bundle:
             raise FormatError(f"{file}: norm.running_var holds negative values")
 
     def task(self, task: int | str) -> TaskInfo:
-        """A task by id or name; ConfigError listing the installed ones when absent."""
-        for info in self.tasks:
-            if task == info.index or str(task) in (info.name, str(info.index)):
-                return info
-        known = ", ".join(f"{info.index} ({info.name})" for info in self.tasks) or "none"
-        raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
+        """A task by id or name, read and checked on first use.
+
+        Raises:
+            ConfigError: no such task (the message lists installed ones).
+            FormatError: the task's file is corrupt or inconsistent.
+        """
+        return self._checked_task(self._entry(task))[0]
+
+    def _entry(self, task: int | str) -> TaskEntry:
+        entry = None
+        if isinstance(task, int) and not isinstance(task, bool):
+            entry = self._by_index.get(task)
+        if entry is None:
+            entry = self._by_name.get(str(task))
+        if entry is None and isinstance(task, str) and task.isdecimal() and task.isascii():
+            entry = self._by_index.get(int(task))
+        if entry is None:
+            shown = self.task_entries[:MAX_LISTED_TASKS]
+            known = ", ".join(f"{entry.index} ({entry.name})" for entry in shown) or "none"
+            if len(self.task_entries) > len(shown):
+                known += f" and {len(self.task_entries) - len(shown)} more"
+            raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
+        return entry
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
-        """A task's tensors (alpha table, norm statistics), as validated when the bundle opened."""
-        return dict(self._task_tensors[self.task(task).index])
+        """A task's tensors (alpha table, norm statistics), read and checked on first use."""
+        return dict(self._checked_task(self._entry(task))[1])
 
     def packed_basis(self, layer: int) -> torch.Tensor:
         """The basis masks of one masked layer, bit-packed: uint8 ``[|B|, ceil(numel / 8)]``."""
@@ -539,7 +701,10 @@ def _single_slot(config: ModelConfig) -> ModelConfig:
 
 
 def _load_checked(
-    path: Path, expected_format: str, max_bytes: Callable[[dict[str, Any]], int]
+    path: Path,
+    expected_format: str,
+    versions: tuple[int, ...],
+    max_bytes: Callable[[dict[str, Any]], int],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a file of ``expected_format``: format, version, size limit, then content hash."""
 
@@ -547,16 +712,42 @@ def _load_checked(
         if metadata.get("format") != expected_format:
             raise FormatError(f"{path}: not a {expected_format} file")
         version = metadata.get("format_version")
-        if not _is_int(version) or version != FORMAT_VERSION:
-            raise FormatError(
-                f"{path}: format version {_short(version)}, this version reads {FORMAT_VERSION}"
-            )
+        if not _is_int(version) or version not in versions:
+            wanted = " or ".join(map(str, versions))
+            raise FormatError(f"{path}: format version {_short(version)}, expected {wanted}")
         return max_bytes(metadata)
 
-    tensors, metadata = load_safetensors(path, max_bytes=limit)
-    if metadata.get("tensors_sha256") != tensors_sha256(tensors):
+    stored = read_safetensors(path, max_bytes=limit)
+    tensors, metadata = stored.tensors, stored.metadata
+    if metadata["format_version"] == 1:
+        sealed = metadata.get("tensors_sha256") == tensors_sha256(tensors)
+    else:
+        header = stored.header_metadata
+        if set(header) != {METADATA_KEY, CONTENT_HASH_KEY} or not isinstance(
+            header[CONTENT_HASH_KEY], str
+        ):
+            raise FormatError(
+                f"{path}: header metadata must hold exactly {METADATA_KEY!r} and "
+                f"{CONTENT_HASH_KEY!r}"
+            )
+        try:
+            digest = content_sha256(header[METADATA_KEY], tensors)
+        except FormatError as error:
+            raise FormatError(f"{path}: {error}") from None
+        sealed = header[CONTENT_HASH_KEY] == digest
+    if not sealed:
         raise FormatError(f"{path}: content hash mismatch (the file is corrupt)")
     return tensors, metadata
+
+
+def _check_one_hot(path: Path, alpha: torch.Tensor) -> None:
+    """A basis task's table: every row the same one-hot row (1 in column t, 0 elsewhere)."""
+    alpha = alpha.float()
+    column = int(alpha[0].argmax()) if alpha.numel() else 0
+    one_hot = torch.zeros_like(alpha)
+    one_hot[:, column] = 1.0
+    if not torch.equal(alpha, one_hot):
+        raise FormatError(f"{path}: a basis task's alpha must be one one-hot row in every layer")
 
 
 def _basis_header(path: Path, metadata: dict[str, Any]) -> _BasisHeader:
@@ -575,13 +766,14 @@ def _basis_header(path: Path, metadata: dict[str, Any]) -> _BasisHeader:
         {"name": name, "shape": list(shape)}
         for name, shape in zip(summary.layer_names, summary.weight_shapes, strict=True)
     ]
-    if metadata.get("layers") != layers or metadata.get("norm_channels") != summary.norm_channels:
+    recorded = (metadata.get("layers"), metadata.get("norm_channels"))
+    if _json(recorded) != _json((layers, summary.norm_channels)):
         raise FormatError(f"{path}: layers or norm_channels do not match {config.arch}")
     dataset = _extra(path, metadata).get("dataset", "")
     if not isinstance(dataset, str):
         raise FormatError(f"{path}: extra.dataset must be a string")
     spec = _input_spec(path, metadata.get("input"), config)
-    return _BasisHeader(config, summary, spec, num_basis, encoding)
+    return _BasisHeader(metadata["format_version"], config, summary, spec, num_basis, encoding)
 
 
 def _model_config(path: Path, values: Any) -> ModelConfig:
@@ -676,6 +868,11 @@ def _is_number(value: Any) -> bool:
         return False
 
 
+def _json(value: Any) -> str:
+    """Canonical JSON, for comparisons where 3.0 must not equal 3, nor true 1."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _short(value: Any) -> str:
     """A value's repr cut to one short line, for error messages about hostile metadata."""
     text = repr(value)
@@ -689,7 +886,8 @@ def load_bundle(path: str | Path) -> Bundle:
         path: the bundle folder.
 
     Returns:
-        A :class:`Bundle`; ``bundle.tasks`` lists the installed tasks.
+        A :class:`Bundle`; ``bundle.task_entries`` lists the installed tasks (no task file is
+        read yet), ``bundle.tasks`` reads and checks them all.
 
     Raises:
         FormatError: anything missing, corrupt, or inconsistent; the message names the file.

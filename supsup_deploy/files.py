@@ -9,6 +9,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,30 +62,58 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def metadata_text(metadata: dict[str, Any]) -> str:
+    """The canonical JSON text of a metadata object (sorted keys, no spaces)."""
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+
+
 def save_safetensors_atomic(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any] | None = None
+    tensors: dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, Any] | None = None,
+    *,
+    header_extra: dict[str, str] | None = None,
 ) -> None:
     """Save tensors in the safetensors format atomically, with JSON metadata.
 
-    The metadata is stored as canonical JSON (sorted keys) under the single header key
+    The metadata is stored as canonical JSON (:func:`metadata_text`) under the header key
     ``METADATA_KEY``, so the same tensors and metadata always give the same bytes.
 
     Args:
         tensors: name to tensor (moved to the CPU and made contiguous).
         path: final file path.
         metadata: JSON-serialisable metadata.
+        header_extra: more ``__metadata__`` strings beside ``METADATA_KEY`` (e.g. a hash).
 
     Example:
         >>> save_safetensors_atomic({"x": torch.zeros(2)}, "/tmp/x.safetensors", {"kind": "demo"})
     """
     prepared = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    header = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, separators=(",", ":"))}
+    header = {METADATA_KEY: metadata_text(metadata or {}), **(header_extra or {})}
     atomic_write_bytes(path, save(prepared, metadata=header))
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A safetensors file as read by :func:`read_safetensors`."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    header_metadata: dict[str, Any]
+    """The header's raw ``__metadata__`` object (``METADATA_KEY``'s text and any other keys)."""
 
 
 def load_safetensors(
     path: str | Path, *, max_bytes: Callable[[dict[str, Any]], int] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a file; see :func:`read_safetensors`."""
+    stored = read_safetensors(path, max_bytes=max_bytes)
+    return stored.tensors, stored.metadata
+
+
+def read_safetensors(
+    path: str | Path, *, max_bytes: Callable[[dict[str, Any]], int] | None = None
+) -> StoredFile:
     """Load a file written by :func:`save_safetensors_atomic`, refusing hostile ones cheaply.
 
     Only a regular file is opened, and at most ``MAX_HEADER_BYTES`` of header is read before the
@@ -97,19 +126,19 @@ def load_safetensors(
             may raise FormatError itself); no limit when omitted.
 
     Returns:
-        ``(tensors, metadata)``, tensors on the CPU.
+        The tensors (on the CPU), the parsed metadata and the raw header metadata.
 
     Raises:
         FormatError: missing, truncated, oversized or corrupt file, or metadata that is not ours.
 
     Example:
-        >>> tensors, metadata = load_safetensors("/tmp/x.safetensors")
+        >>> stored = read_safetensors("/tmp/x.safetensors")
     """
     path = Path(path)
     with _open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
         header = _read_header(stream, path, size)
-        metadata = _parse_header(header, path)
+        header_metadata, metadata = _parse_header(header, path)
         limit = size if max_bytes is None else max_bytes(metadata)
         if size > limit:
             raise FormatError(f"{path}: {size} bytes, more than the {limit} its contents can need")
@@ -120,7 +149,7 @@ def load_safetensors(
         tensors = load(data)
     except (SafetensorError, ValueError, KeyError, TypeError) as error:
         raise FormatError(f"{path}: not a valid supsup safetensors file ({error})") from None
-    return tensors, metadata
+    return StoredFile(tensors, metadata, header_metadata)
 
 
 def safetensors_layout(path: str | Path) -> tuple[int, dict[str, int]]:
@@ -175,19 +204,20 @@ def _read_header(stream: BinaryIO, path: Path, size: int) -> bytes:
     return prefix + stream.read(length)
 
 
-def _parse_header(header: bytes, path: Path) -> dict[str, Any]:
-    """Our metadata from a raw header, after checking every tensor's dtype is one we read."""
+def _parse_header(header: bytes, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw ``__metadata__`` and our parsed metadata, once every tensor's dtype is checked."""
     try:
         entries = json.loads(header[8:])
         for name, entry in entries.items():
             if name != "__metadata__" and entry["dtype"] not in TENSOR_DTYPES:
                 raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r}")
-        metadata = json.loads(entries["__metadata__"][METADATA_KEY])
+        header_metadata = entries["__metadata__"]
+        metadata = json.loads(header_metadata[METADATA_KEY])
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise FormatError(f"{path}: not a valid supsup safetensors file ({error})") from None
     if not isinstance(metadata, dict):
         raise FormatError(f"{path}: metadata is not a JSON object")
-    return metadata
+    return header_metadata, metadata
 
 
 def _current_umask() -> int:

@@ -15,6 +15,7 @@ from supsup_deploy.bundle import (
     load_bundle,
     save_basis,
     save_task,
+    task_file_name,
 )
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, new_folder
@@ -120,7 +121,7 @@ def _pack_task(
     }
     name = str(metrics["name"])
     save_task(
-        staging / TASKS_FOLDER / f"{name}.safetensors",
+        staging / TASKS_FOLDER / task_file_name(index, name),
         index=index,
         name=name,
         alpha=alpha,
@@ -184,13 +185,13 @@ def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
             info = bundle.check_task_file(staged)
         except FormatError as error:
             raise FormatError(str(error).replace(str(staged), str(task_file))) from None
-        for installed in bundle.tasks:
+        for installed in bundle.task_entries:
             if installed.index == info.index or installed.name == info.name:
                 raise ConfigError(
                     f"{task_file}: task {info.index} ({info.name}) clashes with installed task "
                     f"{installed.index} ({installed.name}) in {bundle.path}"
                 )
-        final = folder / f"{info.name}.safetensors"
+        final = folder / task_file_name(info.index, info.name, version=bundle.format_version)
         try:
             os.link(staged, final)
         except FileExistsError:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from supsup_deploy.bundle import FLOAT_DTYPES, FORMAT_VERSION, Bundle
+from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
 from supsup_deploy.masks import MAX_BASIS, check_density, kept_count
@@ -621,7 +621,7 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
     ]
     return {
         "path": str(bundle.path),
-        "format_version": FORMAT_VERSION,
+        "format_version": bundle.format_version,
         "integrity": "ok",
         "model": bundle.config.to_dict(),
         "input": bundle.input.to_dict(),

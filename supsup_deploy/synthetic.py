@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from supsup_deploy.bundle import BASIS_FILE, TASKS_FOLDER, InputSpec, save_basis, save_task
+from supsup_deploy.bundle import (
+    BASIS_FILE,
+    TASKS_FOLDER,
+    InputSpec,
+    save_basis,
+    save_task,
+    task_file_name,
+)
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import new_folder
 from supsup_deploy.layers import MaskedLayer
@@ -87,7 +94,7 @@ def write_random_bundle(
             kind = "basis" if basis_tasks and index < num_basis else "alpha"
             alpha, statistics = _plausible_task(model, alpha, input_spec, seed)
             save_task(
-                staging / TASKS_FOLDER / f"task_{index}.safetensors",
+                staging / TASKS_FOLDER / task_file_name(index, f"task_{index}"),
                 index=index,
                 name=f"task_{index}",
                 alpha=alpha,

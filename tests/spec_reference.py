@@ -3,6 +3,7 @@
 Imports nothing from supsup_deploy, so the format tests check the page, not the library.
 """
 
+import hashlib
 import math
 
 import numpy as np
@@ -30,6 +31,17 @@ def negative(seed: int, layer: int, numel: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         hashes = mix32(hashes + np.uint32(key2))
     return (hashes >> np.uint32(31)).astype(bool)
+
+
+def content_sha256(text: str, tensors: dict[str, np.ndarray]) -> str:
+    """Format 2's ``supsup_sha256``: the metadata text, length first, then every tensor."""
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(f"{len(data)}|".encode() + data)
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|torch.{array.dtype}|{list(array.shape)}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def weight_constant(shape) -> np.float32:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from killable import ROOT, TIMEOUT, Command, one_line_error, run_together, snapshot
 
-from supsup_deploy.bundle import load_bundle, save_task
+from supsup_deploy.bundle import load_bundle, save_task, task_file_name
 from supsup_deploy.locking import LockError, folder_lock
 from supsup_deploy.pack import add_task, pack_run
 
@@ -69,9 +69,9 @@ def shipped(small_run, tmp_path_factory):
     full = pack_run(small_run, folder / "full")
     files = {"full": full.path, "base": folder / "base"}
     shutil.copytree(full.path, files["base"])
-    for name in ALL_TASKS[1:]:
+    for index, name in enumerate(ALL_TASKS[1:], start=1):
         files[name] = folder / f"{name}.safetensors"
-        shutil.move(files["base"] / "tasks" / f"{name}.safetensors", files[name])
+        shutil.move(files["base"] / "tasks" / task_file_name(index, name), files[name])
     tensors = full.task_tensors(2)
     files["twin"] = folder / "twin.safetensors"
     save_task(
@@ -135,7 +135,7 @@ def test_two_writers_adding_different_tasks(shipped, tmp_path, round_):
     assert snapshot(bundle) == {
         path: digest
         for path, digest in snapshot(shipped["full"]).items()
-        if path == "basis.safetensors" or Path(path).stem in installed
+        if path == "basis.safetensors" or Path(path).stem.split(".", 1)[-1] in installed
     }
 
 

@@ -67,7 +67,7 @@ def base_bundle(reference_bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     shutil.copytree(reference_bundle, folder / "bundle")
     shipped = folder / "task_2.safetensors"
-    shutil.move(folder / "bundle" / "tasks" / "task_2.safetensors", shipped)
+    shutil.move(folder / "bundle" / "tasks" / "2.task_2.safetensors", shipped)
     return folder / "bundle", shipped
 
 
@@ -149,7 +149,7 @@ def test_killed_add_task_leaves_the_old_or_the_new_bundle(
 def test_leftover_temporary_files_are_never_taken_for_tasks(reference_bundle, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(reference_bundle, bundle)
-    task = (bundle / "tasks" / "task_2.safetensors").read_bytes()
+    task = (bundle / "tasks" / "2.task_2.safetensors").read_bytes()
     leftovers = {
         "tasks/.task_2.safetensors.k3j2h1.tmp": task,
         "tasks/.incoming-4242.safetensors.tmp": task[: len(task) // 2],
@@ -160,7 +160,7 @@ def test_leftover_temporary_files_are_never_taken_for_tasks(reference_bundle, tm
         (bundle / name).write_bytes(data)
     loaded = load_bundle(bundle)
     assert [task.path.name for task in loaded.tasks] == [
-        f"task_{index}.safetensors" for index in range(3)
+        f"{index}.task_{index}.safetensors" for index in range(3)
     ]
     assert snapshot(bundle) == snapshot(reference_bundle)
 

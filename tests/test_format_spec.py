@@ -22,26 +22,19 @@ from supsup_deploy.pack import pack_run
 
 
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A format 2 file's tensors and metadata, its content hash checked as the page says."""
     with safe_open(str(path), framework="numpy") as handle:
         header = handle.metadata()
-    assert list(header) == ["supsup"]
-    return load_file(str(path)), json.loads(header["supsup"])
-
-
-def spec_tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|torch.{array.dtype}|{list(array.shape)}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    assert sorted(header) == ["supsup", "supsup_sha256"]
+    tensors = load_file(str(path))
+    assert spec_reference.content_sha256(header["supsup"], tensors) == header["supsup_sha256"]
+    return tensors, json.loads(header["supsup"])
 
 
 def check_bundle_against_spec(path: Path) -> int:
     basis, basis_meta = read(path / "basis.safetensors")
-    assert basis_meta["format"] == "supsup-basis" and basis_meta["format_version"] == 1
+    assert basis_meta["format"] == "supsup-basis" and basis_meta["format_version"] == 2
     assert basis_meta["sign_hash"] == "mix32x2-v1"
-    assert spec_tensors_sha256(basis) == basis_meta["tensors_sha256"]
     basis_sha = hashlib.sha256((path / "basis.safetensors").read_bytes()).hexdigest()
     seed = basis_meta["model"]["seed"]
     library = load_bundle(path)
@@ -49,8 +42,7 @@ def check_bundle_against_spec(path: Path) -> int:
     for task_file in sorted((path / "tasks").glob("*.safetensors")):
         tensors, meta = read(task_file)
         assert meta["format"] == "supsup-task" and meta["basis_sha256"] == basis_sha
-        assert spec_tensors_sha256(tensors) == meta["tensors_sha256"]
-        assert task_file.name == f"{meta['name']}.safetensors"
+        assert task_file.name == f"{meta['index']}.{meta['name']}.safetensors"
         alpha = tensors["alpha"].astype(np.float32)
         expected = library.materialize(meta["index"])
         for layer, info in enumerate(basis_meta["layers"]):
@@ -90,7 +82,7 @@ def test_synthetic_bundle_matches_spec(tmp_path, encoding):
     }
     for index, (name, alpha) in enumerate(tables.items()):
         save_task(
-            tmp_path / "tasks" / f"{name}.safetensors",
+            tmp_path / "tasks" / f"{index}.{name}.safetensors",
             index=index,
             name=name,
             alpha=alpha,

@@ -2,11 +2,13 @@
 
 Real bundles (packed, rice and sparse basis masks, packed from the tiny training run) are
 changed one file or folder entry at a time: bit flips, truncation, spliced garbage, forged header
-lengths, edits of the safetensors header (dtypes, shapes, offsets) and of the supsup metadata,
+lengths, edits of the safetensors header (dtypes, shapes, offsets) and of the supsup metadata
+(format 2 hashes it with the tensors, so an edit that is not resealed must be refused),
 tensors swapped for ones of the wrong dtype or shape (with the content hashes recomputed so the
 structural checks are reached), files made huge (sparse, so nothing is written), files of a
 bundle with another seed or architecture, and garbage, duplicates, FIFOs and device links in
-``tasks/``. Each load runs under a deadline and a memory budget.
+``tasks/``. Each load opens the bundle and reads every task (``bundle.tasks``), under a deadline
+and a memory budget.
 
 The default run tries a few hundred cases; ``python -m pytest -m slow`` tries thousands.
 """
@@ -45,6 +47,7 @@ from supsup_deploy.bundle import (
     load_bundle,
     save_basis,
     save_task,
+    task_file_name,
 )
 from supsup_deploy.errors import FormatError, SupsupError
 from supsup_deploy.mask_encoding import decode_mask
@@ -55,7 +58,7 @@ from supsup_deploy.pack import pack_run
 DEADLINE_S = 10
 MEMORY_BUDGET = 128 << 20
 ENCODINGS = ("packed", "rice", "sparse")
-TARGETS = ("basis.safetensors", "tasks/task_0.safetensors", "tasks/task_2.safetensors")
+TARGETS = ("basis.safetensors", "tasks/0.task_0.safetensors", "tasks/2.task_2.safetensors")
 FAST = settings(
     max_examples=400,
     deadline=None,
@@ -63,11 +66,10 @@ FAST = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 SLOW = settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# What a case may do when it loads: "same" (load exactly like the original), "task-metadata"
-# (as "same", except a task file's metadata outside its hashed tensors: index, kind, class
-# names, extra), "anything" (hashes were recomputed: a well-formed different bundle is fine),
-# or "error" (it must raise SupsupError).
-EXPECTATIONS = ("same", "task-metadata", "anything", "error")
+# What a case may do when it loads: "same" (load exactly like the original), "anything" (hashes
+# were recomputed: a well-formed different bundle is fine), or "error" (it must raise
+# SupsupError).
+EXPECTATIONS = ("same", "anything", "error")
 
 
 class CaseTimeout(BaseException):
@@ -110,9 +112,10 @@ def join_file(header: Any, body: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + body
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """``tensors_sha256`` as docs/FORMAT.md defines it (written here, not imported)."""
-    digest = hashlib.sha256()
+def content_hash(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """``supsup_sha256`` as docs/FORMAT.md defines it (written here, not imported)."""
+    data = text.encode()
+    digest = hashlib.sha256(f"{len(data)}|".encode() + data)
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
@@ -132,8 +135,10 @@ def edit_metadata(data: bytes, change) -> bytes:
 def seal(data: bytes) -> bytes:
     """Recompute the content hash of a file safetensors can still read; others stay as they are."""
     try:
-        digest = content_hash(load(data))
-        return edit_metadata(data, lambda metadata: metadata.update(tensors_sha256=digest))
+        header, body = split_file(data)
+        metadata = header["__metadata__"]
+        metadata["supsup_sha256"] = content_hash(metadata["supsup"], load(data))
+        return join_file(header, body)
     except Exception:  # a file safetensors or the JSON parser refuses is left unsealed
         return data
 
@@ -142,9 +147,10 @@ def rebind_tasks(folder: Path) -> None:
     """Point every task file at the (changed) basis, as a deliberate forger would."""
     digest = hashlib.sha256((folder / "basis.safetensors").read_bytes()).hexdigest()
     for path in (folder / "tasks").glob("*.safetensors"):
-        path.write_bytes(
-            edit_metadata(path.read_bytes(), lambda metadata: metadata.update(basis_sha256=digest))
+        edited = edit_metadata(
+            path.read_bytes(), lambda metadata: metadata.update(basis_sha256=digest)
         )
+        path.write_bytes(seal(edited))
 
 
 def tree_paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -281,9 +287,7 @@ class Rewrite:
 
     @property
     def expect(self) -> str:
-        if self.sealed:
-            return "anything"
-        return "task-metadata" if self.target.startswith("tasks/") else "same"
+        return "anything" if self.sealed else "same"
 
     def apply(self, folder: Path, corpus: Corpus) -> None:
         path = folder / self.target
@@ -312,10 +316,9 @@ class ReplaceTensor:
         tensors = load(data)
         name = sorted(tensors)[self.pick % len(tensors)]
         tensors = self._replaced(tensors, name)
-        metadata = json.loads(header["__metadata__"]["supsup"])
-        metadata["tensors_sha256"] = content_hash(tensors)
-        text = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
-        path.write_bytes(save(tensors, metadata={"supsup": text}))
+        text = header["__metadata__"]["supsup"]
+        digest = content_hash(text, tensors)
+        path.write_bytes(save(tensors, metadata={"supsup": text, "supsup_sha256": digest}))
         if self.target == "basis.safetensors":
             rebind_tasks(folder)
 
@@ -412,7 +415,7 @@ class TasksEntry:
         make = {
             "empty": lambda: path.write_bytes(b""),
             "garbage": lambda: path.write_bytes(os.urandom(200)),
-            "copy": lambda: shutil.copyfile(folder / "tasks" / "task_2.safetensors", path),
+            "copy": lambda: shutil.copyfile(folder / "tasks" / "2.task_2.safetensors", path),
             "folder": lambda: path.mkdir(),
             "fifo": lambda: os.mkfifo(path),
             "zero device": lambda: path.symlink_to("/dev/zero"),
@@ -513,7 +516,7 @@ METADATA_EDITS = st.one_of(
     st.builds(MetadataText, METADATA_TEXTS),
 )
 FOREIGN_FILES = st.sampled_from(
-    ["basis.safetensors", "tasks/task_0.safetensors", "tasks/task_5.safetensors"]
+    ["basis.safetensors", "tasks/0.task_0.safetensors", "tasks/5.task_5.safetensors"]
 )
 ENTRY_KINDS = ["empty", "garbage", "copy", "folder", "fifo", "zero device", "random device"]
 REPLACEMENTS = st.sampled_from(
@@ -534,7 +537,13 @@ MUTATIONS = st.one_of(
     st.builds(
         TasksEntry,
         st.sampled_from(
-            ["junk.safetensors", ".hidden.safetensors", "task_1.safetensors", "notes.txt"]
+            [
+                "junk.safetensors",
+                ".hidden.safetensors",
+                "task_1.safetensors",
+                "7.task_7.safetensors",
+                "notes.txt",
+            ]
         ),
         st.sampled_from([*ENTRY_KINDS, "dangling link", "link loop"]),
     ),
@@ -557,14 +566,14 @@ CORRUPTIONS = st.tuples(
 
 
 def fingerprint(bundle: Bundle) -> tuple[dict[str, Any], list[tuple]]:
-    """What a load gives: hashed content (strict) and task metadata outside any hash (loose)."""
+    """What a load gives: tensors and basis (strict) and the task metadata (loose)."""
     codes = hashlib.sha256(b"".join(code.numpy().tobytes() for code in bundle.codes()))
     tasks = sorted(bundle.tasks, key=lambda info: info.name)
     strict = {
         "basis": (bundle.basis_sha256, bundle.config, bundle.input, bundle.num_basis),
         "codes": codes.hexdigest(),
         "tasks": [
-            (info.name, info.path.name, content_hash(bundle.task_tensors(info.index)))
+            (info.name, info.path.name, content_hash("", bundle.task_tensors(info.index)))
             for info in tasks
         ],
     }
@@ -596,7 +605,7 @@ def foreign_bundle(folder: Path, original: Bundle, **changes: Any) -> Path:
     channels = summary.norm_channels
     for index in (0, 5):
         save_task(
-            folder / "tasks" / f"task_{index}.safetensors",
+            folder / "tasks" / task_file_name(index, f"task_{index}"),
             index=index,
             name=f"task_{index}",
             alpha=torch.full((summary.masked_layers, original.num_basis), 0.5),
@@ -676,11 +685,12 @@ def declared_mask_bytes(folder: Path) -> int:
         return 0
 
 
-def outcome(folder: Path) -> Bundle | None:
-    """The loaded bundle, or None when loading raised the package's own error."""
+def outcome(folder: Path) -> tuple[dict[str, Any], list[tuple]] | None:
+    """The fingerprint of the loaded bundle (every task read), or None when loading or reading
+    a task raised the package's own error."""
     with within_budget(allowance=2 * declared_mask_bytes(folder)):
         try:
-            return load_bundle(folder)
+            return fingerprint(load_bundle(folder))
         except SupsupError:
             return None
 
@@ -699,11 +709,11 @@ def check_case(corpus: Corpus, encoding: str, mutation) -> None:
     """Load a mutated bundle and hold the result to the mutation's expectation."""
     assert mutation.expect in EXPECTATIONS
     with mutated(corpus, encoding, mutation) as folder:
-        bundle = outcome(folder)
-        if bundle is None or mutation.expect == "anything":
+        loaded = outcome(folder)
+        if loaded is None or mutation.expect == "anything":
             return
         assert mutation.expect != "error", "the load should have failed"
-        strict, loose = fingerprint(bundle)
+        strict, loose = loaded
     original = corpus.originals[encoding]
     assert strict == original.strict, "loaded, but not as the original"
     if mutation.expect == "same":
@@ -716,15 +726,17 @@ def check_case(corpus: Corpus, encoding: str, mutation) -> None:
 @FAST
 @given(case=CASES)
 @example(case=("packed", Rewrite("basis.safetensors", HeaderLength(2**63))))
-@example(case=("rice", Rewrite("tasks/task_2.safetensors", HeaderField(0, "shape", [10**12]))))
+@example(case=("rice", Rewrite("tasks/2.task_2.safetensors", HeaderField(0, "shape", [10**12]))))
 @example(case=("rice", Inflate("basis.safetensors", 1 << 40)))
-@example(case=("packed", Inflate("tasks/task_0.safetensors", 1 << 31)))
+@example(case=("packed", Inflate("tasks/0.task_0.safetensors", 1 << 31)))
 @example(case=("sparse", Pad("basis.safetensors", 1 << 40)))
-@example(case=("packed", Rewrite("tasks/task_2.safetensors", MetadataText(DEEP_JSON))))
+@example(case=("packed", Rewrite("tasks/2.task_2.safetensors", MetadataText(DEEP_JSON))))
 @example(case=("rice", Rewrite("basis.safetensors", MetadataField(0, 2**63, "set"), True)))
-@example(case=("packed", ReplaceTensor("tasks/task_2.safetensors", 0, "scalar")))
+@example(case=("packed", ReplaceTensor("tasks/2.task_2.safetensors", 0, "scalar")))
 @example(case=("sparse", ReplaceTensor("basis.safetensors", 1, "scalar")))
-@example(case=("packed", Foreign("seed", "tasks/task_0.safetensors", "tasks/task_0.safetensors")))
+@example(
+    case=("packed", Foreign("seed", "tasks/0.task_0.safetensors", "tasks/0.task_0.safetensors"))
+)
 @example(case=("packed", Foreign("arch", "basis.safetensors", "basis.safetensors")))
 @example(case=("packed", TasksEntry("junk.safetensors", "fifo")))
 @example(case=("packed", TasksEntry("junk.safetensors", "zero device")))
@@ -750,6 +762,28 @@ def test_inspect_reports_a_corrupt_bundle_in_one_line(corpus, case):
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
+
+
+METADATA_CHANGES = [
+    ("tasks/0.task_0.safetensors", {"kind": "alpha"}),
+    ("tasks/2.task_2.safetensors", {"index": 3}),
+    ("tasks/2.task_2.safetensors", {"name": "task_3"}),
+    ("tasks/2.task_2.safetensors", {"class_names": ["a", "b", "c"]}),
+    ("tasks/2.task_2.safetensors", {"extra": {"metrics": {"test_accuracy": 1.0}}}),
+    ("basis.safetensors", {"extra": {"dataset": "mnist"}}),
+    ("basis.safetensors", {"num_tasks_note": 1}),
+]
+
+
+@pytest.mark.parametrize(("target", "change"), METADATA_CHANGES)
+def test_edited_metadata_is_refused(corpus, target, change):
+    """Format 2 hashes the whole metadata: an edited id, kind or class name does not load."""
+    edit = Rewrite(target, lambda data: edit_metadata(data, lambda meta: meta.update(change)))
+    with (
+        mutated(corpus, "packed", edit) as folder,
+        pytest.raises(FormatError, match=f"{target}: content hash mismatch"),
+    ):
+        len(load_bundle(folder).tasks)
 
 
 def test_an_uncaught_exception_fails_the_check(corpus, monkeypatch):

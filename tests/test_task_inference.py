@@ -16,6 +16,7 @@ from supsup_deploy.bundle import (
     file_sha256,
     load_bundle,
     save_task,
+    task_file_name,
 )
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import ModelConfig, get_model_entry, list_models, masked_layers
@@ -89,7 +90,7 @@ def test_one_shot_never_picks_a_task_that_predicts_nothing(bundles, tmp_path):
     bundle = load_bundle(path)
     first = bundle.tasks[0]
     save_task(
-        path / TASKS_FOLDER / "zero.safetensors",
+        path / TASKS_FOLDER / task_file_name(len(bundle.tasks), "zero"),
         index=len(bundle.tasks),
         name="zero",
         alpha=torch.zeros_like(bundle.task_tensors(first.index)["alpha"]),
