@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL_RUN
+from version_1 import read as read_version_1
+from version_1 import version_1_bundle
+from version_1 import write as write_version_1
 
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundle import load_bundle, save_task
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
@@ -149,3 +152,109 @@ def test_pack_cli_with_fp16_statistics(small_run, tmp_path):
     full = load_bundle(tmp_path / "b16")
     assert full.task_tensors(0)["norm.running_mean"].dtype == torch.float16
     assert report["tasks"][2]["state_bytes"] < report["tasks"][0]["state_bytes"] + 1
+
+
+@pytest.fixture
+def version_1_dir(bundle_dir, tmp_path) -> Path:
+    return version_1_bundle(bundle_dir, tmp_path / "version_1")
+
+
+def test_version_1_bundles_still_load_and_run_the_same(bundle_dir, version_1_dir):
+    new, old = load_bundle(bundle_dir), load_bundle(version_1_dir)
+    assert (new.format_version, old.format_version) == (2, 1)
+    assert [task.path.name for task in old.tasks] == [
+        f"task_{index}.safetensors" for index in range(3)
+    ]
+    assert [task.path.name for task in new.tasks] == [
+        f"{index}.task_{index}.safetensors" for index in range(3)
+    ]
+    for info in new.tasks:
+        assert old.task(info.index).class_names == info.class_names
+        for mine, theirs in zip(
+            new.materialize(info.index), old.materialize(info.index), strict=True
+        ):
+            assert torch.equal(mine, theirs)
+    result = run_cli("inspect", str(version_1_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["format_version"] == 1
+    result = run_cli("inspect", str(version_1_dir))
+    assert result.returncode == 0 and "format 1, integrity ok" in " ".join(result.stdout.split())
+
+
+def test_add_task_keeps_a_bundle_in_its_version(bundle_dir, version_1_dir, tmp_path):
+    shipped = tmp_path / "task_2.safetensors"
+    shutil.move(version_1_dir / "tasks" / "task_2.safetensors", shipped)
+    with pytest.raises(FormatError, match="format version 2, expected 1"):
+        add_task(version_1_dir, bundle_dir / "tasks" / "2.task_2.safetensors")
+    bundle = add_task(version_1_dir, shipped)
+    assert bundle.format_version == 1 and bundle.task(2).path.name == "task_2.safetensors"
+    with pytest.raises(FormatError, match="format version 1, expected 2"):
+        add_task(bundle_dir, shipped)
+
+
+def test_a_version_1_task_metadata_edit_loads_as_written(version_1_dir):
+    """What format 2 fixed: format 1 hashes a task's tensors only (docs/SECURITY.md)."""
+    path = version_1_dir / "tasks" / "task_2.safetensors"
+    tensors, metadata = read_version_1(path)
+    write_version_1(path, tensors, {**metadata, "class_names": ["x", "y"]})
+    assert load_bundle(version_1_dir).task(2).class_names == ("x", "y")
+
+
+def test_task_files_are_listed_by_name_and_read_on_first_use(bundle_dir):
+    (bundle_dir / "tasks" / "2.task_2.safetensors").write_bytes(b"garbage")
+    (bundle_dir / "tasks" / ".2.task_2.safetensors.a1b2c3.tmp").write_bytes(b"scratch")
+    (bundle_dir / "tasks" / "notes.txt").write_bytes(b"not a task")
+    bundle = load_bundle(bundle_dir)
+    assert [(entry.index, entry.name) for entry in bundle.task_entries] == [
+        (0, "task_0"),
+        (1, "task_1"),
+        (2, "task_2"),
+    ]
+    assert bundle.task(1).kind == "basis"
+    with pytest.raises(FormatError, match=r"2\.task_2\.safetensors"):
+        bundle.task(2)
+    with pytest.raises(ConfigError, match="installed tasks: 0 \\(task_0\\)"):
+        bundle.task(5)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("task_3.safetensors", "not a task file name"),
+        ("03.task_3.safetensors", "not a task file name"),
+        ("2147483648.big.safetensors", "not a task file name"),
+        ("7.task_2.safetensors", "also installed"),
+        ("2.other.safetensors", "also installed"),
+    ],
+)
+def test_task_file_names_are_checked_when_opening(bundle_dir, name, message):
+    shutil.copy(bundle_dir / "tasks" / "2.task_2.safetensors", bundle_dir / "tasks" / name)
+    with pytest.raises(FormatError, match=message):
+        load_bundle(bundle_dir)
+
+
+def test_a_file_named_for_another_task_is_refused_on_use(bundle_dir):
+    shutil.move(
+        bundle_dir / "tasks" / "2.task_2.safetensors", bundle_dir / "tasks" / "3.task_3.safetensors"
+    )
+    with pytest.raises(FormatError, match="not the 3 \\(task_3\\) its file name says"):
+        load_bundle(bundle_dir).task(3)
+
+
+def test_a_basis_task_must_be_one_hot(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    info, tensors = bundle.task(0), bundle.task_tensors(0)
+    alpha = tensors.pop("alpha")
+    alpha[3, 1] = 0.5
+    save_task(
+        info.path,
+        index=0,
+        name=info.name,
+        alpha=alpha,
+        norm_state=tensors,
+        class_names=info.class_names,
+        basis_sha256=bundle.basis_sha256,
+        kind="basis",
+    )
+    with pytest.raises(FormatError, match="one-hot"):
+        load_bundle(bundle_dir).task(0)
