@@ -98,7 +98,58 @@ def basis_rows(basis: dict, metadata: dict, layer: int) -> np.ndarray:
         if metadata["mask_encoding"] == "rice":
             rows.append(rice_decode(chunk, numel))
         else:
-            from bitarray.util import sc_decode
-
-            rows.append(np.frombuffer(sc_decode(chunk).tobytes(), np.uint8))
+            rows.append(sparse_decode(chunk, numel))
     return np.stack(rows)
+
+
+def sparse_decode(data: bytes, numel: int) -> np.ndarray:
+    """A ``"sparse"`` encoded mask back to its packed bytes, as the page describes it.
+
+    Raises ValueError where the page says a reader must refuse the stream.
+    """
+    size = math.ceil(numel / 8)
+    head = data[0]
+    length_bytes = head & 0x0F
+    if head & 0xF0 or length_bytes > 8:
+        raise ValueError("bad stream header")
+    if int.from_bytes(data[1 : 1 + length_bytes], "little") != numel:
+        raise ValueError("stream length is not the layer's")
+    out = np.zeros(size, dtype=np.uint8)
+    position, offset = 1 + length_bytes, 0
+    while True:
+        if position >= len(data):
+            raise ValueError("no stop byte")
+        head = data[position]
+        position += 1
+        if head == 0:
+            break
+        if head <= 0x9F:
+            count = head if head < 32 else 32 * (head - 31)
+            if offset + count > size or position + count > len(data):
+                raise ValueError("raw block runs past the end")
+            out[offset : offset + count] = np.frombuffer(data, np.uint8, count, position)
+            position += count
+            offset += count
+            continue
+        if 0xA0 <= head <= 0xBF:
+            width, count = 1, head - 0xA0
+        elif head in (0xC2, 0xC3, 0xC4):
+            if position >= len(data):
+                raise ValueError("no count byte")
+            width, count = head - 0xC0, data[position]
+            position += 1
+        else:
+            raise ValueError(f"unknown block head {head:#x}")
+        if position + width * count > len(data):
+            raise ValueError("index block runs past the end")
+        for number in range(count):
+            start = position + width * number
+            bit = 8 * offset + int.from_bytes(data[start : start + width], "little")
+            if bit >= numel:
+                raise ValueError("an index lies outside the mask")
+            out[bit // 8] |= 1 << (bit % 8)
+        position += width * count
+        offset += (1 << (8 * width)) // 8
+    if numel % 8:
+        out[-1] &= (1 << (numel % 8)) - 1
+    return out

@@ -17,6 +17,8 @@ from safetensors.numpy import load_file
 
 from supsup_deploy import get_model
 from supsup_deploy.bundle import InputSpec, load_bundle, save_basis, save_task
+from supsup_deploy.errors import FormatError
+from supsup_deploy.mask_encoding import decode_mask, encode_mask
 from supsup_deploy.models import masked_layers
 from supsup_deploy.pack import pack_run
 
@@ -105,3 +107,59 @@ def test_header_is_canonical_json(small_run, tmp_path, name):
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     inner = header["__metadata__"]["supsup"]
     assert inner == json.dumps(json.loads(inner), sort_keys=True, separators=(",", ":"))
+
+
+HOSTILE_SPARSE = [
+    b"",
+    b"\x01d",
+    b"\x01d\x00",
+    b"\x01e\x00",
+    b"\x11d\x00",
+    b"\x21d\x00",
+    b"\x09d\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"\x01d\xa1d\x00",
+    b"\x01d\xa1c\x00",
+    b"\x01d\xa2\x05\x05\x00",
+    b"\x01d\xa2\x05\x03\x00junk",
+    b"\x01d\x0d" + b"\xff" * 13 + b"\x00",
+    b"\x01d\x0d" + b"\x00" * 12 + b"\x0f\x00",
+    b"\x01d\x0e" + b"\x00" * 14 + b"\x00",
+    b"\x01d\x0c" + b"\x00" * 12 + b"\x01\x01\x00",
+    b"\x01d\xa0\x01\x01\x00",
+    b"\x01d\xa0\xa0\xa0\xa0\xa0\x00",
+    b"\x01d\xc0\x00",
+    b"\x01d\xc5\x00",
+    b"\x01d\xc2\x01\x05\x00\x00",
+    b"\x01d\xc2\x01\x05\x01\x00",
+    b"\x01d\xc2\x02\x05\x00",
+    b"\x01d\xc4",
+]
+
+
+def spec_sparse(data: bytes, numel: int) -> bytes | None:
+    try:
+        return spec_reference.sparse_decode(data, numel).tobytes()
+    except (ValueError, IndexError):
+        return None
+
+
+def library_sparse(data: bytes, numel: int) -> bytes | None:
+    try:
+        return decode_mask(data, numel, "sparse").tobytes()
+    except FormatError:
+        return None
+
+
+@pytest.mark.parametrize("numel", [1, 100, 257, 70_000, 3_000_000])
+@pytest.mark.parametrize("density", [0.0, 1e-5, 0.003, 0.05, 0.5, 1.0])
+def test_sparse_streams_decode_as_the_page_says(numel, density):
+    """bitarray's sc_encode output, read by the page's algorithm and by the library."""
+    generator = np.random.default_rng(int(density * 1e6) + numel)
+    packed = np.packbits(generator.random(numel) < density, bitorder="little")
+    stream = encode_mask(packed, numel, "sparse")
+    assert spec_sparse(stream, numel) == packed.tobytes() == library_sparse(stream, numel)
+
+
+@pytest.mark.parametrize("stream", HOSTILE_SPARSE)
+def test_hostile_sparse_streams_are_read_alike(stream):
+    assert spec_sparse(stream, 100) == library_sparse(stream, 100)
