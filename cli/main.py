@@ -272,11 +272,19 @@ def add_task_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the bundle summary as JSON.")
     ] = False,
+    lock_timeout: Annotated[
+        float,
+        typer.Option(
+            "--lock-timeout",
+            min=0.0,
+            help="Seconds to wait while another process is adding a task to the bundle.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Install a shipped task file into a bundle (checked against its basis, never overwriting)."""
     from supsup_deploy.pack import add_task
 
-    _print_bundle(add_task(bundle_path, task_file), as_json)
+    _print_bundle(add_task(bundle_path, task_file, lock_timeout=lock_timeout), as_json)
 
 
 @app.command("export")

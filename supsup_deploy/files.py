@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.locking import hold_new_lock, remove_if_abandoned
 
 METADATA_KEY = "supsup"
 MAX_HEADER_BYTES = 1 << 20
@@ -245,7 +247,8 @@ def new_folder(out: str | Path) -> Iterator[Path]:
 
     ``out`` either does not exist or holds everything written in the ``with`` block, even if the
     process is killed; the folder gets the umask's permissions (not a temporary folder's 0700).
-    Leftover scratch folders are named ``.<out>.*.tmp``.
+    Scratch folders are named ``.<out>.*.tmp`` and hold a lock while their writer lives; those
+    left by killed writers are removed by the next call for the same ``out``.
 
     Args:
         out: the folder to create; it must not exist.
@@ -266,18 +269,39 @@ def new_folder(out: str | Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        staging = scratch / out.name
-        staging.mkdir()
-        yield staging
-        try:
-            os.rename(staging, out)
-        except OSError as error:
-            if out.exists():
-                raise _folder_exists(out) from None
-            raise ConfigError(f"{out}: cannot create the folder ({error.strerror})") from None
-        _fsync_folder(out.parent)
+        with hold_new_lock(scratch):
+            for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+                if leftover != scratch and leftover.is_dir() and not leftover.is_symlink():
+                    remove_if_abandoned(leftover)
+            staging = scratch / out.name
+            staging.mkdir()
+            yield staging
+            try:
+                os.rename(staging, out)
+            except OSError as error:
+                if out.exists():
+                    raise _folder_exists(out) from None
+                raise ConfigError(f"{out}: cannot create the folder ({error.strerror})") from None
+            _fsync_folder(out.parent)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_scratch_files(folder: Path) -> None:
+    """Remove the scratch files (``.*.tmp``) in ``folder``, which only killed writers leave.
+
+    Call it only while holding the lock that every writer into ``folder`` holds.
+    """
+    with os.scandir(folder) as listing:
+        leftovers = [
+            item.name
+            for item in listing
+            if item.name.startswith(".")
+            and item.name.endswith(".tmp")
+            and item.is_file(follow_symlinks=False)
+        ]
+    for name in leftovers:
+        (folder / name).unlink(missing_ok=True)
 
 
 def _folder_exists(out: Path) -> ConfigError:

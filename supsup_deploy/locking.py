@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,3 +70,50 @@ def _acquire(descriptor: int, path: Path, timeout: float) -> None:
                     "(is another add-task still running?); try again when it has finished"
                 ) from None
             time.sleep(_POLL_SECONDS)
+
+
+@contextmanager
+def hold_new_lock(folder: str | Path) -> Iterator[None]:
+    """Create the ``LOCK_FILE`` of a new folder of ours already locked, and hold it.
+
+    The lock file is locked under a temporary name and then renamed, so nobody can find it
+    unlocked while its creator lives.
+
+    Args:
+        folder: a folder this process just created (e.g. with ``tempfile.mkdtemp``).
+
+    Yields:
+        Nothing; the lock is held until the block exits.
+    """
+    pending = Path(folder) / f"{LOCK_FILE}.pending"
+    descriptor = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.rename(pending, Path(folder) / LOCK_FILE)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def remove_if_abandoned(folder: str | Path) -> bool:
+    """Remove a scratch folder made under :func:`hold_new_lock` whose writer has exited.
+
+    A folder without a lock file (its writer was killed before creating it, or it was made some
+    other way) is left alone, as is one whose lock is held.
+
+    Returns:
+        Whether the folder was removed.
+    """
+    try:
+        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(descriptor)

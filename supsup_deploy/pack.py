@@ -18,7 +18,7 @@ from supsup_deploy.bundle import (
     task_file_name,
 )
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import atomic_write_bytes, new_folder
+from supsup_deploy.files import atomic_write_bytes, new_folder, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.train import (
@@ -138,9 +138,10 @@ def add_task(
 ) -> Bundle:
     """Install a shipped task file into a bundle: validated, never overwriting, atomic.
 
-    Holds the bundle's lock (:func:`~supsup_deploy.locking.folder_lock`) from reading the
+    Holds the bundle's lock (:func:`~supsup_deploy.locking.folder_lock`) from listing the
     installed tasks to linking the new file in, so two processes adding tasks at once take turns
-    and never install two tasks with the same id or name.
+    and never install two tasks with the same id or name. Under the lock it first removes the
+    scratch files (``tasks/.*.tmp``) that killed add-task processes left.
 
     Args:
         bundle_path: the bundle folder.
@@ -178,6 +179,7 @@ def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
     """
     folder = bundle.path / TASKS_FOLDER
     folder.mkdir(exist_ok=True)
+    remove_scratch_files(folder)
     staged = folder / f".incoming-{os.getpid()}.safetensors.tmp"
     atomic_write_bytes(staged, data)
     try:

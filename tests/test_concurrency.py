@@ -199,3 +199,16 @@ def test_a_held_lock_times_out_with_a_clear_error(shipped, tmp_path):
         add_task(bundle, shipped["task_1"], lock_timeout=0.2)
     assert snapshot(bundle) == snapshot(shipped["base"])
     assert [task.name for task in add_task(bundle, shipped["task_1"]).tasks] == ALL_TASKS[:2]
+
+
+def test_add_task_cli_takes_a_lock_timeout(shipped, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shipped["base"], bundle)
+    command = [sys.executable, "-m", "cli", "add-task", str(bundle), str(shipped["task_1"])]
+    with folder_lock(bundle):
+        result = subprocess.run(
+            [*command, "--lock-timeout", "0.3"], capture_output=True, text=True, cwd=ROOT
+        )
+    assert result.returncode != 0 and one_line_error(result)
+    assert "held this lock for over 0.3 s" in result.stderr
+    assert snapshot(bundle) == snapshot(shipped["base"])

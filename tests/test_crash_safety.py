@@ -13,6 +13,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import SMALL_RUN
@@ -21,6 +23,8 @@ from killable import ONE_THREAD, ROOT, TIMEOUT, Command, is_leftover, run_killed
 from supsup_deploy.bundle import load_bundle
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.export import TaskExporter, probe_batch
+from supsup_deploy.files import new_folder
+from supsup_deploy.locking import hold_new_lock
 from supsup_deploy.pack import add_task, pack_run
 
 TRAIN_ARGS = [
@@ -144,6 +148,36 @@ def test_killed_add_task_leaves_the_old_or_the_new_bundle(
         with pytest.raises(ConfigError, match="clashes"):
             add_task(bundle, shipped, lock_timeout=LOCK_WAIT)
     assert snapshot(bundle) == snapshot(reference_bundle)
+
+
+def test_the_next_add_task_removes_scratch_files_of_killed_ones(
+    reference_bundle, base_bundle, tmp_path
+):
+    base, shipped = base_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(base, bundle)
+    leftovers = [".2.task_2.safetensors.k3j2h1.tmp", ".incoming-4242.safetensors.tmp"]
+    for name in leftovers:
+        (bundle / "tasks" / name).write_bytes(b"left by a killed add-task")
+    add_task(bundle, shipped)
+    assert sorted(path.name for path in (bundle / "tasks").iterdir()) == [
+        f"{index}.task_{index}.safetensors" for index in range(3)
+    ]
+    assert snapshot(bundle) == snapshot(reference_bundle)
+
+
+def test_a_new_folder_removes_abandoned_scratch_but_never_a_live_one(tmp_path):
+    """A scratch folder is removed only once its lock can be taken: its writer has exited."""
+    abandoned = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".out.", suffix=".tmp"))
+    with hold_new_lock(abandoned):
+        (abandoned / "out").mkdir()
+    unlocked = tmp_path / ".out.nolock.tmp"
+    unlocked.mkdir()
+    live = Path(tempfile.mkdtemp(dir=tmp_path, prefix=".out.", suffix=".tmp"))
+    with hold_new_lock(live), new_folder(tmp_path / "out") as staging:
+        (staging / "file").write_bytes(b"complete")
+    assert (tmp_path / "out" / "file").read_bytes() == b"complete"
+    assert not abandoned.exists() and live.is_dir() and unlocked.is_dir()
 
 
 def test_leftover_temporary_files_are_never_taken_for_tasks(reference_bundle, tmp_path):
