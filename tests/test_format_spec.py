@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import spec_reference
 import torch
+from architecture_appendix import architecture_appendix
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -163,3 +164,11 @@ def test_sparse_streams_decode_as_the_page_says(numel, density):
 @pytest.mark.parametrize("stream", HOSTILE_SPARSE)
 def test_hostile_sparse_streams_are_read_alike(stream):
     assert spec_sparse(stream, 100) == library_sparse(stream, 100)
+
+
+def test_the_architecture_appendix_is_current():
+    """docs/ARCHITECTURES.md lists what the registry builds; regenerate it when this fails."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md"
+    assert page.read_text() == architecture_appendix(), (
+        "run: python -m tests.architecture_appendix > docs/ARCHITECTURES.md"
+    )
