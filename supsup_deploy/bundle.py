@@ -15,6 +15,7 @@ read whole when opened).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -367,18 +368,38 @@ class Bundle:
         self.basis_sha256 = file_sha256(self.basis_path)
         self._check_basis_tensors(tensors, header.encoding)
         self._checked: dict[int, tuple[TaskInfo, dict[str, torch.Tensor]]] = {}
-        entries = self._list_tasks() if self.format_version >= 2 else self._read_version_1_tasks()
-        self.task_entries: tuple[TaskEntry, ...] = tuple(sorted(entries, key=lambda e: e.index))
-        """Every installed task as listed (by id), without reading its file."""
-        self._by_index = {entry.index: entry for entry in self.task_entries}
-        self._by_name = {entry.name: entry for entry in self.task_entries}
+        self._task_folder = self.path / TASKS_FOLDER
+        self._names: dict[int, str] = {}
+        self._ids: dict[str, int] = {}
+        if self.format_version >= 2:
+            self._list_tasks()
+        else:
+            self._read_version_1_tasks()
         self._packed_masks = self._unpack_basis(tensors, header.encoding)
         self._codes: dict[str, list[torch.Tensor]] = {}
+
+    @functools.cached_property
+    def task_entries(self) -> tuple[TaskEntry, ...]:
+        """Every installed task as listed, by id, without reading its file."""
+        return tuple(self._task_entry(index) for index in sorted(self._names))
 
     @property
     def tasks(self) -> list[TaskInfo]:
         """Every installed task by id, each read and checked (those not used yet are read now)."""
         return [self._checked_task(entry)[0] for entry in self.task_entries]
+
+    def clashing_task(self, index: int, name: str) -> TaskEntry | None:
+        """The installed task with this id or this name, if any (no file is read)."""
+        if index in self._names:
+            return self._task_entry(index)
+        if name in self._ids:
+            return self._task_entry(self._ids[name])
+        return None
+
+    def _task_entry(self, index: int) -> TaskEntry:
+        name = self._names[index]
+        file_name = task_file_name(index, name, version=self.format_version)
+        return TaskEntry(index, name, self._task_folder / file_name)
 
     def _check_basis_tensors(self, tensors: dict[str, torch.Tensor], encoding: str) -> None:
         """Names, dtypes and shapes against the architecture; nothing is decoded yet."""
@@ -450,58 +471,54 @@ class Bundle:
             start += size
         return torch.stack(rows)
 
-    def _task_folder(self) -> Path | None:
-        folder = self.path / TASKS_FOLDER
+    def _has_task_folder(self) -> bool:
+        folder = self._task_folder
         if not folder.is_dir():
             if os.path.lexists(folder):
                 raise FormatError(f"{folder}: not a folder")
-            return None
-        return folder
+            return False
+        return True
 
-    def _list_tasks(self) -> list[TaskEntry]:
+    def _list_tasks(self) -> None:
         """Format 2: the tasks named by ``tasks/<id>.<name>.safetensors``; no file is opened."""
-        folder = self._task_folder()
-        if folder is None:
-            return []
-        by_index: dict[int, TaskEntry] = {}
-        names: dict[str, TaskEntry] = {}
-        with os.scandir(folder) as listing:
-            for item in listing:
-                if item.name.startswith(".") or not item.name.endswith(TASK_FILE_SUFFIX):
-                    continue
-                file = folder / item.name
-                match = TASK_FILE_PATTERN.fullmatch(item.name)
-                if match is None or int(match[1]) > MAX_TASK_ID:
-                    raise FormatError(
-                        f"{file}: not a task file name (<id>.<name>.safetensors, id 0 to "
-                        f"{MAX_TASK_ID}); install tasks with supsup add-task"
-                    )
-                entry = TaskEntry(int(match[1]), match[2], file)
-                for table, key in ((by_index, entry.index), (names, entry.name)):
-                    if key in table:
-                        raise FormatError(
-                            f"{file}: task {key!r} is also installed as {table[key].path.name}"
-                        )
-                    table[key] = entry
-        return list(by_index.values())
+        if not self._has_task_folder():
+            return
+        try:
+            file_names = os.listdir(self._task_folder)
+        except OSError as error:
+            raise FormatError(f"{self._task_folder}: cannot list ({error.strerror})") from None
+        names, ids, parse = self._names, self._ids, TASK_FILE_PATTERN.fullmatch
+        for file_name in file_names:
+            if file_name.startswith(".") or not file_name.endswith(TASK_FILE_SUFFIX):
+                continue
+            match = parse(file_name)
+            if match is None or int(match[1]) > MAX_TASK_ID:
+                raise FormatError(
+                    f"{self._task_folder / file_name}: not a task file name (<id>.<name>"
+                    f".safetensors, id 0 to {MAX_TASK_ID}); install tasks with supsup add-task"
+                )
+            index, name = int(match[1]), match[2]
+            if index in names or name in ids:
+                other = index if index in names else ids[name]
+                raise FormatError(
+                    f"{self._task_folder / file_name}: task {index} ({name}) clashes with "
+                    f"{task_file_name(other, names[other])}, also installed"
+                )
+            names[index], ids[name] = name, index
 
-    def _read_version_1_tasks(self) -> list[TaskEntry]:
+    def _read_version_1_tasks(self) -> None:
         """Format 1: every ``tasks/*.safetensors`` read and checked now (ids are inside)."""
-        folder = self._task_folder()
-        if folder is None:
-            return []
-        entries: dict[int, TaskEntry] = {}
-        for file in sorted(folder.glob(f"*{TASK_FILE_SUFFIX}")):
+        if not self._has_task_folder():
+            return
+        for file in sorted(self._task_folder.glob(f"*{TASK_FILE_SUFFIX}")):
             info, tensors = self._check_task(file)
             if file.name != f"{info.name}{TASK_FILE_SUFFIX}":
                 raise FormatError(f"{file}: holds task {info.name!r}, whose file is named after it")
-            if info.index in entries:
-                raise FormatError(
-                    f"{file}: task id {info.index} is also used by {entries[info.index].path}"
-                )
-            entries[info.index] = TaskEntry(info.index, info.name, file)
+            if info.index in self._names:
+                other = task_file_name(info.index, self._names[info.index], version=1)
+                raise FormatError(f"{file}: task id {info.index} is also used by {other}")
+            self._names[info.index], self._ids[info.name] = info.name, info.index
             self._checked[info.index] = (info, tensors)
-        return list(entries.values())
 
     def _checked_task(self, entry: TaskEntry) -> tuple[TaskInfo, dict[str, torch.Tensor]]:
         """A listed task's file, read and checked on first use, then cached."""
@@ -606,20 +623,20 @@ class Bundle:
         return self._checked_task(self._entry(task))[0]
 
     def _entry(self, task: int | str) -> TaskEntry:
-        entry = None
-        if isinstance(task, int) and not isinstance(task, bool):
-            entry = self._by_index.get(task)
-        if entry is None:
-            entry = self._by_name.get(str(task))
-        if entry is None and isinstance(task, str) and task.isdecimal() and task.isascii():
-            entry = self._by_index.get(int(task))
-        if entry is None:
-            shown = self.task_entries[:MAX_LISTED_TASKS]
-            known = ", ".join(f"{entry.index} ({entry.name})" for entry in shown) or "none"
-            if len(self.task_entries) > len(shown):
-                known += f" and {len(self.task_entries) - len(shown)} more"
-            raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
-        return entry
+        index = None
+        if isinstance(task, int) and not isinstance(task, bool) and task in self._names:
+            index = task
+        if index is None:
+            index = self._ids.get(str(task))
+        if index is None and isinstance(task, str) and task.isdecimal() and task.isascii():
+            index = int(task) if int(task) in self._names else None
+        if index is not None:
+            return self._task_entry(index)
+        shown = sorted(self._names)[:MAX_LISTED_TASKS]
+        known = ", ".join(f"{index} ({self._names[index]})" for index in shown) or "none"
+        if len(self._names) > len(shown):
+            known += f" and {len(self._names) - len(shown)} more"
+        raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
         """A task's tensors (alpha table, norm statistics), read and checked on first use."""

@@ -187,12 +187,12 @@ def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
             info = bundle.check_task_file(staged)
         except FormatError as error:
             raise FormatError(str(error).replace(str(staged), str(task_file))) from None
-        for installed in bundle.task_entries:
-            if installed.index == info.index or installed.name == info.name:
-                raise ConfigError(
-                    f"{task_file}: task {info.index} ({info.name}) clashes with installed task "
-                    f"{installed.index} ({installed.name}) in {bundle.path}"
-                )
+        installed = bundle.clashing_task(info.index, info.name)
+        if installed is not None:
+            raise ConfigError(
+                f"{task_file}: task {info.index} ({info.name}) clashes with installed task "
+                f"{installed.index} ({installed.name}) in {bundle.path}"
+            )
         final = folder / task_file_name(info.index, info.name, version=bundle.format_version)
         try:
             os.link(staged, final)
