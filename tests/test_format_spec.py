@@ -20,7 +20,7 @@ from supsup_deploy import get_model
 from supsup_deploy.bundle import InputSpec, load_bundle, save_basis, save_task
 from supsup_deploy.errors import FormatError
 from supsup_deploy.mask_encoding import decode_mask, encode_mask
-from supsup_deploy.models import masked_layers
+from supsup_deploy.models import list_models, masked_layers, summarize_model
 from supsup_deploy.pack import pack_run
 
 
@@ -172,3 +172,15 @@ def test_the_architecture_appendix_is_current():
     assert page.read_text() == architecture_appendix(), (
         "run: python -m tests.architecture_appendix > docs/ARCHITECTURES.md"
     )
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_the_classifier_is_as_the_page_says(arch):
+    """The last layer's c_out is num_classes: linear [c, c_in], or gem_resnet18's 1x1 conv."""
+    summary = summarize_model(arch, num_classes=7)
+    shape = summary.weight_shapes[-1]
+    assert shape[0] == 7
+    if arch == "gem_resnet18":
+        assert shape == (7, 160, 1, 1)
+    else:
+        assert len(shape) == 2
