@@ -92,7 +92,22 @@ def save_safetensors_atomic(
     """
     prepared = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     header = {METADATA_KEY: metadata_text(metadata or {}), **(header_extra or {})}
-    atomic_write_bytes(path, save(prepared, metadata=header))
+    atomic_write_bytes(path, _sorted_header_metadata(save(prepared, metadata=header)))
+
+
+def _sorted_header_metadata(data: bytes) -> bytes:
+    """The file with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes them in hash-map order, which changes from call to call; the header is
+    rewritten (same JSON, padded with spaces to a multiple of 8 bytes as safetensors pads it) so
+    that equal content always gives equal bytes. The tensor bytes are unchanged.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 @dataclass(frozen=True)

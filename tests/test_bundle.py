@@ -258,3 +258,24 @@ def test_a_basis_task_must_be_one_hot(bundle_dir):
     )
     with pytest.raises(FormatError, match="one-hot"):
         load_bundle(bundle_dir).task(0)
+
+
+def test_equal_content_gives_equal_bytes(bundle_dir, tmp_path):
+    """safetensors orders the two header metadata keys by hash map; the writer fixes the order."""
+    bundle = load_bundle(bundle_dir)
+    info, tensors = bundle.task(2), bundle.task_tensors(2)
+    written = set()
+    for attempt in range(12):
+        path = tmp_path / f"copy_{attempt}.safetensors"
+        save_task(
+            path,
+            index=2,
+            name=info.name,
+            alpha=tensors["alpha"],
+            norm_state={key: value for key, value in tensors.items() if key != "alpha"},
+            class_names=info.class_names,
+            basis_sha256=bundle.basis_sha256,
+            extra={"metrics": info.metrics},
+        )
+        written.add(path.read_bytes())
+    assert written == {info.path.read_bytes()}
