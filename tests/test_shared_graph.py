@@ -337,6 +337,12 @@ def test_cli_export_shared_infer_and_adapter(trained_bundles, tmp_path):
     onnx_rows = json.loads(result.stdout)["predictions"]
     torch_rows = json.loads(torch_result.stdout)["predictions"]
     assert [r["class_index"] for r in onnx_rows] == [r["class_index"] for r in torch_rows]
+    result = run_cli(
+        "infer", bundle_path, "--runtime", "onnx", "--onnx", graph, "--task", "auto",
+        "--dataset-split", "test", "--limit", "16", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runtime"] == "onnxruntime:CPUExecutionProvider"
     adapter = tmp_path / "again.onnx_adapter"
     result = run_cli(
         "export", bundle_path, "--task", task.name, "--adapter", str(adapter), "--graph", graph
