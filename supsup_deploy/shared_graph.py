@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,29 +353,9 @@ def _set_metadata(model, bundle: Bundle, inputs: tuple[TaskInput, ...]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def masked_weight_bytes(model) -> dict[str, int]:
-    """Bytes of the graph's per-weight codes, and of everything else it stores."""
-    codes = sum(
-        len(initializer.raw_data)
-        for initializer in model.graph.initializer
-        if initializer.name.startswith("shared.codes.")
-    )
-    return {"codes": codes, "total": model.ByteSize()}
-
-
 def code_bytes_per_weight(num_basis: int) -> int:
     """Bytes per masked weight the codes take for ``|B|`` basis masks."""
     return sum(plane.dtype.itemsize for plane in code_planes(num_basis))
-
-
-def table_entries(num_basis: int) -> int:
-    """Entries of one layer's value tables, all planes together."""
-    return sum(2**plane.bits for plane in code_planes(num_basis))
-
-
-def weights_per_layer(bundle: Bundle) -> list[int]:
-    """Masked weights per layer (what one run gathers)."""
-    return [math.prod(shape) for shape in bundle.summary.weight_shapes]
 
 
 class SharedGraph:
