@@ -332,7 +332,7 @@ def export_command(
 
     bundle = load_bundle(bundle_path)
     if shared or adapter is not None:
-        _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, as_json)
+        _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json)
         return
     if all_tasks == (task is not None):
         raise ConfigError("give either --task ID (with --onnx FILE) or --all (with --out-dir)")
@@ -357,7 +357,7 @@ def export_command(
         )
 
 
-def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, as_json) -> None:
+def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json) -> None:
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
@@ -368,7 +368,7 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, as_json)
     if shared:
         if task is not None or adapter is not None:
             raise ConfigError("--shared exports every task: leave out --task and --adapter")
-        reports = export_shared(bundle, out_dir)
+        reports = export_shared(bundle, out_dir, opset=opset)
     else:
         if task is None:
             raise ConfigError("--adapter needs --task NAME (the task to write)")
