@@ -15,11 +15,12 @@ the library's exporters, with their parity checks.
 - latency: median seconds per forward at batch 1 and 64 on resnet18 (|B| = 15), the shared graph
   (task fed as an adapter) vs the task's dense per-task graph, and the in-graph weight
   computation alone (the shared graph cut after its weights).
-- stream: 100 tasks, 400 batch-1 requests in a seeded random task order; one shared session
-  (each request loads its task's adapter file) vs 100 per-task sessions kept open vs a per-task
-  session opened at every request. Time per request, the task-switch cost (the shared request's
-  time beyond a same-task request; a session's opening time), and the peak resident memory of
-  each variant's own process beyond the process before any session.
+- stream: 100 tasks (``--stream-tasks``), 4 batch-1 requests per task in a seeded random order;
+  one shared session (each request loads its task's adapter file) vs the per-task sessions all
+  kept open vs a per-task session opened at every request. Time per request, the task-switch
+  cost (the shared request's time beyond a same-task request; a session's opening time), and
+  the peak resident memory of each variant's own process beyond the process before any session.
+  ``--stream-only`` runs just this, e.g. on resnet18 with ``--stream-tasks 10``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ BYTES_CONFIGS = (
     ("resnet50", 15),
 )
 LATENCY_ARCH, LATENCY_BASIS = "resnet18", 15
-STREAM_TASKS, STREAM_REQUESTS, STREAM_BASIS = 100, 400, 15
+STREAM_TASKS, REQUESTS_PER_TASK, STREAM_BASIS = 100, 4, 15
 PROBE = 8
 
 
@@ -177,9 +178,9 @@ def latency_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def stream_order(tasks: int, requests: int) -> list[int]:
+def stream_order(tasks: int) -> list[int]:
     generator = random.Random(0)
-    order = list(range(tasks)) * (requests // tasks)
+    order = list(range(tasks)) * REQUESTS_PER_TASK
     generator.shuffle(order)
     return order
 
@@ -189,9 +190,9 @@ def stream_variant(variant: str, work: Path) -> dict:
     from supsup_deploy.adapters import load_adapter
     from supsup_deploy.shared_graph import SharedGraph
 
-    order = stream_order(STREAM_TASKS, STREAM_REQUESTS)
-    image = probe_images(1)
     graphs = sorted((work / "per_task").glob("*.onnx"))
+    order = stream_order(len(graphs))
+    image = probe_images(1)
     reset_peak_memory("cpu")
     before = peak_memory_bytes("cpu")
     times, opening = [], []
@@ -238,10 +239,10 @@ def stream_variant(variant: str, work: Path) -> dict:
     }
 
 
-def stream_rows(arch: str) -> tuple[dict, list[dict]]:
+def stream_rows(arch: str, tasks: int) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        bundle = synthetic_bundle(work / "bundle", arch, STREAM_BASIS, tasks=STREAM_TASKS)
+        bundle = synthetic_bundle(work / "bundle", arch, STREAM_BASIS, tasks=tasks)
         probe = probe_images(2)
         export_shared(bundle, work / "shared", probe=probe)
         exporter = TaskExporter(bundle)
@@ -258,8 +259,8 @@ def stream_rows(arch: str) -> tuple[dict, list[dict]]:
         settings = {
             "arch": arch,
             "num_basis": STREAM_BASIS,
-            "tasks": STREAM_TASKS,
-            "requests": STREAM_REQUESTS,
+            "tasks": tasks,
+            "requests": tasks * REQUESTS_PER_TASK,
             "batch": 1,
             "per_task_graph_bytes": (work / "per_task" / "0000.onnx").stat().st_size,
             "model_onnx_bytes": (work / "shared" / MODEL_FILE).stat().st_size,
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--stream-arch", default="gem_resnet18")
+    parser.add_argument("--stream-tasks", type=int, default=STREAM_TASKS)
+    parser.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="Run only the stream; results go to shared_graph_stream_<arch>_<tasks>.json.",
+    )
     parser.add_argument("--stream-variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,9 +285,23 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(stream_variant(args.stream_variant, args.work)))
         return
     started = time.perf_counter()
+    if args.stream_only:
+        stream_settings, stream = stream_rows(args.stream_arch, args.stream_tasks)
+        print_stream(stream_settings, stream)
+        name = f"shared_graph_stream_{args.stream_arch}_{args.stream_tasks}"
+        payload = {
+            "benchmark": "shared_graph",
+            "machine": machine_info("cpu"),
+            "note": "2-core CPU shared with other jobs while this ran: timings are noisy",
+            "settings": {"stream": stream_settings},
+            "stream": stream,
+            "seconds": time.perf_counter() - started,
+        }
+        print(f"wrote {write_result(name, payload)}")
+        return
     sizes = [bytes_row(arch, num_basis) for arch, num_basis in BYTES_CONFIGS]
     latency = latency_rows(args.repeats)
-    stream_settings, stream = stream_rows(args.stream_arch)
+    stream_settings, stream = stream_rows(args.stream_arch, args.stream_tasks)
     goals = summarize_goals(sizes, latency, stream)
     print_tables(sizes, latency, stream_settings, stream, goals)
     result = {
@@ -370,6 +391,11 @@ def print_tables(sizes, latency, stream_settings, stream, goals) -> None:
             for row in latency
         ],
     )
+    print_stream(stream_settings, stream)
+    print(json.dumps(goals, indent=2))
+
+
+def print_stream(stream_settings: dict, stream: list[dict]) -> None:
     print_table(
         f"stream: {stream_settings['tasks']} {stream_settings['arch']} tasks, "
         f"{stream_settings['requests']} batch-1 requests in random order",
@@ -385,7 +411,6 @@ def print_tables(sizes, latency, stream_settings, stream, goals) -> None:
             for row in stream
         ],
     )
-    print(json.dumps(goals, indent=2))
 
 
 if __name__ == "__main__":
