@@ -156,6 +156,21 @@ def test_float16_alpha_is_fed_as_float16(tmp_path):
     assert np.array_equal(adapter.tensors["alpha"], bundle.task_tensors(0)["alpha"].numpy())
 
 
+def test_float32_task_is_refused_by_a_float16_graph(tmp_path):
+    bundle = random_bundle(tmp_path / "b", basis_tasks=False, alpha_tasks=1)
+    first = bundle.tasks[0]
+    alpha = bundle.task_tensors(first.index)["alpha"]
+    rewrite_task(bundle, first, alpha=alpha.half())
+    export_shared(load_bundle(tmp_path / "b"), tmp_path / "out")
+    shipped = rewrite_task(bundle, first, alpha=alpha, index=5, name="wide", folder=tmp_path)
+    bundle = add_task(tmp_path / "b", shipped)
+    with pytest.raises(FormatError, match="alpha is float32 but the shared graph takes float16"):
+        export_adapter(
+            bundle, "wide", tmp_path / "wide.onnx_adapter", graph=tmp_path / "out" / MODEL_FILE
+        )
+    assert not (tmp_path / "wide.onnx_adapter").exists()
+
+
 def test_mixed_alpha_dtypes_feed_float32_exactly(tmp_path):
     bundle = random_bundle(tmp_path / "b", basis_tasks=False, alpha_tasks=2)
     rewrite_task(bundle, bundle.tasks[0], alpha=bundle.task_tensors(0)["alpha"].half())
