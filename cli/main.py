@@ -307,6 +307,25 @@ def export_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the parity figures as JSON.")
     ] = False,
+    shared: Annotated[
+        bool,
+        typer.Option(
+            "--shared",
+            help="Instead: one graph for every task, OUT_DIR/model.onnx, and one ONNX Runtime "
+            "adapter per task, OUT_DIR/tasks/<name>.onnx_adapter (see docs/SHARED_GRAPH.md).",
+        ),
+    ] = False,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="With --task: write the task's adapter for a shared graph to this file."),
+    ] = None,
+    graph: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --adapter: the shared graph it is for (default: model.onnx in the folder "
+            "above the adapter's)."
+        ),
+    ] = None,
 ) -> None:
     """Export task graphs to ONNX with the task's weights baked in, proving parity first.
 
@@ -320,6 +339,9 @@ def export_command(
     from supsup_deploy.export import TaskExporter, probe_batch
 
     bundle = load_bundle(bundle_path)
+    if shared or adapter is not None:
+        _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json)
+        return
     if all_tasks == (task is not None):
         raise ConfigError("give either --task ID (with --onnx FILE) or --all (with --out-dir)")
     targets = [(info.index, out_dir / f"{info.name}.onnx") for info in bundle.tasks]
@@ -340,6 +362,38 @@ def export_command(
             f"task {report['task']} -> {report['path']}: parity ok, max |logit difference| "
             f"{report['max_abs_diff']:.2e} <= {report['tolerance']:g}, argmax equal, "
             f"{report['batch']} {report['probe']}, {report['provider']}"
+        )
+
+
+def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json) -> None:
+    """``export --shared`` and ``export --task NAME --adapter FILE``."""
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.export import export_adapter, export_shared
+    from supsup_deploy.shared_graph import MODEL_FILE
+
+    if fp16:
+        raise ConfigError("--fp16 applies to per-task graphs; the shared graph computes in float32")
+    if shared:
+        if task is not None or adapter is not None:
+            raise ConfigError("--shared exports every task: leave out --task and --adapter")
+        reports = export_shared(bundle, out_dir, opset=opset)
+    else:
+        if task is None:
+            raise ConfigError("--adapter needs --task NAME (the task to write)")
+        graph = graph or adapter.parent.parent / MODEL_FILE
+        if not graph.is_file():
+            raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
+        reports = [export_adapter(bundle, task, adapter, graph=graph)]
+    if as_json:
+        print_json([report.to_dict() for report in reports])
+        return
+    print(f"shared graph: {reports[0].path}")
+    for report in reports:
+        print(
+            f"task {report.task} -> {report.adapter}: parity ok, max |logit difference| "
+            f"{report.max_abs_diff_inputs:.2e} fed, {report.max_abs_diff_adapter:.2e} as adapter "
+            f"<= {report.tolerance:g}, argmax equal, {report.batch} {report.probe}, "
+            f"{report.provider}"
         )
 
 
@@ -382,7 +436,11 @@ def infer_command(
     ] = None,
     runtime: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
     onnx: Annotated[
-        Path | None, typer.Option(help="Exported graph to run (default: export on the fly).")
+        Path | None,
+        typer.Option(
+            help="Exported graph to run (default: export on the fly); a shared graph "
+            "(export --shared) runs the task from its adapter in DIR/tasks."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,

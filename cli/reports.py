@@ -173,12 +173,14 @@ def verify_command(
 ) -> None:
     """Check every architecture end to end: pack, load, materialise, export, parity, bytes.
 
-    For each architecture: build a basis, pack, load, materialise, export ONNX, prove ONNX
-    Runtime parity, and compare the bytes on disk with the storage report's prediction.
+    For each architecture: build a basis, pack, load, materialise, export ONNX (per-task graphs
+    and the shared graph with its adapters), prove ONNX Runtime parity, and compare the bytes on
+    disk with the storage report's prediction.
 
     Without --run the basis is 2 seeded random masks plus 2 alpha tasks, at 32x32 inputs. With
-    --bundle (packed from a trained run) it also measures every task's test accuracy with PyTorch
-    and with ONNX Runtime and requires identical predictions. Exits 1 if any check fails.
+    --bundle (packed from a trained run) it also measures every task's test accuracy with PyTorch,
+    with its per-task graph and with the shared graph, and requires identical predictions. Exits 1
+    if any check fails.
     """
     import tempfile
 
@@ -232,6 +234,7 @@ def print_verify_table(results) -> None:
         "pack s",
         "export s",
         "max |diff|",
+        "shared |diff|",
         "bytes",
         "result",
     )
@@ -250,6 +253,7 @@ def print_verify_table(results) -> None:
             f"{seconds.get('pack', seconds.get('load', 0.0)):.1f}",
             f"{seconds['export']:.1f}" if "export" in seconds else "-",
             f"{result.max_abs_diff:.1e}" if result.max_abs_diff is not None else "-",
+            f"{result.shared_max_abs_diff:.1e}" if result.shared_max_abs_diff is not None else "-",
             f"{result.bytes_checked} exact" if result.bytes_ok else "-",
             "ok" if result.ok else f"FAILED: {result.error}",
         )
@@ -257,11 +261,11 @@ def print_verify_table(results) -> None:
     rows = [(result.arch, row) for result in results for row in result.accuracy]
     if rows:
         accuracy = Table(title="Accuracy parity (test split)")
-        for column in ("arch", "task", "images", "torch", "onnx", "differing"):
+        for column in ("arch", "task", "images", "torch", "onnx", "shared", "differing"):
             accuracy.add_column(column, justify="left" if column == "arch" else "right")
         for arch, row in rows:
             if "skipped" in row:
-                accuracy.add_row(arch, row["name"], "-", "-", "-", row["skipped"])
+                accuracy.add_row(arch, row["name"], "-", "-", "-", "-", row["skipped"])
                 continue
             accuracy.add_row(
                 arch,
@@ -269,6 +273,7 @@ def print_verify_table(results) -> None:
                 str(row["images"]),
                 f"{row['torch_accuracy']:.4f}",
                 f"{row['onnx_accuracy']:.4f}",
-                str(row["differing_predictions"]),
+                f"{row['shared_accuracy']:.4f}",
+                str(row["differing_predictions"] + row["shared_differing_predictions"]),
             )
         console.print(accuracy)

@@ -388,3 +388,200 @@ def check_parity(
             f"(tolerance {tolerance:g}), argmax equal: {argmax_equal}, on {len(probe)} {probe_name}"
         )
     return report
+
+
+@dataclass(frozen=True)
+class SharedParityReport:
+    """How closely the shared graph, fed one task, matches that task's PyTorch model."""
+
+    task: int
+    name: str
+    path: str
+    adapter: str
+    max_abs_diff_inputs: float
+    max_abs_diff_adapter: float
+    tolerance: float
+    argmax_equal: bool
+    probe: str
+    batch: int
+    provider: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_shared(
+    bundle: Bundle,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    probe: torch.Tensor | None = None,
+    probe_name: str = "seeded random batch",
+    device: str = "cpu",
+) -> list[SharedParityReport]:
+    """Write ``out_dir/model.onnx`` and one ``out_dir/tasks/<name>.onnx_adapter`` per task.
+
+    The graph passes ``onnx.checker``'s full check, and for every task, fed as plain inputs and
+    as an adapter, must match the PyTorch model within the fp32 tolerance with identical argmax,
+    before any file is written (each atomically).
+
+    Args:
+        bundle: a loaded bundle with at least one task.
+        out_dir: the folder to write (created).
+        opset: ONNX opset.
+        probe: the parity batch (default: real test images when available, else seeded).
+        probe_name: what ``probe`` is, for the reports.
+        device: ``"cpu"`` or ``"cuda"`` for the parity runs.
+
+    Returns:
+        One :class:`SharedParityReport` per task.
+    """
+    import onnx
+
+    from supsup_deploy.adapters import adapter_bytes
+    from supsup_deploy.shared_graph import (
+        ADAPTER_SUFFIX,
+        ADAPTERS_FOLDER,
+        MODEL_FILE,
+        SharedGraph,
+        build_shared_graph,
+    )
+
+    out_dir = Path(out_dir)
+    data = build_shared_graph(bundle, opset=opset).SerializeToString()
+    if probe is None:
+        probe, probe_name = probe_batch(bundle)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapters, reports = {}, []
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".shared-") as scratch:
+        scratch_model = Path(scratch) / MODEL_FILE
+        scratch_model.write_bytes(data)
+        try:
+            onnx.checker.check_model(str(scratch_model), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise SupsupError(f"{out_dir}: the shared graph fails onnx.checker ({error})") from None
+        shared = SharedGraph(scratch_model, device=device)
+        model = None
+        for info in bundle.tasks:
+            if model is None:
+                model = bundle.model(info.index)
+            else:
+                bundle.switch(model, info.index)
+            adapter = adapter_bytes(shared.feed(bundle, info.index), task=info.index)
+            scratch_adapter = Path(scratch) / f"{info.name}{ADAPTER_SUFFIX}"
+            scratch_adapter.write_bytes(adapter)
+            report = check_shared_parity(
+                model, shared, bundle, info.index, scratch_adapter, probe, probe_name=probe_name
+            )
+            adapter_path = out_dir / ADAPTERS_FOLDER / scratch_adapter.name
+            adapters[adapter_path] = adapter
+            reports.append(
+                SharedParityReport(
+                    **{
+                        **report.to_dict(),
+                        "path": str(out_dir / MODEL_FILE),
+                        "adapter": str(adapter_path),
+                    }
+                )
+            )
+    atomic_write_bytes(out_dir / MODEL_FILE, data)
+    for path, adapter in adapters.items():
+        atomic_write_bytes(path, adapter)
+    return reports
+
+
+def export_adapter(
+    bundle: Bundle,
+    task: int | str,
+    path: str | Path,
+    *,
+    graph: str | Path,
+    probe: torch.Tensor | None = None,
+    probe_name: str = "seeded random batch",
+    device: str = "cpu",
+) -> SharedParityReport:
+    """Write one task's adapter for an exported shared graph, after proving parity on it.
+
+    Args:
+        bundle: the bundle holding the task (its basis must be the graph's).
+        task: task id or name; it may have been added after the graph was exported.
+        path: the ``.onnx_adapter`` file to write (atomically).
+        graph: the shared graph (``model.onnx``) the adapter is for.
+        probe: the parity batch (default as :func:`export_shared`).
+        probe_name: what ``probe`` is.
+        device: ``"cpu"`` or ``"cuda"`` for the parity run.
+
+    Returns:
+        The task's :class:`SharedParityReport`.
+    """
+    from supsup_deploy.adapters import adapter_bytes
+    from supsup_deploy.shared_graph import SharedGraph
+
+    info = bundle.task(task)
+    path = Path(path)
+    shared = SharedGraph(graph, device=device)
+    shared.check_bundle(bundle)
+    adapter = adapter_bytes(shared.feed(bundle, info.index), task=info.index)
+    if probe is None:
+        probe, probe_name = probe_batch(bundle)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(adapter)
+        report = check_shared_parity(
+            bundle.model(info.index),
+            shared,
+            bundle,
+            info.index,
+            scratch,
+            probe,
+            probe_name=probe_name,
+        )
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    atomic_write_bytes(path, adapter)
+    return SharedParityReport(**{**report.to_dict(), "path": str(graph), "adapter": str(path)})
+
+
+@torch.no_grad()
+def check_shared_parity(
+    model: nn.Module,
+    shared,
+    bundle: Bundle,
+    task: int,
+    adapter_path: str | Path,
+    probe: torch.Tensor,
+    *,
+    probe_name: str = "probe",
+) -> SharedParityReport:
+    """The shared graph fed ``task`` as plain inputs and as its adapter against the PyTorch
+    model; raise ParityError beyond the fp32 tolerance or on any differing argmax."""
+    from supsup_deploy.adapters import load_adapter
+
+    info = bundle.task(task)
+    expected = model(probe.to(next(iter(model.buffers())).device)).cpu().numpy()
+    fed = shared.run(probe, feed=shared.feed(bundle, task))
+    adapted = shared.run(probe, adapter=load_adapter(adapter_path, shared.inputs))
+    differences = [float(np.abs(got - expected).max()) for got in (fed, adapted)]
+    argmax_equal = all(bool((got.argmax(1) == expected.argmax(1)).all()) for got in (fed, adapted))
+    if max(differences) > FP32_TOLERANCE or not argmax_equal:
+        raise ParityError(
+            f"shared graph parity failed for task {task}: max |logit difference| "
+            f"{max(differences):.3g} (plain inputs {differences[0]:.3g}, adapter "
+            f"{differences[1]:.3g}; tolerance {FP32_TOLERANCE:g}), argmax equal: {argmax_equal}, "
+            f"on {len(probe)} {probe_name}"
+        )
+    return SharedParityReport(
+        task=task,
+        name=info.name,
+        path=str(shared.path),
+        adapter=str(adapter_path),
+        max_abs_diff_inputs=differences[0],
+        max_abs_diff_adapter=differences[1],
+        tolerance=FP32_TOLERANCE,
+        argmax_equal=argmax_equal,
+        probe=probe_name,
+        batch=len(probe),
+        provider=shared.provider,
+    )

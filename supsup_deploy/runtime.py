@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ import numpy as np
 import torch
 
 from supsup_deploy import data as datasets
+from supsup_deploy.adapters import load_adapter
 from supsup_deploy.bundle import Bundle
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.export import onnx_session, run_onnx
+from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RUNTIMES = ("torch", "onnx")
@@ -114,7 +117,9 @@ class Runner:
         runtime: ``"torch"`` or ``"onnx"``.
         device: ``"cpu"`` or ``"cuda"``.
         onnx_path: for ``"onnx"``, an exported graph to use (else tasks are exported on demand to
-            a temporary folder, with the usual parity check).
+            a temporary folder, with the usual parity check). A shared graph
+            (:mod:`supsup_deploy.shared_graph`) runs every task, each from its adapter in the
+            graph's ``tasks`` folder when there is one, else from the bundle's task tensors.
     """
 
     def __init__(
@@ -133,6 +138,8 @@ class Runner:
         self.onnx_path = Path(onnx_path) if onnx_path else None
         self._model: torch.nn.Module | None = None
         self._sessions: dict[int, Any] = {}
+        self._shared: SharedGraph | None = None
+        self._shared_tasks: dict[int, dict[str, Any]] = {}
         self._scratch: Any = None
         self._exporter: Any = None
         self.provider = "torch:" + device if runtime == "torch" else ""
@@ -155,16 +162,44 @@ class Runner:
             with torch.no_grad():
                 return self._model(batch.to(self.device)).float().cpu()
         session = self._session(task)
+        if isinstance(session, SharedGraph):
+            return torch.from_numpy(session.run(batch, **self._shared_task(task)))
         return torch.from_numpy(run_onnx(session, batch))
 
     def _session(self, task: int):
+        if self._shared is not None:
+            return self._shared
         if task not in self._sessions:
             path = self.onnx_path or self._export(task)
             session = onnx_session(path, device=self.device)
+            self.provider = "onnxruntime:" + session.get_providers()[0]
+            if session.get_modelmeta().custom_metadata_map.get("supsup.graph") == GRAPH_KIND:
+                self._shared = SharedGraph(path, session=session)
+                self._shared.check_bundle(self.bundle)
+                return self._shared
             self._check_graph(session, path, task)
             self._sessions[task] = session
-            self.provider = "onnxruntime:" + session.get_providers()[0]
         return self._sessions[task]
+
+    def _shared_task(self, task: int) -> dict[str, Any]:
+        """How the shared graph gets ``task``: its adapter beside the graph
+        (``tasks/<name>.onnx_adapter``) when there is one, else the bundle's tensors as inputs."""
+        if task not in self._shared_tasks:
+            info = self.bundle.task(task)
+            path = self._shared.path.parent / ADAPTERS_FOLDER / f"{info.name}{ADAPTER_SUFFIX}"
+            feed = self._shared.feed(self.bundle, task)
+            if os.path.lexists(path):
+                adapter = load_adapter(path, self._shared.inputs)
+                if adapter.task != info.index:
+                    raise FormatError(f"{path}: holds task {adapter.task}, not task {info.index}")
+                if any(not np.array_equal(adapter.tensors[name], feed[name]) for name in feed):
+                    raise FormatError(
+                        f"{path}: its tensors differ from {info.path}; export the adapter again"
+                    )
+                self._shared_tasks[task] = {"adapter": adapter}
+            else:
+                self._shared_tasks[task] = {"feed": feed}
+        return self._shared_tasks[task]
 
     def _check_graph(self, session, path: Path, task: int) -> None:
         metadata = session.get_modelmeta().custom_metadata_map

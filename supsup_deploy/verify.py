@@ -1,9 +1,10 @@
 """End-to-end verification per architecture: basis, tasks, pack, load, materialise, export, parity.
 
 Each step checks something a user depends on: materialised weights equal the alpha formula, the
-ONNX graph matches PyTorch within the exporter's tolerance, the bytes on disk are exactly what
-the storage accounting predicts, and (for a bundle from a trained run) PyTorch and ONNX Runtime
-give identical predictions on every task's test split.
+per-task ONNX graphs and the shared graph (every task fed as inputs and as an adapter) match
+PyTorch within the exporter's tolerance, the bytes on disk are exactly what the storage
+accounting predicts, and (for a bundle from a trained run) PyTorch, the per-task graphs and the
+shared graph give identical predictions on every task's test split.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from supsup_deploy import backbone
 from supsup_deploy.bundle import Bundle, InputSpec, load_bundle
 from supsup_deploy.errors import SupsupError
-from supsup_deploy.export import TaskExporter, probe_batch
+from supsup_deploy.export import TaskExporter, export_shared, probe_batch
 from supsup_deploy.masks import unpack_bits
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.report import compare_bundle_bytes
@@ -44,6 +45,7 @@ class VerifyResult:
     tasks: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     max_abs_diff: float | None = None
+    shared_max_abs_diff: float | None = None
     bytes_checked: int = 0
     bytes_ok: bool = False
     accuracy: list[dict[str, Any]] = field(default_factory=list)
@@ -63,6 +65,7 @@ class VerifyResult:
             "tasks": self.tasks,
             "seconds": {key: round(value, 3) for key, value in self.seconds.items()},
             "max_abs_diff": self.max_abs_diff,
+            "shared_max_abs_diff": self.shared_max_abs_diff,
             "bytes_checked": self.bytes_checked,
             "bytes_ok": self.bytes_ok,
             "accuracy": self.accuracy,
@@ -194,8 +197,19 @@ def _check_bundle(
         ],
     )
     result.max_abs_diff = max(report.max_abs_diff for report in reports)
+    shared = steps.run(
+        "shared",
+        export_shared,
+        bundle,
+        work_dir / "shared",
+        probe=probe,
+        probe_name=probe_name,
+    )
+    result.shared_max_abs_diff = max(
+        max(report.max_abs_diff_inputs, report.max_abs_diff_adapter) for report in shared
+    )
     if accuracy:
-        result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir / "onnx")
+        result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir)
 
 
 def _check_materialized(bundle: Bundle) -> None:
@@ -238,12 +252,16 @@ def _check_bytes(bundle: Bundle, result: VerifyResult) -> None:
         )
 
 
-def _accuracy_parity(bundle: Bundle, onnx_folder: Path) -> list[dict[str, Any]]:
-    """Test accuracy of every task with PyTorch and with ONNX Runtime; predictions must agree."""
+def _accuracy_parity(bundle: Bundle, work_dir: Path) -> list[dict[str, Any]]:
+    """Test accuracy of every task with PyTorch, its per-task graph and the shared graph (with
+    the task's adapter); predictions must agree."""
     from supsup_deploy.runtime import Runner, dataset_split
+    from supsup_deploy.shared_graph import MODEL_FILE
 
     rows = []
+    onnx_folder = work_dir / "onnx"
     torch_runner = Runner(bundle, runtime="torch")
+    shared_runner = Runner(bundle, runtime="onnx", onnx_path=work_dir / "shared" / MODEL_FILE)
     for info in bundle.tasks:
         try:
             images, labels = dataset_split(bundle, info.index, split="test")
@@ -253,7 +271,9 @@ def _accuracy_parity(bundle: Bundle, onnx_folder: Path) -> list[dict[str, Any]]:
         onnx_runner = Runner(bundle, runtime="onnx", onnx_path=onnx_folder / f"{info.name}.onnx")
         torch_predictions = torch_runner.logits(info.index, images).argmax(1)
         onnx_predictions = onnx_runner.logits(info.index, images).argmax(1)
+        shared_predictions = shared_runner.logits(info.index, images).argmax(1)
         differing = int((torch_predictions != onnx_predictions).sum())
+        shared_differing = int((torch_predictions != shared_predictions).sum())
         rows.append(
             {
                 "task": info.index,
@@ -262,12 +282,14 @@ def _accuracy_parity(bundle: Bundle, onnx_folder: Path) -> list[dict[str, Any]]:
                 "torch_accuracy": float((torch_predictions == labels).float().mean()),
                 "onnx_accuracy": float((onnx_predictions == labels).float().mean()),
                 "differing_predictions": differing,
+                "shared_accuracy": float((shared_predictions == labels).float().mean()),
+                "shared_differing_predictions": shared_differing,
             }
         )
-        if differing:
+        if differing or shared_differing:
             raise SupsupError(
                 f"task {info.index}: PyTorch and ONNX Runtime disagree on {differing} of "
-                f"{len(labels)} test images"
+                f"{len(labels)} test images (the shared graph on {shared_differing})"
             )
     return rows
 

@@ -24,8 +24,8 @@ def test_quick_verify_passes():
     assert [row["arch"] for row in results] == ["gem_resnet18", "resnet18"]
     for row in results:
         assert row["ok"] and row["bytes_ok"] and row["bytes_checked"] == 14
-        assert row["max_abs_diff"] <= 1e-4
-        assert set(row["seconds"]) == {"pack", "load", "materialize", "bytes", "export"}
+        assert row["max_abs_diff"] <= 1e-4 and row["shared_max_abs_diff"] <= 1e-4
+        assert set(row["seconds"]) == {"pack", "load", "materialize", "bytes", "export", "shared"}
 
 
 def test_wrong_byte_prediction_fails(tmp_path, monkeypatch):
@@ -55,8 +55,8 @@ def test_trained_bundle_has_accuracy_parity(small_run, tmp_path):
     assert result.ok, result.error
     assert len(result.accuracy) == result.tasks
     for row in result.accuracy:
-        assert row["differing_predictions"] == 0
-        assert row["torch_accuracy"] == row["onnx_accuracy"]
+        assert row["differing_predictions"] == row["shared_differing_predictions"] == 0
+        assert row["torch_accuracy"] == row["onnx_accuracy"] == row["shared_accuracy"]
 
 
 @pytest.mark.parametrize(
