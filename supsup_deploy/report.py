@@ -19,6 +19,7 @@ import torch
 from supsup_deploy.bundle import FLOAT_DTYPES, FORMAT_VERSION, Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
+from supsup_deploy.mask_encoding import encode_mask
 from supsup_deploy.masks import MAX_BASIS, check_density, kept_count
 from supsup_deploy.models import (
     ModelConfig,
@@ -526,11 +527,15 @@ def save_figure(figure, path: str | Path) -> Path:
 def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     """What the storage accounting predicts for a packed bundle's payload, by component.
 
-    The basis holds ``|B|`` bitmasks; each task an alpha table of its stored dtype and the
+    The basis holds ``|B|`` masks per layer: bitmasks (``packed``), or with a compressed
+    encoding the streams the encoder gives for the bundle's masks plus one int64 size per mask
+    (``basis.mask_sizes``). Each task holds an alpha table of its stored dtype and the
     normalisation statistics of its stored dtype.
     """
     summary = bundle.summary
-    predicted = {"basis.masks": bundle.num_basis * bitmask_bytes(summary)}
+    predicted = {"basis.masks": basis_mask_bytes(bundle)}
+    if bundle_mask_encoding(bundle) != "packed":
+        predicted["basis.mask_sizes"] = 8 * bundle.num_basis * summary.masked_layers
     for info in bundle.tasks:
         tensors = bundle.task_tensors(info.index)
         alpha = tensors["alpha"]
@@ -544,12 +549,37 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     return predicted
 
 
+def bundle_mask_encoding(bundle: Bundle) -> str:
+    """How the bundle's basis masks are stored: ``packed``, ``rice`` or ``sparse``."""
+    return bundle.metadata.get("mask_encoding", "packed")
+
+
+def basis_mask_bytes(bundle: Bundle) -> int:
+    """Bytes of the bundle's ``|B|`` basis masks in its encoding (sizes tables not included).
+
+    ``packed`` is 1 bit per weight, each layer padded to bytes; a compressed encoding depends
+    on where the kept weights lie, so each mask is encoded again from its decoded bits.
+    """
+    encoding = bundle_mask_encoding(bundle)
+    if encoding == "packed":
+        return bundle.num_basis * bitmask_bytes(bundle.summary)
+    total = 0
+    for layer, shape in enumerate(bundle.summary.weight_shapes):
+        numel = math.prod(shape)
+        for row in bundle.packed_basis(layer):
+            total += len(encode_mask(row.numpy(), numel, encoding))
+    return total
+
+
 def measured_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     """A bundle's payload bytes on disk by component (the keys of :func:`predicted_bundle_bytes`),
     plus ``*.header`` entries and ``*.file`` sizes."""
     header, payload = safetensors_layout(bundle.basis_path)
     measured = {
-        "basis.masks": sum(size for name, size in payload.items() if name.startswith("mask")),
+        "basis.masks": sum(size for name, size in payload.items() if name.startswith("mask.")),
+        "basis.mask_sizes": sum(
+            size for name, size in payload.items() if name.startswith("mask_sizes.")
+        ),
         "basis.header": header,
         "basis.file": bundle.basis_path.stat().st_size,
     }

@@ -92,12 +92,19 @@ def test_too_small_input_and_bad_settings_are_config_errors():
         StorageSettings(norm_dtype="int8")
 
 
-def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path):
+@pytest.mark.parametrize("encoding", ["packed", "rice", "sparse"])
+def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path, encoding):
     for norm_dtype in ("float32", "float16"):
-        bundle = pack_run(small_run, tmp_path / norm_dtype, norm_dtype=norm_dtype)
+        bundle = pack_run(
+            small_run, tmp_path / norm_dtype, norm_dtype=norm_dtype, mask_encoding=encoding
+        )
         checks = compare_bundle_bytes(bundle)
         assert checks and all(check["ok"] for check in checks), checks
-        assert len(checks) == 2 + 3 * len(bundle.tasks)
+        basis_components = 2 if encoding == "packed" else 3  # masks (, sizes), file
+        assert len(checks) == basis_components + 3 * len(bundle.tasks)
+        masks = next(check for check in checks if check["component"] == "basis.masks")
+        packed_bytes = bundle.num_basis * bitmask_bytes(bundle.summary)
+        assert (masks["predicted"] == packed_bytes) == (encoding == "packed")
 
 
 def test_storage_cli_formats(tmp_path):
