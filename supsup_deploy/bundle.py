@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import os
 import re
 from collections.abc import Callable
@@ -232,10 +233,17 @@ def save_task(
 
 
 def check_task_name(name: str) -> None:
+    """Refuse a task name that is not 1-64 of ``A-Z a-z 0-9 _ . -`` (starting with a letter or
+    digit) or that is all digits (it would read as a task id; see :meth:`Bundle.task`)."""
     if not TASK_NAME_PATTERN.fullmatch(name):
         raise ConfigError(
             f"bad task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
+        )
+    if name.isdigit():
+        raise ConfigError(
+            f"bad task name {name!r}: a name of digits only would read as a task id; "
+            f"add a letter (e.g. task_{name})"
         )
 
 
@@ -452,12 +460,19 @@ class Bundle:
             raise FormatError(f"{file}: norm.running_var holds negative values")
 
     def task(self, task: int | str) -> TaskInfo:
-        """A task by id or name; ConfigError listing the installed ones when absent."""
+        """A task by id or name; ConfigError listing the installed ones when absent.
+
+        An int or a string of digits is a task id (``7``, ``"7"``); any other string is a name
+        (task names are never all digits).
+        """
+        by_name = isinstance(task, str) and not (task.isascii() and task.isdigit())
+        index = None if by_name else int(task) if isinstance(task, str) else operator.index(task)
         for info in self.tasks:
-            if task == info.index or str(task) in (info.name, str(info.index)):
+            if (task == info.name) if by_name else (index == info.index):
                 return info
         known = ", ".join(f"{info.index} ({info.name})" for info in self.tasks) or "none"
-        raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
+        wanted = f"named {task!r}" if by_name else f"with id {index}"
+        raise ConfigError(f"no task {wanted} in {self.path}; installed tasks: {known}")
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
         """A task's tensors (alpha table, norm statistics), as validated when the bundle opened."""

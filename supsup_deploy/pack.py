@@ -12,6 +12,7 @@ from supsup_deploy.bundle import (
     TASKS_FOLDER,
     Bundle,
     InputSpec,
+    check_task_name,
     load_bundle,
     save_basis,
     save_task,
@@ -184,6 +185,10 @@ def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
             info = bundle.check_task_file(staged)
         except FormatError as error:
             raise FormatError(str(error).replace(str(staged), str(task_file))) from None
+        try:
+            check_task_name(info.name)
+        except ConfigError as error:
+            raise ConfigError(f"{task_file}: {error}") from None
         for installed in bundle.tasks:
             if installed.index == info.index or installed.name == info.name:
                 raise ConfigError(
