@@ -492,7 +492,9 @@ def infer_command(
         files = collect_image_paths(paths or [])
         if len(files) < 2:
             raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        task = str(inferrer.infer(load_images(files, bundle)).task)
+        guess = inferrer.infer(load_images(files, bundle))
+        _print_task_guess(guess)
+        task = str(guess.task)
     info = bundle.task(task)
     labels = None
     if dataset_split is not None:
@@ -531,6 +533,22 @@ def infer_command(
     if accuracy is not None:
         console.print(f"accuracy on {len(predictions)} images: {accuracy:.4f}")
     console.print(f"ran on {runner.provider}")
+
+
+def _print_task_guess(guess) -> None:
+    """The inferred task, its margin over the runner-up and any mixed-batch warning (stderr)."""
+    line = f"task auto ({guess.method}): task {guess.task}, score {guess.scores[guess.task]:.4g}"
+    if guess.runner_up is not None:
+        line += f"; runner-up task {guess.runner_up}, margin {guess.margin:.4g} (lower wins)"
+    typer.echo(line, err=True)
+    if guess.mixed:
+        first, second = guess.half_tasks
+        typer.echo(
+            f"warning: the batch looks mixed (its first half looks like task {first}, its second "
+            f"like task {second}); one task for every image is wrong for some: infer each "
+            "task's images separately",
+            err=True,
+        )
 
 
 def _print_bundle(bundle, as_json: bool) -> None:

@@ -48,6 +48,14 @@ def storage_command(
         Path | None, typer.Option(help="Write a PNG of total bytes vs number of tasks.")
     ] = None,
     plot_arch: Annotated[str, typer.Option(help="Architecture drawn by --plot.")] = "resnet50",
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Report on this bundle: its architecture and settings (|B|, tasks, density, "
+            "norm dtype, input size) instead of the options above, its bytes on disk marked in "
+            "the table and plot."
+        ),
+    ] = None,
 ) -> None:
     """Bytes per task and for T tasks under every storage scheme, for every architecture.
 
@@ -60,6 +68,7 @@ def storage_command(
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.report import (
         StorageSettings,
+        bundle_storage,
         plot_storage,
         storage_csv,
         storage_markdown,
@@ -82,9 +91,20 @@ def storage_command(
         for key, value in (("num_classes", num_classes), ("stem", stem))
         if value is not None
     }
-    rows = storage_table(arch, settings, **options)
-    if plot is not None:
-        plot_storage(storage_row(plot_arch, settings, **options), plot)
+    if bundle is not None:
+        from supsup_deploy.bundle import load_bundle
+
+        if arch:
+            raise ConfigError("--bundle reports on that bundle's architecture: drop --arch")
+
+        rows = [bundle_storage(load_bundle(bundle))]
+        settings = rows[0].settings
+        if plot is not None:
+            plot_storage(rows[0], plot, max_tasks=max(settings.num_tasks, 1000))
+    else:
+        rows = storage_table(arch, settings, **options)
+        if plot is not None:
+            plot_storage(storage_row(plot_arch, settings, **options), plot)
     if as_json:
         print_json(storage_report(rows, settings))
     elif as_csv:
@@ -104,6 +124,7 @@ def print_storage_table(rows, settings) -> None:
     from supsup_deploy.report import (
         NORM_DEFINITION,
         PER_TASK_COLUMNS,
+        POSTER_BASIS,
         POSTER_COLUMNS,
         POSTER_NOTES,
         POSTER_ROWS,
@@ -136,9 +157,26 @@ def print_storage_table(rows, settings) -> None:
         console.print(f"  {SCHEME_LABELS[scheme]}: {SCHEME_DEFINITIONS[scheme]}.")
     console.print(f"  norm: {NORM_DEFINITION}. The backbone costs 0 bytes (regenerated).")
     checks = [row.torchvision for row in rows if row.torchvision]
-    matching = sum(check["match"] for check in checks)
-    console.print(f"  torchvision check: {matching} of {len(checks)} comparable rows match.")
-    poster = Table(title="The poster's table beside ours (|B| = 15)")
+    if checks:
+        matching = sum(check["match"] for check in checks)
+        console.print(f"  torchvision check: {matching} of {len(checks)} rows match its shapes.")
+    else:
+        console.print(
+            "  torchvision check: none of these rows has torchvision's configuration "
+            "(ImageNet stem, width 1, 3 channels) to compare."
+        )
+    for row in rows:
+        if row.bundle:
+            facts = row.bundle
+            console.print(
+                f"  your bundle {facts['path']}: {facts['tasks']} tasks over {facts['num_basis']} "
+                f"basis masks ({facts['mask_encoding']}, density {facts['basis_density']:.3f}), "
+                f"{facts['bytes_on_disk']:,} bytes on disk (basis file "
+                f"{facts['basis_file_bytes']:,}, task files {facts['task_file_bytes']:,})."
+            )
+    poster = Table(
+        title=f"The poster's table beside ours, both at the poster's |B| = {POSTER_BASIS}"
+    )
     for key, title in POSTER_COLUMNS:
         poster.add_column(title, justify="left" if key == "poster_name" else "right")
     for entry in POSTER_ROWS:

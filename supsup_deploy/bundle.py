@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Callable
@@ -309,10 +310,17 @@ def save_task(
 
 
 def check_task_name(name: str) -> None:
+    """Refuse a task name that is not 1-64 of ``A-Z a-z 0-9 _ . -`` (starting with a letter or
+    digit) or that is all digits (it would read as a task id; see :meth:`Bundle.task`)."""
     if not TASK_NAME_PATTERN.fullmatch(name):
         raise ConfigError(
             f"bad task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
+        )
+    if name.isdigit():
+        raise ConfigError(
+            f"bad task name {name!r}: a name of digits only would read as a task id; "
+            f"add a letter (e.g. task_{name})"
         )
 
 
@@ -616,6 +624,9 @@ class Bundle:
     def task(self, task: int | str) -> TaskInfo:
         """A task by id or name, read and checked on first use.
 
+        An int or a string of digits is a task id (``7``, ``"7"``); any other string is a name
+        (task names are never all digits).
+
         Raises:
             ConfigError: no such task (the message lists installed ones).
             FormatError: the task's file is corrupt or inconsistent.
@@ -623,20 +634,19 @@ class Bundle:
         return self._checked_task(self._entry(task))[0]
 
     def _entry(self, task: int | str) -> TaskEntry:
-        index = None
-        if isinstance(task, int) and not isinstance(task, bool) and task in self._names:
-            index = task
-        if index is None:
-            index = self._ids.get(str(task))
-        if index is None and isinstance(task, str) and task.isdecimal() and task.isascii():
-            index = int(task) if int(task) in self._names else None
-        if index is not None:
+        by_name = isinstance(task, str) and not (task.isascii() and task.isdigit())
+        if by_name:
+            index = self._ids.get(task)
+        else:
+            index = int(task) if isinstance(task, str) else operator.index(task)
+        if index is not None and index in self._names:
             return self._task_entry(index)
         shown = sorted(self._names)[:MAX_LISTED_TASKS]
         known = ", ".join(f"{index} ({self._names[index]})" for index in shown) or "none"
         if len(self._names) > len(shown):
             known += f" and {len(self._names) - len(shown)} more"
-        raise ConfigError(f"no task {task!r} in {self.path}; installed tasks: {known}")
+        wanted = f"named {task!r}" if by_name else f"with id {index}"
+        raise ConfigError(f"no task {wanted} in {self.path}; installed tasks: {known}")
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
         """A task's tensors (alpha table, norm statistics), read and checked on first use."""

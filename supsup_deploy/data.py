@@ -381,7 +381,9 @@ def make_tasks(
 
     "split": ``default_rng(seed).permutation(num_classes)`` cut into consecutive disjoint groups.
     "random": task i draws ``classes_per_task`` distinct classes, in random order, from
-    ``default_rng([seed, i])``, so task i does not depend on ``num_tasks``.
+    ``default_rng([seed, i])``, drawing again from that generator while the set (unordered)
+    equals an earlier task's, so no two tasks share a class set and task i does not depend on
+    ``num_tasks``. There must be at least ``num_tasks`` such sets.
 
     Args:
         protocol: "split" or "random".
@@ -412,10 +414,20 @@ def make_tasks(
         order = np.random.default_rng(seed).permutation(num_classes)
         groups = np.split(order[: num_tasks * classes_per_task], num_tasks)
     else:
-        groups = [
-            np.random.default_rng([seed, i]).choice(num_classes, classes_per_task, replace=False)
-            for i in range(num_tasks)
-        ]
+        sets = math.comb(num_classes, classes_per_task)
+        _require(
+            num_tasks <= sets,
+            f"the random protocol draws a distinct class set per task, but {num_classes} classes "
+            f"give only {sets} sets of {classes_per_task}: use at most {sets} tasks",
+        )
+        groups, drawn = [], set()
+        for i in range(num_tasks):
+            rng = np.random.default_rng([seed, i])
+            group = rng.choice(num_classes, classes_per_task, replace=False)
+            while frozenset(group.tolist()) in drawn:
+                group = rng.choice(num_classes, classes_per_task, replace=False)
+            drawn.add(frozenset(group.tolist()))
+            groups.append(group)
     classes = [tuple(int(c) for c in group) for group in groups]
     return [TaskSpec(i, classes[i], f"task_{i}", protocol, seed) for i in range(num_tasks)]
 

@@ -168,23 +168,13 @@ def infer_demo(
 def storage_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
     """The storage table for this bundle's own configuration, its files, and the plot."""
     from supsup_deploy.report import (
-        StorageSettings,
         bundle_report,
+        bundle_storage,
         compare_bundle_bytes,
         plot_storage,
-        storage_row,
     )
 
-    config = bundle.config
-    settings = StorageSettings(
-        num_basis=bundle.num_basis,
-        num_tasks=len(bundle.tasks),
-        input_size=bundle.input.size,
-    )
-    options = {
-        key: value for key, value in config.to_dict().items() if key not in ("arch", "num_tasks")
-    }
-    row = storage_row(config.arch, settings, **options)
+    row = bundle_storage(bundle)
     plot_storage(row, paths.storage_plot, max_tasks=1000)
     return {
         "row": row.to_dict(),
@@ -198,10 +188,12 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     """Bar chart of test accuracy per task, basis masks and alpha tasks coloured apart."""
     from supsup_deploy.report import headless_pyplot, save_figure
 
-    figure, axes = headless_pyplot().subplots(figsize=(6, 3.5), dpi=120)
+    figure, axes = headless_pyplot().subplots(figsize=(7.5, 3.5), dpi=120)
     colours = {"mask": "tab:blue", "alpha": "tab:orange"}
     for kind, label in (("mask", "basis mask (SupSup)"), ("alpha", "alpha task")):
         rows = [row for row in metrics if row["kind"] == kind]
+        if not rows:
+            continue
         axes.bar(
             [f"{row['task']}: {'/'.join(row['class_names'])}" for row in rows],
             [row["test_accuracy"] for row in rows],
@@ -212,7 +204,7 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     axes.set_ylabel("test accuracy")
     axes.set_title("Accuracy per task")
     axes.tick_params(axis="x", labelrotation=30, labelsize=7)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(figure, path)
 
 

@@ -12,6 +12,7 @@ from supsup_deploy.bundle import (
     TASKS_FOLDER,
     Bundle,
     InputSpec,
+    check_task_name,
     load_bundle,
     save_basis,
     save_task,
@@ -187,6 +188,10 @@ def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
             info = bundle.check_task_file(staged)
         except FormatError as error:
             raise FormatError(str(error).replace(str(staged), str(task_file))) from None
+        try:
+            check_task_name(info.name)
+        except ConfigError as error:
+            raise ConfigError(f"{task_file}: {error}") from None
         installed = bundle.clashing_task(info.index, info.name)
         if installed is not None:
             raise ConfigError(

@@ -8,17 +8,20 @@ allocated) and the format's rules; the only typed-in numbers are the poster's ow
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
+from supsup_deploy.mask_encoding import encode_mask
 from supsup_deploy.masks import MAX_BASIS, check_density, kept_count
 from supsup_deploy.models import (
     ModelConfig,
@@ -90,8 +93,8 @@ POSTER_NOTES = (
     "The poster's #values/new task is 15 x its conv-layer count. That count includes the "
     "classifier for ResNet-18/34 (21, 37) but not for the deeper networks (53, 104, 155, 203), "
     "which have one more masked layer each; ours is |B| x masked layers, classifier included, "
-    "and an honest per-task figure must also add the normalisation statistics (ALGORITHM.md "
-    "section 3).",
+    "and an honest per-task figure must also add the normalisation statistics (the norm "
+    "column: a task's own running mean and variance, which no basis mask holds).",
     "'Wide ResNet-18/34' in the poster are the standard ResNet-18/34 (11.7M and 21.8M "
     "parameters); its 'ResNet-18 6.2M' row matches no standard network, so it has no row of ours.",
 )
@@ -142,10 +145,16 @@ class StorageRow:
     shared_bytes: dict[str, int]
     torchvision: dict[str, Any] | None = None
     poster: PosterRow | None = None
+    bundle: dict[str, Any] | None = None
 
     @property
     def arch(self) -> str:
         return self.summary.config.arch
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables and plots: the architecture, marked when it is a bundle's."""
+        return f"{self.arch} (your bundle)" if self.bundle else self.arch
 
     def per_task_bytes(self, scheme: str) -> int:
         """Bytes one more task costs under ``scheme``, normalisation statistics included."""
@@ -176,6 +185,7 @@ class StorageRow:
             "torchvision": self.torchvision,
             "ours_in_poster_units": poster_units(summary, self.settings.num_basis),
             "poster": poster,
+            **({"bundle": self.bundle} if self.bundle else {}),
         }
 
 
@@ -383,7 +393,7 @@ def storage_cells(row: StorageRow) -> dict[str, Any]:
     """One row's cells for :data:`STORAGE_COLUMNS` (plain numbers)."""
     summary = row.summary
     cells: dict[str, Any] = {
-        "arch": row.arch,
+        "arch": row.label,
         "layers": summary.masked_layers,
         "weights": summary.masked_weights,
         "norm_channels": summary.norm_channels,
@@ -439,7 +449,8 @@ def storage_markdown(rows: list[StorageRow], settings: StorageSettings) -> str:
         f"- norm: {NORM_DEFINITION}.",
         "- total: shared bytes (the |B| basis bitmasks, for alpha) + T x (scheme + norm).",
         "",
-        f"The poster's table (|B| = {POSTER_BASIS}) beside ours in its units:",
+        f"The poster's table beside ours in its units, both at the poster's |B| = {POSTER_BASIS} "
+        "(whatever |B| the tables above use):",
         "",
         *_markdown_table(POSTER_COLUMNS, [poster_cells(poster) for poster in POSTER_ROWS]),
         "",
@@ -471,11 +482,23 @@ def storage_csv(rows: list[StorageRow]) -> str:
     return stream.getvalue()
 
 
+SCHEME_STYLES = {
+    "dense_fp32": {"linestyle": "-"},
+    "supsup_bitmask": {"linestyle": "-"},
+    "supsup_csc_int16": {"linestyle": "-"},
+    "alpha_fp32": {"linestyle": "-", "linewidth": 3.0, "alpha": 0.6},
+    "alpha_fp16": {"linestyle": "--", "marker": "o", "markevery": 6, "markersize": 4},
+}
+"""Line styles of the storage plot: the two alpha lines nearly coincide (the shared basis
+dominates their totals), so one is wide and pale and the other dashed with markers over it."""
+
+
 def plot_storage(row: StorageRow, path: str | Path, *, max_tasks: int | None = None) -> Path:
     """Plot total bytes against the number of tasks (log scales), one line per scheme.
 
     Args:
-        row: the architecture's storage row.
+        row: the architecture's storage row; a bundle's row (:func:`bundle_storage`) also marks
+            the bundle's own bytes on disk at its task count.
         path: PNG file to write (atomically).
         max_tasks: right end of the task axis (default: the settings' ``num_tasks``).
 
@@ -483,19 +506,30 @@ def plot_storage(row: StorageRow, path: str | Path, *, max_tasks: int | None = N
         The written path.
     """
     pyplot = headless_pyplot()
-    last = max_tasks or row.settings.num_tasks
+    last = max(max_tasks or row.settings.num_tasks, 2)
     counts = sorted({max(1, round(last ** (step / 60))) for step in range(61)})
     figure, axes = pyplot.subplots(figsize=(7, 4.5), dpi=120)
     for scheme in SCHEMES:
         totals = [row.total_bytes(scheme, count) for count in counts]
-        axes.plot(counts, totals, label=SCHEME_LABELS[scheme])
+        axes.plot(counts, totals, label=SCHEME_LABELS[scheme], **SCHEME_STYLES[scheme])
+    if row.bundle:
+        tasks, on_disk = row.bundle["tasks"], row.bundle["bytes_on_disk"]
+        axes.plot(
+            [tasks],
+            [on_disk],
+            "*",
+            color="black",
+            markersize=14,
+            zorder=5,
+            label=f"your bundle: {tasks} tasks, {on_disk:,} bytes on disk",
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("number of tasks")
     axes.set_ylabel("total bytes (norm statistics included)")
     axes.set_title(
-        f"{row.arch}: storage vs tasks (|B| = {row.settings.num_basis}, "
-        f"density {row.settings.density})"
+        f"{row.label}: storage vs tasks (|B| = {row.settings.num_basis}, "
+        f"density {row.settings.density:.3g})"
     )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
@@ -526,11 +560,15 @@ def save_figure(figure, path: str | Path) -> Path:
 def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     """What the storage accounting predicts for a packed bundle's payload, by component.
 
-    The basis holds ``|B|`` bitmasks; each task an alpha table of its stored dtype and the
+    The basis holds ``|B|`` masks per layer: bitmasks (``packed``), or with a compressed
+    encoding the streams the encoder gives for the bundle's masks plus one int64 size per mask
+    (``basis.mask_sizes``). Each task holds an alpha table of its stored dtype and the
     normalisation statistics of its stored dtype.
     """
     summary = bundle.summary
-    predicted = {"basis.masks": bundle.num_basis * bitmask_bytes(summary)}
+    predicted = {"basis.masks": basis_mask_bytes(bundle)}
+    if bundle_mask_encoding(bundle) != "packed":
+        predicted["basis.mask_sizes"] = 8 * bundle.num_basis * summary.masked_layers
     for info in bundle.tasks:
         tensors = bundle.task_tensors(info.index)
         alpha = tensors["alpha"]
@@ -544,12 +582,37 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     return predicted
 
 
+def bundle_mask_encoding(bundle: Bundle) -> str:
+    """How the bundle's basis masks are stored: ``packed``, ``rice`` or ``sparse``."""
+    return bundle.metadata.get("mask_encoding", "packed")
+
+
+def basis_mask_bytes(bundle: Bundle) -> int:
+    """Bytes of the bundle's ``|B|`` basis masks in its encoding (sizes tables not included).
+
+    ``packed`` is 1 bit per weight, each layer padded to bytes; a compressed encoding depends
+    on where the kept weights lie, so each mask is encoded again from its decoded bits.
+    """
+    encoding = bundle_mask_encoding(bundle)
+    if encoding == "packed":
+        return bundle.num_basis * bitmask_bytes(bundle.summary)
+    total = 0
+    for layer, shape in enumerate(bundle.summary.weight_shapes):
+        numel = math.prod(shape)
+        for row in bundle.packed_basis(layer):
+            total += len(encode_mask(row.numpy(), numel, encoding))
+    return total
+
+
 def measured_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     """A bundle's payload bytes on disk by component (the keys of :func:`predicted_bundle_bytes`),
     plus ``*.header`` entries and ``*.file`` sizes."""
     header, payload = safetensors_layout(bundle.basis_path)
     measured = {
-        "basis.masks": sum(size for name, size in payload.items() if name.startswith("mask")),
+        "basis.masks": sum(size for name, size in payload.items() if name.startswith("mask.")),
+        "basis.mask_sizes": sum(
+            size for name, size in payload.items() if name.startswith("mask_sizes.")
+        ),
         "basis.header": header,
         "basis.file": bundle.basis_path.stat().st_size,
     }
@@ -594,6 +657,57 @@ def compare_bundle_bytes(bundle: Bundle) -> list[dict[str, Any]]:
             }
         )
     return checks
+
+
+def bundle_storage(bundle: Bundle) -> StorageRow:
+    """The storage row of a bundle's own architecture and settings, marked as the bundle's.
+
+    Settings come from the bundle: ``|B|``, its task count, its input size, the dtype of its
+    stored norm statistics and its basis masks' measured density (the CSC column's size).
+    ``row.bundle`` holds what is on disk: path, tasks, mask encoding, file bytes.
+
+    Args:
+        bundle: from :func:`supsup_deploy.load_bundle`.
+
+    Returns:
+        A :class:`StorageRow` whose ``bundle`` entry marks it in tables and plots.
+    """
+    norm_dtype = "float32"
+    if bundle.tasks:
+        tensors = bundle.task_tensors(bundle.tasks[0].index)
+        if "norm.running_mean" in tensors:
+            norm_dtype = FLOAT_DTYPES[tensors["norm.running_mean"].dtype]
+    kept = sum(
+        int(np.unpackbits(bundle.packed_basis(layer).numpy()).sum())
+        for layer in range(bundle.summary.masked_layers)
+    )
+    density = kept / (bundle.num_basis * bundle.summary.masked_weights)
+    settings = StorageSettings(
+        num_basis=bundle.num_basis,
+        num_tasks=max(len(bundle.tasks), 1),
+        density=max(density, 1e-9),
+        norm_dtype=norm_dtype,
+        input_size=bundle.input.size,
+    )
+    options = {
+        key: value
+        for key, value in bundle.config.to_dict().items()
+        if key not in ("arch", "num_tasks")
+    }
+    row = storage_row(bundle.config.arch, settings, **options)
+    basis_bytes = bundle.basis_path.stat().st_size
+    task_bytes = sum(info.path.stat().st_size for info in bundle.tasks)
+    marker = {
+        "path": str(bundle.path),
+        "tasks": len(bundle.tasks),
+        "num_basis": bundle.num_basis,
+        "mask_encoding": bundle_mask_encoding(bundle),
+        "basis_density": density,
+        "basis_file_bytes": basis_bytes,
+        "task_file_bytes": task_bytes,
+        "bytes_on_disk": basis_bytes + task_bytes,
+    }
+    return dataclasses.replace(row, bundle=marker)
 
 
 def bundle_report(bundle: Bundle) -> dict[str, Any]:

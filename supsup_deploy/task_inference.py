@@ -2,7 +2,11 @@
 SupSup's one-shot entropy gradient.
 
 Every method takes a batch of images from one task (the premise of task inference) and returns
-the installed task it belongs to, with every task's score (lowest wins).
+the installed task it belongs to, with every task's score (lowest wins), the runner-up, the margin
+between them and whether the batch looks mixed: each half of the batch (its first and its second
+half, in the order given) is inferred on its own, and the batch is flagged mixed when the two
+halves pick different tasks. A batch concatenated from two tasks' images is
+caught; one interleaving them image by image gives two halves that look alike and is not.
 
 ``statistics`` (the default for BatchNorm bundles): run each task's network on the batch, in
 eval mode, and compare the batch's own statistics at every norm layer's input with the running
@@ -66,11 +70,28 @@ DEFAULT_SHORTLIST = 5
 
 @dataclass(frozen=True)
 class TaskGuess:
-    """The inferred task of one batch, with every task's score (lowest wins; None: not run)."""
+    """The inferred task of one batch and how sure the guess is.
+
+    Attributes:
+        task: the guessed task id.
+        scores: every installed task's score by task id (lowest wins; None: not run).
+        method: the task-inference method that scored them.
+        runner_up: the task id with the second-lowest score (None with a single candidate).
+        margin: the runner-up's score minus the guess's (0 or more; None without a runner-up),
+            in the method's score units.
+        mixed: the batch's two halves guess different tasks: it probably holds images of more
+            than one task, and one task for the whole batch is wrong for some of them.
+        half_tasks: the tasks guessed for the first and the second half (empty when the mixed
+            check did not run: it needs at least 4 images).
+    """
 
     task: int
-    scores: tuple[float | None, ...]
+    scores: dict[int, float | None]
     method: str
+    runner_up: int | None = None
+    margin: float | None = None
+    mixed: bool = False
+    half_tasks: tuple[int, ...] = ()
 
 
 class TaskInferrer:
@@ -146,18 +167,54 @@ class TaskInferrer:
                 module.momentum = 0.0  # batch statistics, leaving the running ones untouched
         self.model.train()
 
-    def infer(self, images: torch.Tensor) -> TaskGuess:
-        """The task of a batch of normalised images (at least 2, from one task)."""
+    def infer(self, images: torch.Tensor, *, check_mixed: bool = True) -> TaskGuess:
+        """The task of a batch of normalised images (at least 2, from one task).
+
+        Args:
+            images: the batch, already in the bundle's input format.
+            check_mixed: also infer the task of each half of the batch (4 images or more) and
+                flag the batch mixed when the halves disagree; this costs about as much again
+                as the guess.
+
+        Returns:
+            The guess, its runner-up and margin, and the mixed-batch flag.
+        """
         if len(images) < 2:
             raise ConfigError(
                 f"task inference needs a batch of at least 2 images, got {len(images)}"
             )
         images = images.to(self.device)
+        scores = self._scores(images, range(len(self.task_ids)))
+        ranked = sorted((score, at) for at, score in enumerate(scores) if score is not None)
+        best_score, best = ranked[0]
+        runner_up = margin = None
+        if len(ranked) > 1:
+            runner_up, margin = self.task_ids[ranked[1][1]], ranked[1][0] - best_score
+        half_tasks: tuple[int, ...] = ()
+        if check_mixed and len(images) >= 4:
+            middle = len(images) // 2
+            half_tasks = tuple(
+                self.task_ids[_best(self._scores(half, range(len(self.task_ids))))]
+                for half in (images[:middle], images[middle:])
+            )
+        return TaskGuess(
+            task=self.task_ids[best],
+            scores={task: scores[position] for position, task in enumerate(self.task_ids)},
+            method=self.method,
+            runner_up=runner_up,
+            margin=margin,
+            mixed=len(set(half_tasks)) > 1,
+            half_tasks=half_tasks,
+        )
+
+    def _scores(self, images: torch.Tensor, candidates) -> list[float | None]:
+        """Each task's score by position in ``task_ids`` (None: not run), among ``candidates``."""
         if self.method == "oneshot":
-            return self._one_shot(images)
-        candidates = range(len(self.task_ids))
-        if self.stem is not None:
-            candidates = self.stem.divergences(images).argsort()[: self.shortlist].tolist()
+            return self._one_shot(images, list(candidates))
+        if self.stem is not None and len(candidates) > self.shortlist:
+            divergences = self.stem.divergences(images)
+            candidates = sorted(candidates, key=lambda position: float(divergences[position]))
+            candidates = candidates[: self.shortlist]
         scores: list[float | None] = [None] * len(self.task_ids)
         for position in candidates:
             self.bundle.switch(self.model, self.task_ids[position])
@@ -165,24 +222,27 @@ class TaskInferrer:
                 scores[position] = statistics_divergence(self.model, images)
             else:
                 scores[position] = -prediction_information(self.model, images)
-        best = min(candidates, key=scores.__getitem__)
-        return TaskGuess(self.task_ids[best], tuple(scores), self.method)
+        return scores
 
-    def _one_shot(self, images: torch.Tensor) -> TaskGuess:
+    def _one_shot(self, images: torch.Tensor, candidates: list[int]) -> list[float | None]:
+        """``-log beta`` of each candidate after ``steps`` passes over the candidates' mixture."""
         sources = [layer.source for layer in masked_layers(self.model)]
-        log_beta = torch.full((len(self.task_ids),), -math.log(len(self.task_ids)))
+        tables = self.tables[candidates]
+        log_beta = torch.full((len(candidates),), -math.log(len(candidates)))
         log_beta = log_beta.to(self.device)
         for _ in range(self.steps):
-            gradient = self._entropy_gradient(images, sources, log_beta.softmax(0))
+            gradient = self._entropy_gradient(images, sources, log_beta.softmax(0), tables)
             spread = gradient.std(unbiased=False).clamp_min(1e-12)
             step = self.step_size * (gradient - gradient.mean()) / spread
             log_beta = (log_beta - step).log_softmax(0)
-        scores = -log_beta
-        return TaskGuess(self.task_ids[int(scores.argmin())], tuple(scores.tolist()), "oneshot")
+        scores: list[float | None] = [None] * len(self.task_ids)
+        for position, score in zip(candidates, (-log_beta).tolist(), strict=True):
+            scores[position] = score
+        return scores
 
-    def _entropy_gradient(self, images, sources, beta: torch.Tensor) -> torch.Tensor:
+    def _entropy_gradient(self, images, sources, beta: torch.Tensor, tables) -> torch.Tensor:
         """``dH/dbeta`` of the batch's mean prediction entropy: one forward and backward."""
-        mixed = torch.einsum("t,tlb->lb", beta, self.tables)
+        mixed = torch.einsum("t,tlb->lb", beta, tables)
         with torch.no_grad():
             for source, row in zip(sources, mixed, strict=True):
                 source.alpha.copy_(row)
@@ -191,7 +251,12 @@ class TaskInferrer:
         entropy = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
         entropy.backward()
         alpha_gradients = torch.stack([source.alpha.grad for source in sources])
-        return torch.einsum("lb,tlb->t", alpha_gradients, self.tables)
+        return torch.einsum("lb,tlb->t", alpha_gradients, tables)
+
+
+def _best(scores: list[float | None]) -> int:
+    """The position of the lowest score that was run."""
+    return min((score, at) for at, score in enumerate(scores) if score is not None)[1]
 
 
 @torch.no_grad()
@@ -290,7 +355,7 @@ def evaluate_task_inference(
         for rows_of_batch in batches:
             batch, batch_labels = images[rows_of_batch], labels[rows_of_batch]
             started = time.perf_counter()
-            guess = inferrer.infer(batch).task
+            guess = inferrer.infer(batch, check_mixed=False).task
             inference_seconds += time.perf_counter() - started
             right += guess == info.index
             true_hits = int((runner.logits(info.index, batch).argmax(1) == batch_labels).sum())

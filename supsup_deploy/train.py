@@ -471,22 +471,27 @@ def refresh_norm_statistics(
 
     The running averages kept during training lag behind weights that keep changing (most with
     few steps or a high learning rate); this replaces them by the plain average of the batch
-    statistics of up to ``NORM_REFRESH_IMAGES`` training images, in their stored order.
+    statistics of up to ``NORM_REFRESH_IMAGES`` training images, in their stored order. The norm
+    layers' selected slot is ``task`` meanwhile and is restored afterwards; no other slot changes.
     """
     norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
     if not norms:
         return
     was_training = model.training
     model.train()
-    saved_momentum = [module.momentum for module in norms]
+    saved = [(module.momentum, module.task) for module in norms]
+    for module in norms:
+        module.set_task(task)
     images = images[:NORM_REFRESH_IMAGES]
-    for number, start in enumerate(range(0, len(images), batch_size), start=1):
-        for module in norms:
-            module.momentum = 1.0 / number
-        model(images[start : start + batch_size].to(device))
-    for module, momentum in zip(norms, saved_momentum, strict=True):
-        module.momentum = momentum
-    model.train(was_training)
+    try:
+        for number, start in enumerate(range(0, len(images), batch_size), start=1):
+            for module in norms:
+                module.momentum = 1.0 / number
+            model(images[start : start + batch_size].to(device))
+    finally:
+        for module, (momentum, slot) in zip(norms, saved, strict=True):
+            module.momentum, module.task = momentum, slot
+        model.train(was_training)
 
 
 @torch.no_grad()

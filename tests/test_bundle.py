@@ -279,3 +279,53 @@ def test_equal_content_gives_equal_bytes(bundle_dir, tmp_path):
         )
         written.add(path.read_bytes())
     assert written == {info.path.read_bytes()}
+
+
+def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
+    """Digits are an id, any other string a name; all-digit names are refused when written."""
+    from supsup_deploy import bundle as bundle_module
+    from supsup_deploy.bundle import InputSpec, check_task_name, save_task
+    from supsup_deploy.models import ModelConfig
+    from supsup_deploy.synthetic import write_random_bundle
+
+    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
+    spec = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
+    path = write_random_bundle(tmp_path / "b", config, spec, num_basis=2, alpha_tasks=1)
+    bundle = load_bundle(path)
+    for key in (1, "1", "task_1"):
+        assert bundle.task(key).index == 1
+    with pytest.raises(ConfigError, match="no task with id 7 "):
+        bundle.task("7")
+    with pytest.raises(ConfigError, match="no task named 'seven' "):
+        bundle.task("seven")
+    for name in ("7", "0042"):
+        with pytest.raises(ConfigError, match="digits only would read as a task id"):
+            check_task_name(name)
+    check_task_name("7a")
+
+    # A file named "2" with id 5, written past the check (as an older writer could): add-task
+    # refuses it in one line and leaves the bundle as it was.
+    task = bundle.task(1)
+    monkeypatch.setattr(bundle_module, "check_task_name", lambda name: None)
+    shipped = tmp_path / "2.safetensors"
+    save_task(
+        shipped,
+        index=5,
+        name="2",
+        alpha=bundle.task_tensors(1)["alpha"],
+        norm_state={k: v for k, v in bundle.task_tensors(1).items() if k.startswith("norm.")},
+        class_names=list(task.class_names),
+        basis_sha256=bundle.basis_sha256,
+        kind="alpha",
+    )
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"2\.safetensors: bad task name '2'"):
+        add_task(path, shipped)
+    assert [info.index for info in load_bundle(path).tasks] == [0, 1, 2]
+    result = run_cli("add-task", str(path), str(shipped))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # Met in a bundle anyway, it is reached by its id: "2" is task 2, not the task named "2".
+    shutil.copy(shipped, path / "tasks" / "5.2.safetensors")
+    bundle = load_bundle(path)
+    assert bundle.task("2").name == "task_2" and bundle.task(5).name == "2"

@@ -207,11 +207,25 @@ def test_random_protocol_subsets() -> None:
     )
     assert all(len(set(task.classes)) == 4 for task in tasks)
     assert all(0 <= c < 10 for task in tasks for c in task.classes)
-    assert len({task.classes for task in tasks}) > 10
+    assert len({frozenset(task.classes) for task in tasks}) == 50
     fewer = data.make_tasks(
         protocol="random", num_classes=10, classes_per_task=4, num_tasks=3, seed=1
     )
     assert fewer == tasks[:3]
+
+
+def test_random_protocol_never_repeats_a_class_set() -> None:
+    """Seed 0 with 2 of 10 classes once drew {4, 8} for tasks 1, 3 and 4: every set is now new,
+    and all 45 pairs can be drawn, but not 46."""
+    first = [np.random.default_rng([0, i]).choice(10, 2, replace=False) for i in range(5)]
+    assert len({frozenset(group.tolist()) for group in first}) < 5
+    tasks = data.make_tasks(
+        protocol="random", num_classes=10, classes_per_task=2, num_tasks=45, seed=0
+    )
+    assert len({frozenset(task.classes) for task in tasks}) == 45
+    assert tasks[0].classes == tuple(int(c) for c in first[0])
+    with pytest.raises(ConfigError, match="only 45 sets of 2: use at most 45 tasks"):
+        data.make_tasks(protocol="random", num_classes=10, classes_per_task=2, num_tasks=46, seed=0)
 
 
 @pytest.mark.parametrize("protocol", ["split", "random"])

@@ -8,7 +8,7 @@ import torchvision
 
 from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.masking import effective_weights, use_fixed, use_scores
+from supsup_deploy.masking import effective_weights, use_scores
 from supsup_deploy.models import get_model_entry, masked_layers
 
 ALL_MODELS = list_models()
@@ -72,8 +72,6 @@ def test_forward_at_small_input(name):
     model = get_model(name, num_classes=3, in_channels=1, stem="cifar", seed=2).eval()
     if name in SMALL_MODELS:
         use_scores(model, 0.5, generator=torch.Generator().manual_seed(0))
-    else:
-        use_fixed(model, [layer.backbone_weight() for layer in masked_layers(model)])
     with torch.no_grad():
         logits = model(torch.randn(2, 1, 16, 16))
     assert logits.shape == (2, 3)
@@ -112,3 +110,21 @@ def test_config_round_trip_and_validation():
         get_model("resnet18", colour="red")
     with pytest.raises(ConfigError, match="unknown model config"):
         ModelConfig.from_dict({"arch": "resnet18", "depth": 3})
+
+
+def test_get_model_runs_as_built():
+    """Like torchvision's and timm's, the model runs at once: the dense signed backbone."""
+    model = get_model("gem_resnet18", num_classes=3, in_channels=1, seed=5).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 1, 16, 16))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    for layer, weight in zip(masked_layers(model), effective_weights(model), strict=True):
+        assert torch.equal(weight, layer.backbone_weight())
+    use_scores(model, 0.5, generator=torch.Generator().manual_seed(0))
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+
+    bare = get_model("gem_resnet18", weights=None, num_classes=3, in_channels=1).eval()
+    with pytest.raises(ConfigError, match="no weight source"):
+        bare(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ConfigError, match="unknown weights"):
+        get_model("gem_resnet18", weights="imagenet")

@@ -92,12 +92,19 @@ def test_too_small_input_and_bad_settings_are_config_errors():
         StorageSettings(norm_dtype="int8")
 
 
-def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path):
+@pytest.mark.parametrize("encoding", ["packed", "rice", "sparse"])
+def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path, encoding):
     for norm_dtype in ("float32", "float16"):
-        bundle = pack_run(small_run, tmp_path / norm_dtype, norm_dtype=norm_dtype)
+        bundle = pack_run(
+            small_run, tmp_path / norm_dtype, norm_dtype=norm_dtype, mask_encoding=encoding
+        )
         checks = compare_bundle_bytes(bundle)
         assert checks and all(check["ok"] for check in checks), checks
-        assert len(checks) == 2 + 3 * len(bundle.tasks)
+        basis_components = 2 if encoding == "packed" else 3  # masks (, sizes), file
+        assert len(checks) == basis_components + 3 * len(bundle.tasks)
+        masks = next(check for check in checks if check["component"] == "basis.masks")
+        packed_bytes = bundle.num_basis * bitmask_bytes(bundle.summary)
+        assert (masks["predicted"] == packed_bytes) == (encoding == "packed")
 
 
 def test_storage_cli_formats(tmp_path):
@@ -149,3 +156,70 @@ def test_storage_page_in_docs_is_current():
     page = (Path(__file__).resolve().parents[1] / "docs" / "STORAGE.md").read_text()
     settings = StorageSettings()
     assert storage_markdown(storage_table(settings=settings), settings) in page
+
+
+@pytest.fixture(scope="module")
+def random_bundle(tmp_path_factory):
+    from supsup_deploy.bundle import InputSpec
+    from supsup_deploy.models import ModelConfig
+    from supsup_deploy.synthetic import write_random_bundle
+
+    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
+    spec = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
+    folder = tmp_path_factory.mktemp("storage") / "bundle"
+    return write_random_bundle(folder, config, spec, num_basis=2, alpha_tasks=1, density=0.3)
+
+
+def test_storage_of_the_users_bundle(random_bundle, tmp_path):
+    from supsup_deploy.bundle import load_bundle
+
+    bundle = load_bundle(random_bundle)
+    on_disk = bundle.basis_path.stat().st_size + sum(i.path.stat().st_size for i in bundle.tasks)
+    plot = tmp_path / "mine.png"
+    result = run_cli(
+        "report", "storage", "--bundle", str(random_bundle), "--json", "--plot", str(plot)
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["num_basis"] == 2 and report["settings"]["num_tasks"] == 3
+    assert report["settings"]["input_size"] == 12
+    assert report["settings"]["density"] == pytest.approx(0.3, abs=0.02)  # measured
+    (row,) = report["rows"]
+    assert row["config"]["width"] == 0.25 and row["config"]["in_channels"] == 1
+    assert row["bundle"]["bytes_on_disk"] == on_disk and row["bundle"]["tasks"] == 3
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = run_cli("report", "storage", "--bundle", str(random_bundle))
+    assert result.returncode == 0, result.stderr
+    assert "gem_resnet18 (your bundle)" in result.stdout
+    assert f"{on_disk:,} bytes on disk" in result.stdout
+    assert "|B| = 2" in result.stdout and "T = 3 tasks" in result.stdout
+    assert "0 of 0" not in result.stdout and "none of these rows" in result.stdout
+    assert "both at the poster's |B| = 15" in result.stdout
+
+    result = run_cli("report", "storage", "--bundle", str(random_bundle), "--arch", "resnet18")
+    assert result.returncode == 2 and "drop --arch" in result.stderr
+    result = run_cli("report", "storage", "--bundle", str(tmp_path / "missing"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_storage_report_cites_only_files_in_the_repository():
+    import re
+    from pathlib import Path
+
+    from supsup_deploy.report import storage_markdown, storage_table
+
+    root = Path(__file__).resolve().parents[1]
+    settings = StorageSettings()
+    text = storage_markdown(storage_table(["gem_resnet18"], settings), settings)
+    cited = set(re.findall(r"[A-Za-z_/]+\.md", text))
+    assert all(list(root.rglob(Path(name).name)) for name in cited), cited
+
+
+def test_both_alpha_lines_are_drawn_apart():
+    """Their totals nearly coincide, so the two lines must differ in style to both be seen."""
+    from supsup_deploy.report import SCHEME_STYLES
+
+    fp32, fp16 = SCHEME_STYLES["alpha_fp32"], SCHEME_STYLES["alpha_fp16"]
+    assert fp32.get("linestyle") != fp16.get("linestyle") and fp16.get("marker")

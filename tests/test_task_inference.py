@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -21,6 +23,8 @@ from supsup_deploy.bundle import (
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import ModelConfig, get_model_entry, list_models, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
+from supsup_deploy.pack import pack_run
+from supsup_deploy.runtime import dataset_split
 from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.task_inference import (
@@ -64,11 +68,11 @@ def test_one_shot_cost_does_not_grow_with_tasks(bundles, steps):
         calls = count_forwards(inferrer)
         guess = inferrer.infer(images())
         assert len(bundle.tasks) == 2 + alpha_tasks
-        assert calls[0] == steps
+        assert calls[0] == 3 * steps  # the batch, then each half for the mixed-batch check
         assert guess.method == "oneshot"
         assert len(guess.scores) == len(bundle.tasks)
         assert guess.task in [info.index for info in bundle.tasks]
-        assert guess.scores[guess.task] == min(guess.scores)
+        assert guess.scores[guess.task] == min(guess.scores.values())
 
 
 def test_one_pass_is_supsups_rule(bundles):
@@ -78,7 +82,7 @@ def test_one_pass_is_supsups_rule(bundles):
     batch = images()
     sources = [layer.source for layer in masked_layers(inferrer.model)]
     uniform = torch.full((len(bundle.tasks),), 1.0 / len(bundle.tasks))
-    gradient = inferrer._entropy_gradient(batch, sources, uniform)
+    gradient = inferrer._entropy_gradient(batch, sources, uniform, inferrer.tables)
     assert inferrer.infer(batch).task == int(gradient.argmin())
 
 
@@ -130,21 +134,21 @@ def task_batch(task: int) -> torch.Tensor:
     return images(16) * (1.0 + 0.5 * task) + 0.3 * task
 
 
-def test_statistics_picks_the_task_whose_stored_statistics_the_batch_matches(bundles, tmp_path):
-    """Each task stores the statistics of its own batch; every batch is then traced back to it."""
-    path = tmp_path / "bundle"
-    shutil.copytree(bundles[8], path)
+def fit_statistics(path, ids: dict[int, int] | None = None) -> None:
+    """Store in each task the statistics of its own ``task_batch``; ``ids`` renumbers tasks."""
     bundle = load_bundle(path)
+    ids = ids or {}
     for info in bundle.tasks:
+        index = ids.get(info.index, info.index)
         model = bundle.model(info.index).train()
         for module in model.modules():
             if isinstance(module, TaskBatchNorm2d):
                 module.momentum = 1.0
         with torch.no_grad():
-            model(task_batch(info.index))
+            model(task_batch(index))
         save_task(
             info.path,
-            index=info.index,
+            index=index,
             name=info.name,
             alpha=bundle.task_tensors(info.index)["alpha"],
             norm_state=norm_state(model, 0),
@@ -152,15 +156,106 @@ def test_statistics_picks_the_task_whose_stored_statistics_the_batch_matches(bun
             basis_sha256=file_sha256(path / BASIS_FILE),
             kind=info.kind,
         )
+
+
+def test_statistics_picks_the_task_whose_stored_statistics_the_batch_matches(bundles, tmp_path):
+    """Each task stores the statistics of its own batch; every batch is then traced back to it."""
+    path = tmp_path / "bundle"
+    shutil.copytree(bundles[8], path)
+    fit_statistics(path)
     bundle = load_bundle(path)
     inferrer = TaskInferrer(bundle, method="statistics")
     for info in bundle.tasks:
         guess = inferrer.infer(task_batch(info.index))
         assert guess.task == info.index and guess.method == "statistics"
         assert guess.scores[info.index] < 0.05
+        others = {t: s for t, s in guess.scores.items() if t != info.index and s is not None}
+        assert guess.runner_up == min(others, key=others.__getitem__)
+        assert guess.margin == others[guess.runner_up] - guess.scores[info.index] > 0
     model = bundle.model(0)
     statistics_divergence(model, task_batch(0))
     assert not any(module._forward_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("method", ["statistics", "information", "oneshot"])
+def test_task_ids_with_gaps(bundles, tmp_path, method):
+    """Tasks 0, 1 and 5: the guess and its scores are keyed by task id, not by position."""
+    path = tmp_path / "bundle"
+    shutil.copytree(bundles[1], path)
+    fit_statistics(path, ids={2: 5})
+    bundle = load_bundle(path)
+    assert [info.index for info in bundle.tasks] == [0, 1, 5]
+    inferrer = TaskInferrer(bundle, method=method)
+    for task in (0, 1, 5):
+        guess = inferrer.infer(task_batch(task))
+        assert set(guess.scores) == {0, 1, 5}
+        assert guess.task in (0, 1, 5) and guess.runner_up in (0, 1, 5)
+        assert guess.scores[guess.task] == min(guess.scores.values())
+        if method == "statistics":
+            assert guess.task == task
+
+
+def test_a_batch_of_two_tasks_is_flagged_mixed(bundles, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(bundles[8], path)
+    fit_statistics(path)
+    inferrer = TaskInferrer(load_bundle(path), method="statistics")
+    guess = inferrer.infer(torch.cat([task_batch(2)[:8], task_batch(7)[8:]]))
+    assert guess.mixed and guess.half_tasks[0] != guess.half_tasks[1]
+    assert not inferrer.infer(task_batch(2), check_mixed=False).half_tasks
+    assert not inferrer.infer(task_batch(2)[:3]).half_tasks  # halves need 2 images each
+
+
+def test_mixed_test_images_of_a_trained_run_are_flagged(small_run, tmp_path):
+    """Real Fashion-MNIST test images under the statistics method: 64 of task 0 then 64 of
+    task 2 warn; 128 of either task alone do not. (The tiny run's tasks 0 and 1 are too alike
+    for the statistics to tell apart: 0.0005 between their scores.)"""
+    bundle = pack_run(small_run, tmp_path / "bundle")
+    inferrer = TaskInferrer(bundle, method="statistics")
+    batches = {task: dataset_split(bundle, task, split="test", limit=128)[0] for task in (0, 2)}
+    for task, batch in batches.items():
+        guess = inferrer.infer(batch)
+        assert guess.task == task and not guess.mixed and guess.half_tasks == (task, task)
+    guess = inferrer.infer(torch.cat([batches[0][:64], batches[2][:64]]))
+    assert guess.mixed and guess.half_tasks == (0, 2)
+
+    pure = run_infer_auto(bundle, tmp_path / "pure", {"b": 2}, count=128)
+    assert pure.returncode == 0, pure.stderr
+    assert "task auto (statistics): task 2, score " in pure.stderr
+    assert "runner-up task" in pure.stderr and "margin" in pure.stderr
+    assert "warning" not in pure.stderr
+    mixed = run_infer_auto(bundle, tmp_path / "mixed", {"a": 0, "b": 2}, count=64)
+    assert mixed.returncode == 0, mixed.stderr
+    assert (
+        "warning: the batch looks mixed (its first half looks like task 0, its second like "
+        "task 2)" in mixed.stderr
+    )
+
+
+def run_infer_auto(
+    bundle, folder, prefixes: dict[str, int], *, count: int
+) -> subprocess.CompletedProcess:
+    """``infer --task auto`` on ``count`` test images of each task, written as PNG files named so
+    that the tasks follow each other in the order of ``prefixes``."""
+    from PIL import Image
+
+    from supsup_deploy import data as datasets
+
+    test = datasets.load_dataset("fashion-mnist", split="test")
+    folder.mkdir()
+    for prefix, task in prefixes.items():
+        classes = torch.tensor(bundle.task(task).metrics["classes"])
+        rows = torch.nonzero(torch.isin(test.labels, classes)).flatten()[:count]
+        for row in rows.tolist():
+            pixels = test.images[row][0].numpy().astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{prefix}_{row:05d}.png")
+    command = [sys.executable, "-m", "cli.main", "infer", str(bundle.path), str(folder)]
+    return subprocess.run(
+        [*command, "--task", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 class FixedLogits(torch.nn.Module):
@@ -265,9 +360,9 @@ def test_shortlist_runs_only_the_best_tasks_in_full(bundles, shortlist):
     calls = count_forwards(inferrer)
     guess = inferrer.infer(images())
     ran = shortlist or len(bundle.tasks)
-    assert calls[0] == ran
-    assert sum(score is not None for score in guess.scores) == ran
-    assert guess.scores[guess.task] == min(s for s in guess.scores if s is not None)
+    assert calls[0] == 3 * ran  # each half runs the same candidates for the mixed-batch check
+    assert sum(score is not None for score in guess.scores.values()) == ran
+    assert guess.scores[guess.task] == min(s for s in guess.scores.values() if s is not None)
 
 
 def test_rejects_a_negative_shortlist(bundles):

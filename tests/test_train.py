@@ -225,3 +225,34 @@ def test_task_files_reproduce_the_measured_accuracy(reference_run):
         load_task(model, reference_run, row["task"], basis)
         splits = run_data.splits(row["task"])
         assert evaluate(model, splits.test, "cpu", 64) == row["test_accuracy"]
+
+
+def test_refresh_norm_statistics_fills_the_slot_it_is_given():
+    """Slot 2 is refreshed while slot 0 is selected: slot 2 gets the statistics slot 0 would
+    have got, every other slot is untouched, and slot 0 is selected again afterwards."""
+    from supsup_deploy.masking import set_task, use_fixed
+    from supsup_deploy.models import ModelConfig, build_model, masked_layers
+    from supsup_deploy.normalization import TaskBatchNorm2d
+    from supsup_deploy.train import refresh_norm_statistics
+
+    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25, num_tasks=3)
+    model = build_model(config)
+    generator = torch.Generator().manual_seed(0)
+    use_fixed(
+        model,
+        [torch.randn(layer.weight_shape, generator=generator) for layer in masked_layers(model)],
+    )
+    images = torch.randn(40, 1, 12, 12, generator=generator)
+    set_task(model, 0)
+    refresh_norm_statistics(model, 2, images, 16, "cpu")
+    norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+    assert all(module.task == 0 for module in norms)
+    refreshed = [(m.running_mean[2].clone(), m.running_var[2].clone()) for m in norms]
+    for module in norms:
+        assert torch.equal(module.running_mean[0], torch.zeros(module.num_features))
+        assert torch.equal(module.running_var[1], torch.ones(module.num_features))
+    refresh_norm_statistics(model, 0, images, 16, "cpu")
+    for module, (mean, var) in zip(norms, refreshed, strict=True):
+        assert not torch.equal(mean, torch.zeros(module.num_features))
+        assert torch.equal(module.running_mean[0], mean)
+        assert torch.equal(module.running_var[0], var)

@@ -49,10 +49,12 @@ def test_wrong_materialised_weights_fail(tmp_path, monkeypatch):
     assert not result.ok and "alpha formula" in result.error
 
 
-def test_trained_bundle_has_accuracy_parity(small_run, tmp_path):
-    pack_run(small_run, tmp_path / "bundle")
+@pytest.mark.parametrize("encoding", ["packed", "rice", "sparse"])
+def test_trained_bundle_has_accuracy_parity(small_run, tmp_path, encoding):
+    pack_run(small_run, tmp_path / "bundle", mask_encoding=encoding)
     result = verify_bundle(tmp_path / "bundle", tmp_path / "work")
     assert result.ok, result.error
+    assert result.bytes_ok and result.bytes_checked == (2 if encoding == "packed" else 3) + 9
     assert len(result.accuracy) == result.tasks
     for row in result.accuracy:
         assert row["differing_predictions"] == row["shared_differing_predictions"] == 0

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import MaskedLayer
+from supsup_deploy.layers import FixedWeight, MaskedLayer
 from supsup_deploy.normalization import NORM_KINDS, GroupNorm2d, TaskBatchNorm2d
 
 STEMS = ("imagenet", "cifar")
@@ -182,24 +182,39 @@ def get_model_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def get_model(name: str, **options: Any) -> nn.Module:
-    """Build a registered architecture with its backbone ready to regenerate.
+WEIGHT_CHOICES = ("backbone", None)
+
+
+def get_model(name: str, *, weights: str | None = "backbone", **options: Any) -> nn.Module:
+    """Build a registered architecture, ready to run.
 
     Args:
         name: a name from :func:`list_models`.
+        weights: ``"backbone"`` (default): every masked layer runs the dense signed-constant
+            backbone (every weight kept), so the model runs as built; None: no weight source
+            (nothing allocated for the weights; the forward pass refuses until one is attached).
+            Either way :mod:`supsup_deploy.masking` attaches another (scores to train, an alpha
+            combination, a task's materialised weights).
         **options: ModelConfig fields (``num_classes``, ``in_channels``, ``stem``, ``width``,
             ``seed``, ``norm``, ``norm_groups``, ``num_tasks``); the entry's defaults fill the rest.
 
     Returns:
-        The model, with ``model.config`` set and every masked layer indexed. Its masked layers have
-        no weight source yet: attach one with :mod:`supsup_deploy.masking`.
+        The model, with ``model.config`` set and every masked layer indexed.
 
     Example:
         >>> model = get_model("gem_resnet18", num_classes=5, seed=0)
         >>> model.config.stem
         'cifar'
+        >>> model.eval()(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 5])
     """
-    return build_model(get_model_entry(name).config(**options))
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"unknown weights {weights!r}: use 'backbone' or None")
+    model = build_model(get_model_entry(name).config(**options))
+    if weights == "backbone":
+        for layer in masked_layers(model):
+            layer.set_source(FixedWeight(layer.backbone_weight()))
+    return model
 
 
 def build_model(config: ModelConfig) -> nn.Module:
