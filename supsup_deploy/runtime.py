@@ -11,6 +11,7 @@ import torch
 
 from supsup_deploy import data as datasets
 from supsup_deploy.bundle import Bundle
+from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.export import onnx_session, run_onnx
 
@@ -112,7 +113,7 @@ class Runner:
     Args:
         bundle: a loaded bundle.
         runtime: ``"torch"`` or ``"onnx"``.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (for both runtimes).
         onnx_path: for ``"onnx"``, an exported graph to use (else tasks are exported on demand to
             a temporary folder, with the usual parity check).
     """
@@ -129,13 +130,13 @@ class Runner:
             raise ConfigError(f"unknown runtime {runtime!r}: use torch or onnx")
         self.bundle = bundle
         self.runtime = runtime
-        self.device = device
+        self.device = resolve_device(device)
         self.onnx_path = Path(onnx_path) if onnx_path else None
         self._model: torch.nn.Module | None = None
         self._sessions: dict[int, Any] = {}
         self._scratch: Any = None
         self._exporter: Any = None
-        self.provider = "torch:" + device if runtime == "torch" else ""
+        self.provider = "torch:" + self.device if runtime == "torch" else ""
 
     def logits(self, task: int | str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits of ``task`` for normalised images, batch by batch."""

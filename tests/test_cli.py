@@ -9,7 +9,7 @@ import pytest
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=120
     )
 
 

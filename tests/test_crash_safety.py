@@ -91,7 +91,7 @@ def reference_run(tmp_path_factory):
     call the fixture's value to wait for its directory."""
     out = tmp_path_factory.mktemp("train") / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "train", "--out", str(out), *TRAIN_ARGS],
+        [sys.executable, "-m", "supsup_deploy", "train", "--out", str(out), *TRAIN_ARGS],
         cwd=ROOT,
         env=ONE_THREAD,
         stdout=subprocess.DEVNULL,

@@ -27,7 +27,11 @@ def bundle_dir(small_run, tmp_path_factory) -> Path:
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "supsup_deploy", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 

@@ -27,7 +27,7 @@ TORCHVISION_NAMES = [name for name in list_models() if get_model_entry(name).tor
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
     )
 
 
