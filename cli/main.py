@@ -778,6 +778,12 @@ def print_demo(summary: dict) -> None:
         f"plots: {paths['accuracy_plot']} (accuracy per task), {paths['storage_plot']} "
         f"(storage vs tasks); summary: {paths['summary']}"
     )
+    task_images = Path(paths["images"]) / Path(parity["path"]).stem
+    console.print(
+        f"the other commands take the bundle's folder first: supsup infer {paths['bundle']} "
+        f"--task {parity['task']} {task_images} (or pack your own run into artifacts/bundle, "
+        "where they look by default)"
+    )
     seconds = summary["seconds"]
     console.print(
         "time: "
