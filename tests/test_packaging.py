@@ -1,6 +1,7 @@
 """The package installs as users install it (editable and not), in a throwaway venv that sees
-the system's dependencies: the ``supsup`` script and ``python -m supsup_deploy`` work from any
-folder, and the CLI is the ``supsup_cli`` package, with no top-level ``cli`` installed."""
+the system's dependencies (pip and setuptools too, so no network is needed): the ``supsup``
+script and ``python -m supsup_deploy`` work from any folder, and the CLI is the ``supsup_cli``
+package, with no top-level ``cli`` installed."""
 
 import subprocess
 import sys
@@ -15,7 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("editable", [True, False])
 def test_install_and_run_from_anywhere(tmp_path, editable):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
     python = venv / "bin" / "python"
     install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     target = ["-e", str(ROOT)] if editable else [str(ROOT)]
