@@ -196,7 +196,7 @@ def train_command(
     config = _train_config(context, out, resume)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     console = Console(stderr=True, quiet=not is_main_rank)
-    device = use_device(device) if is_main_rank else device
+    device = use_device(device)
     from ._progress import RichReporter, make_progress
 
     finished = len(collect_metrics(out, config.num_tasks)) if resume else 0
