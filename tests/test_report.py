@@ -130,7 +130,7 @@ def test_storage_cli_formats(tmp_path):
     [
         (("--basis", "99"), "--basis"),
         (("--arch", "resnet19"), "unknown architecture"),
-        (("--stem", "tiny"), "unknown stem"),
+        (("--stem", "tiny"), "'imagenet', 'cifar'"),
         (("--json", "--csv"), "choose one"),
     ],
 )

@@ -134,3 +134,13 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     result = supsup(tmp_path, "train", "--resume", "--out", "run", "--json")
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["tasks"]) == SMALL_RUN["num_tasks"]
+
+
+def test_missing_default_bundle_says_what_to_do(tmp_path):
+    for command in (("infer", "--task", "0", "photo.png"), ("export", "--task", "0", "--onnx")):
+        result = supsup(tmp_path, *command)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            "error: no bundle at artifacts/bundle: train and pack one (supsup train, then supsup "
+            "pack), or give the bundle folder"
+        )
