@@ -25,7 +25,7 @@ def run_cli(*args: str) -> tuple[float, dict | list]:
     """Run ``supsup ARGS --json`` in a fresh process; wall seconds and its parsed output."""
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args, "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "supsup_deploy", *args, "--json"], capture_output=True, text=True
     )
     seconds = time.perf_counter() - started
     if result.returncode != 0:

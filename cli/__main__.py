@@ -1,5 +1,6 @@
-"""``python -m cli`` (and ``torchrun -m cli``) run the ``supsup`` command."""
+"""``python -m cli`` from a source checkout runs the ``supsup`` command (installed, the same
+command is ``python -m supsup_cli`` or ``python -m supsup_deploy``)."""
 
-from cli.main import main
+from .main import main
 
 main()

@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors and JSON output."""
+"""What every command shares: one-line errors, JSON output, default paths and devices."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -13,6 +14,10 @@ import typer
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+DEFAULT_RUN = Path("artifacts/run")
+DEFAULT_BUNDLE = Path("artifacts/bundle")
+DEFAULT_ONNX = Path("artifacts/onnx")
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 
 
 def one_line_errors(command: Command) -> Command:
@@ -25,11 +30,15 @@ def one_line_errors(command: Command) -> Command:
         try:
             return command(*args, **kwargs)
         except SupsupError as error:
-            message = " ".join(str(error).split())
-            print(f"error: {message}", file=sys.stderr)
+            print_error(str(error))
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, whatever line breaks the message holds."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def print_json(payload: Any) -> None:
@@ -43,3 +52,40 @@ def wide_console():
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 200, markup=False)
+
+
+def not_an_option(value: Path | None) -> Path | None:
+    """Option callback: refuse a path that looks like an option (``--out --fp16``)."""
+    if value is not None and str(value).startswith("-"):
+        raise typer.BadParameter(f"{str(value)!r} looks like an option, not a path")
+    return value
+
+
+def use_device(name: str) -> str:
+    """Resolve ``--device`` once: ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` picks CUDA when
+    available); each command names the device in its output."""
+    from supsup_deploy.devices import resolve_device
+
+    return resolve_device(name)
+
+
+def open_bundle(path: Path):
+    """Load a bundle; a training run or a missing default bundle gets a line saying what to do."""
+    from supsup_deploy.bundle import BASIS_FILE, load_bundle
+    from supsup_deploy.errors import ConfigError
+
+    if (path / "run.json").is_file() and not (path / BASIS_FILE).exists():
+        raise ConfigError(f"{path} is a training run: pack it first (supsup pack {path})")
+    if path == DEFAULT_BUNDLE and not path.exists():
+        raise ConfigError(
+            f"no bundle at {path}: train and pack one (supsup train, then supsup pack), "
+            "or give the bundle folder"
+        )
+    return load_bundle(path)
+
+
+def is_bundle_or_run(path: Path) -> bool:
+    """Whether a folder is a bundle or a training run (rather than a folder of images)."""
+    from supsup_deploy.bundle import BASIS_FILE
+
+    return path.is_dir() and ((path / BASIS_FILE).is_file() or (path / "run.json").is_file())

@@ -1,11 +1,20 @@
-"""Rich progress bars for training."""
+"""Rich progress bars, one style for every long command (training, inference, export, verify)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from supsup_deploy.train import Reporter
 
@@ -45,7 +54,17 @@ def make_progress(console: Console) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
         transient=False,
     )
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """One bar on stderr (stdout stays clean for --json), in the style of training's bars;
+    yields ``advance(count)``. Without a total the bar pulses and the time still counts."""
+    with make_progress(Console(stderr=True)) as progress:
+        bar = progress.add_task(description, total=total)
+        yield lambda count: progress.advance(bar, count)

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli._common import one_line_errors, print_json, wide_console
-from cli.reports import report_app, verify_command
+from ._choices import (
+    Dataset,
+    DistributedMode,
+    Exporter,
+    MaskEncoding,
+    Norm,
+    NormDtype,
+    Protocol,
+    Runtime,
+    TaskInferenceMethod,
+)
+from ._common import (
+    DEFAULT_BUNDLE,
+    DEFAULT_ONNX,
+    DEFAULT_RUN,
+    DEVICE_HELP,
+    is_bundle_or_run,
+    not_an_option,
+    one_line_errors,
+    open_bundle,
+    print_error,
+    print_json,
+    use_device,
+    wide_console,
+)
+from .reports import report_app, verify_command
 
 app = typer.Typer(
     help="Train, pack, materialise, export and verify supermask continual-learning models.",
@@ -84,9 +110,15 @@ def models_command(
 @app.command("train")
 @one_line_errors
 def train_command(
-    out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("artifacts/run"),
+    context: typer.Context,
+    out: Annotated[
+        Path, typer.Option(help="Run directory to write.", callback=not_an_option)
+    ] = DEFAULT_RUN,
     dataset: Annotated[
-        str, typer.Option(help="fashion-mnist (built in), cifar10 or cifar100.")
+        Dataset,
+        typer.Option(
+            help="fashion-mnist is built in; cifar10/cifar100 read from --data-root.",
+        ),
     ] = "fashion-mnist",
     data_root: Annotated[
         str | None,
@@ -95,7 +127,10 @@ def train_command(
     arch: Annotated[str, typer.Option(help="Architecture (see `supsup models`).")] = "gem_resnet18",
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
     protocol: Annotated[
-        str, typer.Option(help="split (disjoint class groups) or random (random class subsets).")
+        Protocol,
+        typer.Option(
+            help="split (disjoint class groups) or random (random class subsets).",
+        ),
     ] = "split",
     classes_per_task: Annotated[int, typer.Option(help="Classes in each task.")] = 2,
     num_tasks: Annotated[int, typer.Option(help="Number of tasks.")] = 5,
@@ -111,7 +146,10 @@ def train_command(
         str, typer.Option(help="Fraction of weights each mask keeps, or er:SCALE for the ER rule.")
     ] = "0.5",
     norm: Annotated[
-        str, typer.Option(help="batch (per-task statistics) or group (statistic-free).")
+        Norm,
+        typer.Option(
+            help="batch (per-task statistics) or group (statistic-free).",
+        ),
     ] = "batch",
     seed: Annotated[int, typer.Option(help="Seed of backbone, task split, data and init.")] = 0,
     val_fraction: Annotated[
@@ -123,15 +161,22 @@ def train_command(
     max_test_samples: Annotated[
         int | None, typer.Option(help="Cap on test samples per task.")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     resume: Annotated[
-        bool, typer.Option(help="Continue the run in --out (same settings), skipping done tasks.")
+        bool,
+        typer.Option(
+            help="Continue the run in --out with the settings its run.json records, skipping "
+            "finished tasks (other training flags may be left out)."
+        ),
     ] = False,
     distributed: Annotated[
-        str, typer.Option(help="Under torchrun: tasks (whole tasks per rank) or data (DDP).")
+        DistributedMode,
+        typer.Option(
+            help="Under torchrun: tasks (whole tasks per rank) or data (DDP).",
+        ),
     ] = "tasks",
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print per-task metrics as JSON.")
+        bool, typer.Option("--json", help="Print the device and per-task metrics as JSON.")
     ] = False,
 ) -> None:
     """Train basis masks (SupSup) and then alpha tasks over them on real data.
@@ -139,56 +184,85 @@ def train_command(
     The first --basis tasks are learned as edge-popup masks over the seeded random backbone;
     every later task learns only an alpha table over those masks. Writes run.json, one
     safetensors file per task and metrics.json/csv to --out. Run it under
-    `torchrun --nproc-per-node N` to train with N processes.
+    `torchrun --nproc-per-node N -m supsup_deploy train ...` to train with N processes.
+    Ctrl-C keeps the finished tasks and prints the command that resumes.
     """
     import os
 
     from rich.console import Console
 
-    from supsup_deploy.train import TrainConfig, collect_metrics, train_run
+    from supsup_deploy.train import collect_metrics, train_run
 
-    config = TrainConfig(
-        dataset=dataset,
-        data_root=data_root,
-        arch=arch,
-        width=width,
-        protocol=protocol,
-        classes_per_task=classes_per_task,
-        num_tasks=num_tasks,
-        basis=basis,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        alpha_lr=alpha_lr,
-        weight_decay=weight_decay,
-        density=density,
-        norm=norm,
-        seed=seed,
-        val_fraction=val_fraction,
-        max_train_samples=max_train_samples,
-        max_test_samples=max_test_samples,
-    )
+    config = _train_config(context, out, resume)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
     console = Console(stderr=True, quiet=not is_main_rank)
-    from cli._progress import RichReporter, make_progress
+    device = use_device(device)
+    from ._progress import RichReporter, make_progress
 
-    finished = len(collect_metrics(out, num_tasks)) if resume else 0
-    with make_progress(console) as progress:
-        reporter = RichReporter(progress, num_tasks, finished)
-        results = train_run(
-            config,
-            out,
-            resume=resume,
-            device=device,
-            distributed_mode=distributed,
-            reporter=reporter,
-        )
+    finished = len(collect_metrics(out, config.num_tasks)) if resume else 0
+    try:
+        with make_progress(console) as progress:
+            reporter = RichReporter(progress, config.num_tasks, finished)
+            results = train_run(
+                config,
+                out,
+                resume=resume,
+                device=device,
+                distributed_mode=distributed,
+                reporter=reporter,
+            )
+    except KeyboardInterrupt:
+        if is_main_rank:
+            print(_interrupted_message(out), file=sys.stderr)
+        raise typer.Exit(130) from None
     if not is_main_rank:
         return
     if as_json:
-        print_json(results)
+        print_json({"device": device, "tasks": results})
         return
-    print_metrics_table(results, title=f"{out}: {dataset}, {arch}, {protocol}")
+    print_metrics_table(
+        results, title=f"{out}: {config.dataset}, {config.arch}, {config.protocol} ({device})"
+    )
+
+
+def _train_config(context: typer.Context, out: Path, resume: bool):
+    """The run's settings: from the flags, or with --resume from the run's run.json (where a
+    flag given on the command line must agree with it)."""
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.train import TrainConfig, read_run_record
+
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    settings = {name: context.params[name] for name in names}
+    if not (resume and (out / "run.json").is_file()):
+        return TrainConfig(**settings)
+    stored = read_run_record(out)["config"]
+    given = [
+        name
+        for name in names
+        if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        and settings[name] != stored.get(name)
+    ]
+    if given:
+        differences = ", ".join(
+            f"--{name.replace('_', '-')} {settings[name]} (run.json: {stored.get(name)})"
+            for name in given
+        )
+        raise ConfigError(
+            f"cannot resume {out} with different settings: {differences}; leave these flags "
+            "out to resume with the recorded ones"
+        )
+    return TrainConfig(**{name: stored[name] for name in names if name in stored})
+
+
+def _interrupted_message(out: Path) -> str:
+    import shlex
+
+    if (out / "run.json").is_file():
+        return (
+            f"interrupted; finished tasks are kept in {out}. Resume with: "
+            f"supsup train --resume --out {shlex.quote(str(out))}"
+        )
+    return f"interrupted before {out}/run.json was written; nothing to resume: run it again"
 
 
 def print_metrics_table(results: list[dict], *, title: str) -> None:
@@ -219,19 +293,31 @@ def print_metrics_table(results: list[dict], *, title: str) -> None:
             )
 
 
+BundleArgument = Annotated[
+    Path, typer.Argument(help="A bundle folder (made by `supsup pack`).", show_default=True)
+]
+
+
 @app.command("pack")
 @one_line_errors
 def pack_command(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `supsup train`.")],
-    out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("artifacts/bundle"),
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory written by `supsup train`.")
+    ] = DEFAULT_RUN,
+    out: Annotated[
+        Path, typer.Option(help="Bundle folder to create.", callback=not_an_option)
+    ] = DEFAULT_BUNDLE,
     norm_dtype: Annotated[
-        str, typer.Option(help="float32 or float16 for per-task normalisation statistics.")
+        NormDtype,
+        typer.Option(
+            help="Precision of the per-task normalisation statistics.",
+        ),
     ] = "float32",
     mask_encoding: Annotated[
-        str,
+        MaskEncoding,
         typer.Option(
             help="packed (1 bit per weight), rice (near-entropy for sparse masks) or sparse "
-            "(bitarray's sc_encode)."
+            "(bitarray's sc_encode).",
         ),
     ] = "packed",
     as_json: Annotated[
@@ -251,7 +337,7 @@ def pack_command(
 @app.command("inspect")
 @one_line_errors
 def inspect_command(
-    bundle_path: Annotated[Path, typer.Argument(help="A bundle folder.")],
+    bundle_path: BundleArgument = DEFAULT_BUNDLE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show a bundle's backbone, basis masks, tasks, bytes per component and integrity.
@@ -259,9 +345,7 @@ def inspect_command(
     Loading checks the format version, content hashes, names, shapes and dtypes of every file;
     any problem is reported as one line naming the file, with exit code 2.
     """
-    from supsup_deploy.bundle import load_bundle
-
-    _print_bundle(load_bundle(bundle_path), as_json)
+    _print_bundle(open_bundle(bundle_path), as_json)
 
 
 @app.command("add-task")
@@ -284,26 +368,45 @@ def add_task_command(
     """Install a shipped task file into a bundle (checked against its basis, never overwriting)."""
     from supsup_deploy.pack import add_task
 
+    open_bundle(bundle_path)
     _print_bundle(add_task(bundle_path, task_file, lock_timeout=lock_timeout), as_json)
 
 
 @app.command("export")
 @one_line_errors
 def export_command(
-    bundle_path: Annotated[Path, typer.Argument(help="A bundle folder.")],
+    bundle_path: BundleArgument = DEFAULT_BUNDLE,
     task: Annotated[str | None, typer.Option(help="Task id or name to export.")] = None,
-    onnx: Annotated[Path | None, typer.Option(help="Output .onnx file (with --task).")] = None,
     all_tasks: Annotated[bool, typer.Option("--all", help="Export every task.")] = False,
-    out_dir: Annotated[
-        Path, typer.Option(help="Folder for --all (one <name>.onnx per task).")
-    ] = Path("artifacts/onnx"),
+    onnx: Annotated[
+        bool,
+        typer.Option("--onnx", help="Write ONNX graphs (the only format, so also the default)."),
+    ] = True,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"With --task: the .onnx file (default {DEFAULT_ONNX}/<task name>.onnx); with "
+            f"--all: the folder for one <task name>.onnx per task (default {DEFAULT_ONNX}).",
+            callback=not_an_option,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace an existing file even if supsup-deploy did not write it."),
+    ] = False,
     fp16: Annotated[
         bool, typer.Option(help="Store weights in float16 (I/O stay float32).")
     ] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     exporter: Annotated[
-        str, typer.Option(help="dynamo (the default PyTorch exporter) or legacy (TorchScript).")
+        Exporter,
+        typer.Option(
+            help="dynamo (the default PyTorch exporter) or legacy (TorchScript).",
+        ),
     ] = "dynamo",
+    device: Annotated[
+        str, typer.Option(help="Where the parity check runs: " + DEVICE_HELP)
+    ] = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the parity figures as JSON.")
     ] = False,
@@ -332,28 +435,47 @@ def export_command(
     Each graph has a dynamic batch axis and metadata (task id and name, class names, basis hash,
     format version, input preprocessing). It passes onnx.checker's full check and must match the
     PyTorch model on a probe batch (real test images when the dataset is available) within
-    1e-4 (fp32; 5e-2 for --fp16) with identical argmax, or nothing is written.
+    1e-4 (fp32; 5e-2 for --fp16) with identical argmax, or nothing is written. An existing file
+    is replaced only if supsup-deploy wrote it (or with --force).
     """
-    from supsup_deploy.bundle import load_bundle
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.export import TaskExporter, probe_batch
+    from supsup_deploy.export import TaskExporter, check_output_path, probe_batch
 
-    bundle = load_bundle(bundle_path)
+    from ._progress import progress_bar
+
+    if bundle_path.suffix == ".onnx":
+        raise ConfigError(
+            f"{bundle_path} is not a bundle: --onnx is a format flag now; give the output file "
+            f"with --out {bundle_path}"
+        )
     if shared or adapter is not None:
-        _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json)
+        folder = out or DEFAULT_ONNX / "shared"
+        _export_shared(
+            open_bundle(bundle_path), shared, task, adapter, graph, folder, fp16, opset, as_json
+        )
         return
     if all_tasks == (task is not None):
-        raise ConfigError("give either --task ID (with --onnx FILE) or --all (with --out-dir)")
-    targets = [(info.index, out_dir / f"{info.name}.onnx") for info in bundle.tasks]
-    if task is not None:
-        index = bundle.task(task).index
-        targets = [(index, onnx or out_dir / f"{bundle.task(index).name}.onnx")]
-    exporter_ = TaskExporter(bundle, opset=opset, exporter=exporter, fp16=fp16)
+        raise ConfigError("give either --task ID (one graph) or --all (every task)")
+    bundle = open_bundle(bundle_path)
+    if all_tasks:
+        folder = out or DEFAULT_ONNX
+        if folder.is_file():
+            raise ConfigError(f"{folder}: is a file; --all writes one graph per task into a folder")
+        targets = [(info.index, folder / f"{info.name}.onnx") for info in bundle.tasks]
+    else:
+        info = bundle.task(task)
+        targets = [(info.index, out or DEFAULT_ONNX / f"{info.name}.onnx")]
+    for _, path in targets:
+        check_output_path(path, force=force)
+    device = use_device(device)
+    exporter_ = TaskExporter(bundle, opset=opset, exporter=exporter, fp16=fp16, device=device)
     probe, probe_name = probe_batch(bundle)
-    reports = [
-        exporter_.export(index, path, probe=probe, probe_name=probe_name).to_dict()
-        for index, path in targets
-    ]
+    reports = []
+    with progress_bar("export", len(targets)) as advance:
+        for index, path in targets:
+            report = exporter_.export(index, path, probe=probe, probe_name=probe_name, force=force)
+            reports.append({**report.to_dict(), "device": device})
+            advance(1)
     if as_json:
         print_json(reports)
         return
@@ -361,7 +483,7 @@ def export_command(
         print(
             f"task {report['task']} -> {report['path']}: parity ok, max |logit difference| "
             f"{report['max_abs_diff']:.2e} <= {report['tolerance']:g}, argmax equal, "
-            f"{report['batch']} {report['probe']}, {report['provider']}"
+            f"{report['batch']} {report['probe']}, {report['provider']} ({report['device']})"
         )
 
 
@@ -400,20 +522,25 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, a
 @app.command("infer")
 @one_line_errors
 def infer_command(
-    bundle_path: Annotated[Path, typer.Argument(help="A bundle folder.")],
-    paths: Annotated[
-        list[Path] | None, typer.Argument(help="Image files or folders (PNG, JPEG, ...).")
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help=f"Image files or folders (PNG, JPEG, ...), optionally preceded by the bundle "
+            f"folder (default {DEFAULT_BUNDLE}).",
+            show_default=False,
+        ),
     ] = None,
     task: Annotated[
-        str, typer.Option(help="Task id or name, or auto to infer it from the batch.")
-    ] = "0",
+        str | None,
+        typer.Option(help="Required: task id or name, or auto to infer it from the batch."),
+    ] = None,
     task_inference: Annotated[
-        str,
+        TaskInferenceMethod,
         typer.Option(
             help="With --task auto: statistics (batch statistics against each task's stored "
             "norm statistics), information (confident and diverse predictions), oneshot "
             "(SupSup's entropy gradient, cost independent of the number of tasks) or auto "
-            "(statistics for BatchNorm bundles, else information)."
+            "(statistics for BatchNorm bundles, else information).",
         ),
     ] = "auto",
     shortlist: Annotated[
@@ -434,15 +561,23 @@ def infer_command(
     data_root: Annotated[
         str | None, typer.Option(help="Dataset folder for --dataset-split.")
     ] = None,
-    runtime: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(
+            help="torch (the default) or onnx (ONNX Runtime); --onnx FILE implies onnx.",
+            show_default=False,
+        ),
+    ] = None,
     onnx: Annotated[
         Path | None,
         typer.Option(
-            help="Exported graph to run (default: export on the fly); a shared graph "
-            "(export --shared) runs the task from its adapter in DIR/tasks."
+            help="An exported graph to run with ONNX Runtime (default with --runtime onnx: "
+            "export the task on the fly); a shared graph (export --shared) runs the task from "
+            "its adapter in DIR/tasks.",
+            callback=not_an_option,
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print predictions as JSON.")] = False,
 ) -> None:
@@ -451,61 +586,73 @@ def infer_command(
     Images are converted to the bundle's input format (channels, size, normalisation). With
     --dataset-split the task's images of that split are used and accuracy is reported.
     """
-    from supsup_deploy.bundle import load_bundle
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.runtime import Runner, collect_image_paths, load_images
-    from supsup_deploy.runtime import dataset_split as split_images
 
+    from ._progress import progress_bar
+
+    paths = list(inputs or [])
+    bundle_path = paths.pop(0) if paths and is_bundle_or_run(paths[0]) else DEFAULT_BUNDLE
+    if task is None:
+        raise ConfigError("give --task ID or NAME, or --task auto to infer it from the images")
+    if dataset_split is not None and paths:
+        raise ConfigError(
+            f"give image paths or --dataset-split, not both ({paths[0]} and --dataset-split "
+            f"{dataset_split})"
+        )
+    if onnx is not None and runtime == "torch":
+        raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    bundle = load_bundle(bundle_path)
-    runner = Runner(bundle, runtime=runtime, device=device, onnx_path=onnx)
-    if task == "auto":
-        from supsup_deploy.task_inference import TaskInferrer, evaluate_task_inference
+    bundle = open_bundle(bundle_path)
+    from supsup_deploy.runtime import Runner
 
-        if dataset_split is not None:
-            summary = evaluate_task_inference(
-                bundle,
-                runner,
-                split=dataset_split,
-                batch_size=min(batch_size, 64),
-                limit=limit,
-                data_root=data_root,
-                method=task_inference,
-                steps=oneshot_steps,
-                shortlist=shortlist,
-            )
-            summary["runtime"] = runner.provider
-            if as_json:
-                print_json(summary)
-                return
-            print(
-                f"task inference ({summary['method']}, batches of {summary['batch_size']}): "
-                f"{summary['task_inference_accuracy']:.4f}; accuracy with the inferred task "
-                f"{summary['accuracy_inferred_task']:.4f}, with the true task "
-                f"{summary['accuracy_true_task']:.4f} ({runner.provider})"
-            )
-            return
-        inferrer = TaskInferrer(
-            bundle, device=device, method=task_inference, steps=oneshot_steps, shortlist=shortlist
+    runner = Runner(
+        bundle,
+        runtime="onnx" if onnx is not None else runtime or "torch",
+        device=use_device(device),
+        onnx_path=onnx,
+    )
+    if task == "auto" and dataset_split is not None:
+        _print_task_inference_accuracy(
+            bundle,
+            runner,
+            as_json,
+            split=dataset_split,
+            batch_size=min(batch_size, 64),
+            limit=limit,
+            data_root=data_root,
+            method=task_inference,
+            steps=oneshot_steps,
+            shortlist=shortlist,
         )
-        files = collect_image_paths(paths or [])
-        if len(files) < 2:
+        return
+    inferrer = None
+    if task == "auto":
+        from supsup_deploy.task_inference import TaskInferrer
+
+        inferrer = TaskInferrer(
+            bundle,
+            device=runner.device,
+            method=task_inference,
+            steps=oneshot_steps,
+            shortlist=shortlist,
+        )
+    images, names, labels = _infer_inputs(bundle, paths, task, dataset_split, limit, data_root)
+    if inferrer is not None:
+        if len(images) < 2:
             raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        guess = inferrer.infer(load_images(files, bundle))
+        guess = inferrer.infer(images)
         _print_task_guess(guess)
         task = str(guess.task)
     info = bundle.task(task)
-    labels = None
-    if dataset_split is not None:
-        images, labels = split_images(
-            bundle, info.index, split=dataset_split, limit=limit, data_root=data_root
-        )
-        names = [f"{dataset_split}[{row}]" for row in range(len(images))]
-    else:
-        files = collect_image_paths(paths or [])
-        images, names = load_images(files, bundle), [str(path) for path in files]
-    predictions = runner.predict(info.index, images, names, labels, batch_size)
+    predictions = []
+    with progress_bar(f"task {info.index}", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, start + batch_size)
+            predictions += runner.predict(
+                info.index, images[rows], names[rows], None if labels is None else labels[rows]
+            )
+            advance(len(names[rows]))
     accuracy = None
     if labels is not None and predictions:
         accuracy = sum(p.class_index == p.label for p in predictions) / len(predictions)
@@ -513,6 +660,7 @@ def infer_command(
         print_json(
             {
                 "runtime": runner.provider,
+                "device": runner.device,
                 "task": info.index,
                 "accuracy": accuracy,
                 "predictions": [p.to_dict() for p in predictions],
@@ -532,7 +680,42 @@ def infer_command(
         console.print(f"... {len(predictions) - len(shown)} more (use --json for all)")
     if accuracy is not None:
         console.print(f"accuracy on {len(predictions)} images: {accuracy:.4f}")
-    console.print(f"ran on {runner.provider}")
+    console.print(f"ran on {runner.provider} (device {runner.device})")
+
+
+def _infer_inputs(bundle, paths, task, dataset_split, limit, data_root):
+    """Normalised images, their names and (for a dataset split) their labels."""
+    from supsup_deploy.runtime import collect_image_paths, load_images
+    from supsup_deploy.runtime import dataset_split as split_images
+
+    if dataset_split is None:
+        files = collect_image_paths(paths)
+        return load_images(files, bundle), [str(path) for path in files], None
+    images, labels = split_images(
+        bundle, bundle.task(task).index, split=dataset_split, limit=limit, data_root=data_root
+    )
+    return images, [f"{dataset_split}[{row}]" for row in range(len(images))], labels
+
+
+def _print_task_inference_accuracy(bundle, runner, as_json: bool, **settings) -> None:
+    """``--task auto --dataset-split``: task-inference accuracy over every task's images."""
+    from supsup_deploy.task_inference import evaluate_task_inference
+
+    from ._progress import progress_bar
+
+    with progress_bar("task inference over every task's images", None):
+        summary = evaluate_task_inference(bundle, runner, **settings)
+    summary["runtime"] = runner.provider
+    summary["device"] = runner.device
+    if as_json:
+        print_json(summary)
+        return
+    print(
+        f"task inference ({summary['method']}, batches of {summary['batch_size']}): "
+        f"{summary['task_inference_accuracy']:.4f}; accuracy with the inferred task "
+        f"{summary['accuracy_inferred_task']:.4f}, with the true task "
+        f"{summary['accuracy_true_task']:.4f} ({runner.provider}, device {runner.device})"
+    )
 
 
 def _print_task_guess(guess) -> None:
@@ -594,10 +777,13 @@ def _print_bundle(bundle, as_json: bool) -> None:
 @app.command("demo")
 @one_line_errors
 def demo_command(
-    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
-        "artifacts/demo"
-    ),
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder for everything the demo writes.", callback=not_an_option),
+    ] = Path("artifacts/demo"),
+    device: Annotated[
+        str, typer.Option(help="Where to train, check the export and infer: " + DEVICE_HELP)
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """The main job in one command, on Fashion-MNIST with the default small model.
@@ -605,15 +791,18 @@ def demo_command(
     Trains 3 basis masks and 2 alpha tasks (2 epochs, 1,500 training images per task), packs
     them into a bundle, exports an alpha task to ONNX with the parity check, predicts a few
     test images with the task given (PyTorch and ONNX Runtime) and inferred, and prints the
-    accuracy table and the storage report. Running it again reuses what is finished.
+    accuracy table and the storage report. Running it again reuses what is finished. The last
+    lines say how to point the other commands at its bundle.
     """
     from rich.console import Console
 
-    from cli._progress import RichReporter, make_progress
     from supsup_deploy.demo import demo_config, run_demo
+
+    from ._progress import RichReporter, make_progress
 
     console = Console(stderr=True)
     config = demo_config()
+    device = use_device(device)
     with make_progress(console) as progress:
         reporter = RichReporter(progress, config.num_tasks, 0)
         summary = run_demo(
@@ -657,7 +846,10 @@ def print_demo(summary: dict) -> None:
             f"{onnx_row['probability']:.3f}",
         )
     console.print(table)
-    console.print(f"ran on {given['torch']['provider']} and {given['onnx']['provider']}")
+    console.print(
+        f"ran on {given['torch']['provider']} and {given['onnx']['provider']} "
+        f"(device {summary['device']})"
+    )
     table = Table(title=f"Task inferred from each task's images ({inference['method']})")
     for column in ("true task", "inferred task", "images"):
         table.add_column(column, justify="right")
@@ -669,6 +861,12 @@ def print_demo(summary: dict) -> None:
     console.print(
         f"plots: {paths['accuracy_plot']} (accuracy per task), {paths['storage_plot']} "
         f"(storage vs tasks); summary: {paths['summary']}"
+    )
+    task_images = Path(paths["images"]) / Path(parity["path"]).stem
+    console.print(
+        f"the other commands take the bundle's folder first: supsup infer {paths['bundle']} "
+        f"--task {parity['task']} {task_images} (or pack your own run into artifacts/bundle, "
+        "where they look by default)"
     )
     seconds = summary["seconds"]
     console.print(
@@ -722,8 +920,16 @@ app.command("verify")(verify_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors, like the package's own errors, are one line
+    on stderr with exit code 2."""
+    try:
+        code = typer.main.get_command(app).main(prog_name="supsup", standalone_mode=False)
+    except typer.TyperException as error:
+        print_error(error.format_message())
+        code = error.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

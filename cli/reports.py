@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli._common import one_line_errors, print_json, wide_console
+from ._choices import NormDtype, Stem
+from ._common import DEVICE_HELP, one_line_errors, open_bundle, print_json, use_device, wide_console
 
 report_app = typer.Typer(
     help="Reports computed from the registered architectures.",
@@ -36,10 +37,10 @@ def storage_command(
         int | None, typer.Option(help="Classifier outputs (default: each entry's standard).")
     ] = None,
     stem: Annotated[
-        str | None, typer.Option(help="imagenet or cifar (default: each entry's standard).")
+        Stem | None, typer.Option(help="imagenet or cifar (default: each entry's standard).")
     ] = None,
     norm_dtype: Annotated[
-        str, typer.Option(help="float32 or float16 for the stored norm statistics.")
+        NormDtype, typer.Option(help="float32 or float16 for the stored norm statistics.")
     ] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown.")] = False,
@@ -207,6 +208,9 @@ def verify_command(
         Path | None,
         typer.Option(help="Keep bundles and ONNX graphs here (default: a temporary folder)."),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where the parity and accuracy checks run: " + DEVICE_HELP)
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check every architecture end to end: pack, load, materialise, export, parity, bytes.
@@ -222,33 +226,35 @@ def verify_command(
     """
     import tempfile
 
-    from rich.console import Console
-
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.models import get_model_entry, list_models
     from supsup_deploy.verify import QUICK_ARCHS, verify_all, verify_bundle
 
-    console = Console(stderr=True)
-
-    def progress(name: str, step: str) -> None:
-        if not as_json:
-            console.print(f"{name}: {step}", markup=False, style="dim")
+    from ._progress import progress_bar
 
     if bundle is not None and run is not None:
         raise ConfigError("give --bundle or --run, not both")
     if bundle is not None:
-        with tempfile.TemporaryDirectory(prefix="supsup-verify-") as folder:
-            results = [verify_bundle(bundle, work_dir or folder, progress=progress)]
+        open_bundle(bundle)
+        archs = [str(bundle)]
+    elif quick:
+        archs = list(QUICK_ARCHS)
+    elif arch == "all":
+        archs = list_models()
     else:
-        if quick:
-            archs = list(QUICK_ARCHS)
-        elif arch == "all":
-            archs = list_models()
-        else:
-            archs = [get_model_entry(arch).name]
-        if run is not None:
-            archs = archs[:1]
-        results = verify_all(archs, run_dir=run, work_dir=work_dir, progress=progress)
+        archs = [get_model_entry(arch).name]
+    if run is not None:
+        archs = archs[:1]
+    device = use_device(device)
+    results = []
+    with progress_bar("verify", len(archs)) as advance:
+        for name in archs:
+            if bundle is not None:
+                with tempfile.TemporaryDirectory(prefix="supsup-verify-") as folder:
+                    results.append(verify_bundle(bundle, work_dir or folder, device=device))
+            else:
+                results += verify_all([name], run_dir=run, work_dir=work_dir, device=device)
+            advance(1)
     if as_json:
         print_json([result.to_dict() for result in results])
     else:
@@ -262,7 +268,8 @@ def print_verify_table(results) -> None:
     from rich.table import Table
 
     console = wide_console()
-    table = Table(title="supsup verify")
+    devices = ", ".join(sorted({result.device for result in results}))
+    table = Table(title=f"supsup verify (device {devices})")
     columns = (
         "arch",
         "source",

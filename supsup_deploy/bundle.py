@@ -720,6 +720,39 @@ class Bundle:
         load_norm_state(model, 0, tensors)
         model.bundle_task = self.task(task).index
 
+    def predict(
+        self,
+        images: torch.Tensor | list[str | Path],
+        *,
+        task: int | str,
+        runtime: str = "torch",
+        device: str = "cpu",
+        batch_size: int = 256,
+    ) -> list[Any]:
+        """Predict classes with one task's model (the Python side of ``supsup infer``).
+
+        Args:
+            images: image files or folders (converted to the bundle's input format), or a
+                tensor of images already normalised like :func:`supsup_deploy.data.normalise`.
+            task: task id or name.
+            runtime: ``"torch"`` or ``"onnx"`` (the task exported on the fly, parity checked).
+            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            batch_size: images per forward pass.
+
+        Returns:
+            One :class:`supsup_deploy.runtime.Prediction` per image (class index, class name,
+            probability), in input order.
+        """
+        from supsup_deploy.runtime import Runner, collect_image_paths, load_images
+
+        if isinstance(images, torch.Tensor):
+            names = [f"image[{row}]" for row in range(len(images))]
+        else:
+            files = collect_image_paths(images)
+            images, names = load_images(files, self), [str(path) for path in files]
+        runner = Runner(self, runtime=runtime, device=device)
+        return runner.predict(task, images, names, batch_size=batch_size)
+
 
 def _single_slot(config: ModelConfig) -> ModelConfig:
     values = config.to_dict()

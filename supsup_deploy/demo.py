@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from supsup_deploy.bundle import Bundle, load_bundle
+from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import FormatError
 from supsup_deploy.files import atomic_write_bytes, atomic_write_json
 
@@ -89,13 +90,13 @@ def pack_demo(paths: DemoPaths) -> Bundle:
     return bundle
 
 
-def export_demo(bundle: Bundle, paths: DemoPaths) -> dict[str, Any]:
+def export_demo(bundle: Bundle, paths: DemoPaths, *, device: str = "cpu") -> dict[str, Any]:
     """Export the first alpha task (the last task when there is none) with the parity check."""
     from supsup_deploy.export import TaskExporter, probe_batch
 
     info = next((task for task in bundle.tasks if task.kind == "alpha"), bundle.tasks[-1])
     probe, probe_name = probe_batch(bundle)
-    report = TaskExporter(bundle).export(
+    report = TaskExporter(bundle, device=device).export(
         info.index, paths.onnx / f"{info.name}.onnx", probe=probe, probe_name=probe_name
     )
     return report.to_dict()
@@ -137,7 +138,12 @@ def write_demo_images(bundle: Bundle, paths: DemoPaths) -> dict[int, DemoImages]
 
 
 def infer_demo(
-    bundle: Bundle, images: dict[int, DemoImages], onnx_path: Path, exported_task: int
+    bundle: Bundle,
+    images: dict[int, DemoImages],
+    onnx_path: Path,
+    exported_task: int,
+    *,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Predictions for the exported task's images with PyTorch and ONNX Runtime (task given),
     and the task inferred for every task's batch of images."""
@@ -149,15 +155,15 @@ def infer_demo(
     names = [str(path) for path in exported.files]
     given = {}
     for runtime, runner in (
-        ("torch", Runner(bundle, runtime="torch")),
-        ("onnx", Runner(bundle, runtime="onnx", onnx_path=onnx_path)),
+        ("torch", Runner(bundle, runtime="torch", device=device)),
+        ("onnx", Runner(bundle, runtime="onnx", device=device, onnx_path=onnx_path)),
     ):
         predictions = runner.predict(exported_task, batches[exported_task], names, exported.labels)
         given[runtime] = {
             "provider": runner.provider,
             "predictions": [prediction.to_dict() for prediction in predictions],
         }
-    inferrer = TaskInferrer(bundle)
+    inferrer = TaskInferrer(bundle, device=device)
     inferred = [
         {"true_task": task, "inferred_task": inferrer.infer(batch).task, "images": len(batch)}
         for task, batch in batches.items()
@@ -219,7 +225,8 @@ def run_demo(
 
     Args:
         root: output folder.
-        device: where to train and run PyTorch.
+        device: where to train, check the export and infer, PyTorch and ONNX Runtime alike
+            (see :func:`supsup_deploy.devices.resolve_device`).
         reporter: training progress events (see :class:`supsup_deploy.train.Reporter`).
         step: optional ``callback(name)`` called as each step starts.
 
@@ -227,6 +234,7 @@ def run_demo(
         The summary: metrics, parity, predictions, task inference, storage, paths and timings.
     """
     paths = DemoPaths(Path(root))
+    device = resolve_device(device)
     timings: dict[str, float] = {}
 
     def timed(name: str, action, *args, **kwargs):
@@ -239,13 +247,16 @@ def run_demo(
 
     metrics = timed("train", train_demo, paths, device=device, reporter=reporter)
     bundle = timed("pack", pack_demo, paths)
-    parity = timed("export", export_demo, bundle, paths)
+    parity = timed("export", export_demo, bundle, paths, device=device)
     images = timed("images", write_demo_images, bundle, paths)
-    inference = timed("infer", infer_demo, bundle, images, Path(parity["path"]), parity["task"])
+    inference = timed(
+        "infer", infer_demo, bundle, images, Path(parity["path"]), parity["task"], device=device
+    )
     storage = timed("storage", storage_demo, bundle, paths)
     plot_accuracy(metrics, paths.accuracy_plot)
     summary = {
         "config": demo_config().to_dict(),
+        "device": device,
         "metrics": metrics,
         "parity": parity,
         "inference": inference,

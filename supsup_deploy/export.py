@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from supsup_deploy.bundle import FORMAT_VERSION, Bundle
+from supsup_deploy.devices import onnx_providers, resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
 from supsup_deploy.files import atomic_write_bytes
 from supsup_deploy.layers import MaskedConv2d, MaskedLinear
@@ -161,6 +162,8 @@ class TaskExporter:
         opset: ONNX opset.
         exporter: ``"dynamo"`` (default PyTorch exporter) or ``"legacy"`` (TorchScript-based).
         fp16: store weights in float16 (inputs and outputs stay float32).
+        device: where the parity check runs, PyTorch and ONNX Runtime alike (see
+            :func:`supsup_deploy.devices.resolve_device`); the graph is the same on every device.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class TaskExporter:
         opset: int = DEFAULT_OPSET,
         exporter: str = "dynamo",
         fp16: bool = False,
+        device: str = "cpu",
     ) -> None:
         if exporter not in EXPORTERS:
             raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
@@ -177,6 +181,7 @@ class TaskExporter:
         self.opset = opset
         self.exporter = exporter
         self.fp16 = fp16
+        self.device = resolve_device(device)
         self._template = None
         self._model: nn.Module | None = None
         self.traces = 0
@@ -188,17 +193,23 @@ class TaskExporter:
         *,
         probe: torch.Tensor | None = None,
         probe_name: str = "seeded random batch",
+        force: bool = False,
     ) -> ParityReport:
-        """Write ``task``'s ONNX graph to ``path`` after proving parity; nothing on failure."""
+        """Write ``task``'s ONNX graph to ``path`` after proving parity; nothing on failure.
+
+        An existing file at ``path`` is replaced only when it is a graph this package wrote, or
+        with ``force`` (see :func:`check_output_path`).
+        """
         import onnx
 
         info = self.bundle.task(task)
         path = Path(path)
+        check_output_path(path, force=force)
         if self._model is None:
-            self._model = self.bundle.model(info.index)
+            self._model = self.bundle.model(info.index, device=self.device)
         else:
             self.bundle.switch(self._model, info.index)
-        plain = inference_module(self._model)
+        plain = inference_module(self._model).cpu()
         graph = self._graph_for(plain)
         self._add_metadata(graph, info)
         if self.fp16:
@@ -219,6 +230,7 @@ class TaskExporter:
                 task=info.index,
                 fp16=self.fp16,
                 probe_name=probe_name,
+                device=self.device,
             )
         except onnx.checker.ValidationError as error:
             raise SupsupError(f"{path}: the exported graph fails onnx.checker ({error})") from None
@@ -262,6 +274,35 @@ class TaskExporter:
         del graph.metadata_props[:]
         for key, value in values.items():
             graph.metadata_props.add(key=key, value=value)
+
+
+def written_by_supsup(path: str | Path) -> bool:
+    """Whether ``path`` is an ONNX graph this package wrote (it carries our task metadata)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf and onnx raise several unexported types for foreign bytes
+        return False
+    keys = {entry.key for entry in graph.metadata_props}
+    return {"supsup.task_id", "supsup.basis_sha256"} <= keys
+
+
+def check_output_path(path: str | Path, *, force: bool = False) -> None:
+    """Refuse to write a graph over a folder, or over a file this package did not write.
+
+    Raises:
+        ConfigError: ``path`` is a folder, or an existing file that is not one of our graphs
+            (and ``force`` is false).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of the .onnx file to write")
+    if path.exists() and not force and not written_by_supsup(path):
+        raise ConfigError(
+            f"{path}: exists and is not a graph written by supsup-deploy; pass --force to "
+            "replace it, or choose another output path"
+        )
 
 
 def _swappable(graph, state: dict[str, np.ndarray]) -> bool:
@@ -328,17 +369,11 @@ def seeded_probe(bundle: Bundle, batch: int = PROBE_BATCH) -> torch.Tensor:
 
 
 def onnx_session(path: str | Path, *, device: str = "cpu"):
-    """An ONNX Runtime session: the CUDA provider for ``device="cuda"`` when available."""
+    """An ONNX Runtime session on ``device`` (see :func:`supsup_deploy.devices.resolve_device`;
+    CUDA runs on that GPU index and needs onnxruntime-gpu)."""
     import onnxruntime
 
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise ConfigError(
-                "ONNX Runtime has no CUDA provider here: pip install 'supsup-deploy[gpu]' "
-                "(onnxruntime-gpu) on a machine with a GPU"
-            )
-        providers.insert(0, "CUDAExecutionProvider")
+    providers = onnx_providers(resolve_device(device))
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:

@@ -13,6 +13,7 @@ import torch
 from supsup_deploy import data as datasets
 from supsup_deploy.adapters import load_adapter
 from supsup_deploy.bundle import Bundle
+from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.export import onnx_session, run_onnx
 from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
@@ -115,7 +116,7 @@ class Runner:
     Args:
         bundle: a loaded bundle.
         runtime: ``"torch"`` or ``"onnx"``.
-        device: ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (for both runtimes).
         onnx_path: for ``"onnx"``, an exported graph to use (else tasks are exported on demand to
             a temporary folder, with the usual parity check). A shared graph
             (:mod:`supsup_deploy.shared_graph`) runs every task, each from its adapter in the
@@ -134,7 +135,7 @@ class Runner:
             raise ConfigError(f"unknown runtime {runtime!r}: use torch or onnx")
         self.bundle = bundle
         self.runtime = runtime
-        self.device = device
+        self.device = resolve_device(device)
         self.onnx_path = Path(onnx_path) if onnx_path else None
         self._model: torch.nn.Module | None = None
         self._sessions: dict[int, Any] = {}
@@ -142,7 +143,7 @@ class Runner:
         self._shared_tasks: dict[int, dict[str, Any]] = {}
         self._scratch: Any = None
         self._exporter: Any = None
-        self.provider = "torch:" + device if runtime == "torch" else ""
+        self.provider = "torch:" + self.device if runtime == "torch" else ""
 
     def logits(self, task: int | str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits of ``task`` for normalised images, batch by batch."""

@@ -2,7 +2,7 @@
 
 A run directory holds::
 
-    run.json                  format, config, model config, dataset, task protocol, seeds
+    run.json                  format, config, model config, dataset, task protocol, seeds, device
     tasks/task_000.safetensors one file per finished task (written atomically when it finishes)
     metrics.json, metrics.csv  per-task metrics, rebuilt from the task files
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import (
     atomic_write_json,
@@ -215,7 +216,8 @@ def train_run(
         config: what to train.
         run_dir: output folder.
         resume: continue the run already in ``run_dir`` (its config must equal ``config``).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; run.json records the device
+            the run started on.
         distributed_mode: under torchrun, ``"tasks"`` (whole tasks per rank) or ``"data"`` (DDP).
         reporter: progress events.
 
@@ -231,7 +233,7 @@ def train_run(
         device = _resolve_device(device, parallel)
         run_data = RunData.load(config)
         spec, tasks = run_data.train.spec, run_data.tasks
-        record = _run_record(config, spec, tasks)
+        record = {**_run_record(config, spec, tasks), "device": device}
         if parallel.rank == 0:
             _prepare_run_dir(run_dir, record, resume)
         parallel.barrier()
@@ -279,15 +281,9 @@ def _start_distributed(mode: str, device: str) -> _Distributed:
 
 
 def _resolve_device(device: str, parallel: _Distributed) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-        if parallel.active and device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', parallel.rank))}"
-    elif device != "cpu":
-        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    device = resolve_device(device)
+    if parallel.active and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', parallel.rank))}"
     return device
 
 

@@ -50,6 +50,7 @@ class VerifyResult:
     bytes_ok: bool = False
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    device: str = "cpu"
 
     @property
     def ok(self) -> bool:
@@ -70,6 +71,7 @@ class VerifyResult:
             "bytes_ok": self.bytes_ok,
             "accuracy": self.accuracy,
             "error": self.error,
+            "device": self.device,
         }
 
 
@@ -95,6 +97,7 @@ def verify_architecture(
     *,
     run_dir: str | Path | None = None,
     progress=None,
+    device: str = "cpu",
 ) -> VerifyResult:
     """Build (or pack from ``run_dir``) a bundle for ``arch`` and verify it end to end.
 
@@ -107,6 +110,7 @@ def verify_architecture(
         work_dir: folder for the bundle and its ONNX graphs (created).
         run_dir: a finished training run to pack instead of random masks.
         progress: optional ``callback(arch, step)`` called as each step starts.
+        device: where the parity and accuracy checks run (PyTorch and ONNX Runtime).
 
     Returns:
         A :class:`VerifyResult`; a failed check sets its ``error``, never raises SupsupError.
@@ -114,7 +118,9 @@ def verify_architecture(
     from supsup_deploy.synthetic import write_random_bundle
 
     work_dir = Path(work_dir)
-    result = VerifyResult(arch=arch, source="trained run" if run_dir else "seeded random masks")
+    result = VerifyResult(
+        arch=arch, source="trained run" if run_dir else "seeded random masks", device=device
+    )
     steps = _Steps(result, progress)
     try:
         if run_dir is not None:
@@ -140,19 +146,22 @@ def verify_architecture(
             )
         bundle = steps.run("load", load_bundle, work_dir / "bundle")
         result.arch = bundle.config.arch
-        _check_bundle(bundle, result, steps, work_dir, accuracy=run_dir is not None)
+        _check_bundle(bundle, result, steps, work_dir, accuracy=run_dir is not None, device=device)
     except SupsupError as error:
         result.error = str(error)
     return result
 
 
-def verify_bundle(bundle_path: str | Path, work_dir: str | Path, *, progress=None) -> VerifyResult:
+def verify_bundle(
+    bundle_path: str | Path, work_dir: str | Path, *, progress=None, device: str = "cpu"
+) -> VerifyResult:
     """Verify an existing bundle (from a trained run): parity, bytes, and accuracy parity.
 
     Args:
         bundle_path: the bundle folder (only read).
         work_dir: folder for the ONNX graphs.
         progress: optional ``callback(arch, step)``.
+        device: where the parity and accuracy checks run (PyTorch and ONNX Runtime).
 
     Returns:
         A :class:`VerifyResult`; accuracy parity is measured when the dataset is available.
@@ -162,18 +171,24 @@ def verify_bundle(bundle_path: str | Path, work_dir: str | Path, *, progress=Non
     """
     started = time.perf_counter()
     bundle = load_bundle(bundle_path)
-    result = VerifyResult(arch=bundle.config.arch, source=str(bundle_path))
+    result = VerifyResult(arch=bundle.config.arch, source=str(bundle_path), device=device)
     result.seconds["load"] = time.perf_counter() - started
     steps = _Steps(result, progress)
     try:
-        _check_bundle(bundle, result, steps, Path(work_dir), accuracy=True)
+        _check_bundle(bundle, result, steps, Path(work_dir), accuracy=True, device=device)
     except SupsupError as error:
         result.error = str(error)
     return result
 
 
 def _check_bundle(
-    bundle: Bundle, result: VerifyResult, steps: _Steps, work_dir: Path, *, accuracy: bool
+    bundle: Bundle,
+    result: VerifyResult,
+    steps: _Steps,
+    work_dir: Path,
+    *,
+    accuracy: bool,
+    device: str,
 ) -> None:
     result.masked_layers = bundle.summary.masked_layers
     result.masked_weights = bundle.summary.masked_weights
@@ -183,7 +198,7 @@ def _check_bundle(
     steps.run("materialize", _check_materialized, bundle)
     steps.run("bytes", _check_bytes, bundle, result)
     probe, probe_name = probe_batch(bundle, VERIFY_PROBE_BATCH)
-    exporter = TaskExporter(bundle)
+    exporter = TaskExporter(bundle, device=device)
     reports = steps.run(
         "export",
         lambda: [
@@ -209,7 +224,7 @@ def _check_bundle(
         max(report.max_abs_diff_inputs, report.max_abs_diff_adapter) for report in shared
     )
     if accuracy:
-        result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir)
+        result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir, device)
 
 
 def _check_materialized(bundle: Bundle) -> None:
@@ -252,7 +267,7 @@ def _check_bytes(bundle: Bundle, result: VerifyResult) -> None:
         )
 
 
-def _accuracy_parity(bundle: Bundle, work_dir: Path) -> list[dict[str, Any]]:
+def _accuracy_parity(bundle: Bundle, work_dir: Path, device: str) -> list[dict[str, Any]]:
     """Test accuracy of every task with PyTorch, its per-task graph and the shared graph (with
     the task's adapter); predictions must agree."""
     from supsup_deploy.runtime import Runner, dataset_split
@@ -260,15 +275,19 @@ def _accuracy_parity(bundle: Bundle, work_dir: Path) -> list[dict[str, Any]]:
 
     rows = []
     onnx_folder = work_dir / "onnx"
-    torch_runner = Runner(bundle, runtime="torch")
-    shared_runner = Runner(bundle, runtime="onnx", onnx_path=work_dir / "shared" / MODEL_FILE)
+    torch_runner = Runner(bundle, runtime="torch", device=device)
+    shared_runner = Runner(
+        bundle, runtime="onnx", device=device, onnx_path=work_dir / "shared" / MODEL_FILE
+    )
     for info in bundle.tasks:
         try:
             images, labels = dataset_split(bundle, info.index, split="test")
         except SupsupError as error:
             rows.append({"task": info.index, "name": info.name, "skipped": str(error)})
             continue
-        onnx_runner = Runner(bundle, runtime="onnx", onnx_path=onnx_folder / f"{info.name}.onnx")
+        onnx_runner = Runner(
+            bundle, runtime="onnx", device=device, onnx_path=onnx_folder / f"{info.name}.onnx"
+        )
         torch_predictions = torch_runner.logits(info.index, images).argmax(1)
         onnx_predictions = onnx_runner.logits(info.index, images).argmax(1)
         shared_predictions = shared_runner.logits(info.index, images).argmax(1)
@@ -300,11 +319,14 @@ def verify_all(
     run_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     progress=None,
+    device: str = "cpu",
 ) -> list[VerifyResult]:
     """:func:`verify_architecture` for each name, in a temporary folder unless ``work_dir``."""
     results = []
     for arch in archs:
         with tempfile.TemporaryDirectory(prefix=f"supsup-verify-{arch}-") as scratch:
             folder = Path(work_dir) / arch if work_dir is not None else Path(scratch)
-            results.append(verify_architecture(arch, folder, run_dir=run_dir, progress=progress))
+            results.append(
+                verify_architecture(arch, folder, run_dir=run_dir, progress=progress, device=device)
+            )
     return results

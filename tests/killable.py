@@ -1,7 +1,7 @@
 """``supsup`` commands as real subprocesses, started on cue and SIGKILLed at a chosen moment.
 
 The child imports the heavy modules, prints ``ready`` and waits for a line on stdin before it runs
-``cli.main.main`` (the ``supsup`` entry point) with its arguments, so that a kill delay counts
+``python -m supsup_deploy`` (the ``supsup`` command) with its arguments, so that a kill delay counts
 from the start of the command's own work rather than from Python's start-up, and so that several
 children can be let go at the same moment.
 """
@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
 _DRIVER = """
-import sys
+import runpy, sys
 import cli.main, supsup_deploy.export, supsup_deploy.pack, supsup_deploy.train
 print("ready", flush=True)
 sys.stdin.readline()
 sys.argv = ["supsup", *sys.argv[1:]]
-cli.main.main()
+runpy.run_module("supsup_deploy", run_name="__main__")
 """
 
 

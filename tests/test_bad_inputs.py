@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from supsup_deploy.bundle import InputSpec
@@ -15,7 +16,7 @@ from supsup_deploy.synthetic import write_random_bundle
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -82,7 +83,9 @@ def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
     Image.new("L", (64, 64), color=7).save(tmp_path / "whole.png")
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    assert_one_line(run_cli("infer", str(tiny_bundle), str(make(tmp_path))), *fragments)
+    assert_one_line(
+        run_cli("infer", str(tiny_bundle), str(make(tmp_path)), "--task", "0"), *fragments
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,11 +97,27 @@ def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
         (("add-task", "{bundle}", "{bundle}"), ("cannot read",)),
         (("export", "{bundle}", "--task", "0", "--all"), ("--all",)),
         (("infer", "{bundle}", "--task", "0", "--batch-size", "0"), ("--batch-size",)),
-        (("infer", "{bundle}", "--task", "0", "--runtime", "tvm"), ("torch or onnx",)),
+        (("infer", "{bundle}", "--task", "0", "--runtime", "tvm"), ("'torch', 'onnx'",)),
         (("infer", "{bundle}", "--task", "0", "--dataset-split", "test"), ("no dataset",)),
         (("infer", "{bundle}", "--task", "auto", "--shortlist", "-1", "."), ("shortlist",)),
         (("infer", "{bundle}", "--task", "auto", "--oneshot-steps", "0", "."), ("steps",)),
-        (("infer", "{bundle}", "--task", "auto", "--task-inference", "guess", "."), ("method",)),
+        (("infer", "{bundle}", "--task", "auto", "--task-inference", "guess", "."), ("guess",)),
+        (("infer", "{bundle}", "{image}"), ("--task ID or NAME, or --task auto",)),
+        (("infer", "{bundle}", "{image}", "--task", "0", "--dataset-split", "test"), ("not both",)),
+        (
+            ("infer", "{bundle}", "{image}", "--task", "0", "--runtime", "torch", "--onnx", "g"),
+            ("leave out --runtime torch",),
+        ),
+        (("infer", "{bundle}", "{image}", "--task", "0", "--onnx", "--json"), ("--onnx",)),
+        (("infer", "{run}", "{image}", "--task", "0"), ("is a training run: pack it first",)),
+        (("inspect", "{run}"), ("is a training run: pack it first (supsup pack",)),
+        (("export", "{run}", "--task", "0"), ("is a training run: pack it first",)),
+        (("verify", "--bundle", "{run}"), ("is a training run: pack it first",)),
+        (("export", "{bundle}", "--task", "0", "--out", "{folder}"), ("is a folder",)),
+        (("export", "{bundle}", "--task", "0", "--out", "--fp16"), ("looks like an option",)),
+        (("export", "t.onnx", "--task", "0"), ("--onnx is a format flag", "--out t.onnx")),
+        (("export", "{bundle}", "--task", "0", "--out", "{notes}"), ("--force",)),
+        (("train", "--out", "--epochs", "1"), ("looks like an option",)),
         (("train", "--density", "1.5", "--out", "/tmp/never"), ("density",)),
         (("train", "--arch", "resnet-18", "--out", "/tmp/never"), ("did you mean",)),
         (("report", "storage", "--density", "0"), ("density",)),
@@ -106,6 +125,36 @@ def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
         (("verify", "--arch", "resnet-50"), ("did you mean",)),
     ],
 )
-def test_bad_arguments(tiny_bundle, args, fragments):
-    args = tuple(arg.replace("{bundle}", str(tiny_bundle)) for arg in args)
-    assert_one_line(run_cli(*args), *fragments)
+def test_bad_arguments(tiny_bundle, tmp_path, args, fragments):
+    places = {
+        "{bundle}": tiny_bundle,
+        "{image}": tmp_path / "a.png",
+        "{run}": tmp_path / "run",
+        "{folder}": tmp_path / "folder",
+        "{notes}": tmp_path / "notes.onnx",
+    }
+    Image.new("L", (16, 16)).save(places["{image}"])
+    places["{run}"].mkdir()
+    (places["{run}"] / "run.json").write_text("{}")
+    places["{folder}"].mkdir()
+    places["{notes}"].write_text("my notes")
+    args = tuple(places.get(arg, arg) for arg in args)
+    assert_one_line(run_cli(*map(str, args)), *fragments)
+    assert places["{notes}"].read_text() == "my notes"
+    assert list(places["{folder}"].iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("command", ["infer", "export", "verify", "train", "demo"])
+def test_cuda_without_a_gpu_is_one_line(tiny_bundle, tmp_path, command):
+    image = tmp_path / "a.png"
+    Image.new("L", (16, 16)).save(image)
+    args = {
+        "infer": ("infer", str(tiny_bundle), str(image), "--task", "0"),
+        "export": ("export", str(tiny_bundle), "--task", "0", "--out", str(tmp_path / "t.onnx")),
+        "verify": ("verify", "--bundle", str(tiny_bundle)),
+        "train": ("train", "--out", str(tmp_path / "run")),
+        "demo": ("demo", "--out", str(tmp_path / "demo")),
+    }[command]
+    assert_one_line(run_cli(*args, "--device", "cuda"), "--device cuda", "CUDA is not available")
+    assert not (tmp_path / "t.onnx").exists() and not (tmp_path / "run").exists()

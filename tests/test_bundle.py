@@ -39,7 +39,11 @@ def bundle_dir(small_run, tmp_path) -> Path:
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-m", "supsup_deploy", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
 
 

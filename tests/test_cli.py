@@ -1,6 +1,7 @@
 """The installed ``supsup`` command, run as a user would run it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,11 @@ import pytest
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "supsup_deploy", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},  # help tables unwrapped
     )
 
 
@@ -59,3 +64,58 @@ def test_class_names_that_look_like_markup_print_verbatim(tmp_path):
     result = run_cli("inspect", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
     assert "[/x]" in result.stdout and "[bold]odd" in result.stdout
+
+
+def test_closed_sets_match_the_library():
+    from typing import get_args
+
+    from cli import _choices
+    from supsup_deploy import data, export, mask_encoding, normalization, pack, runtime, train
+    from supsup_deploy.models import _api
+    from supsup_deploy.task_inference import METHODS
+
+    library = {
+        "Dataset": tuple(data._SPECS),
+        "Protocol": data.PROTOCOLS,
+        "Norm": normalization.NORM_KINDS,
+        "DistributedMode": train.DISTRIBUTED_MODES,
+        "NormDtype": tuple(pack.NORM_DTYPES),
+        "MaskEncoding": mask_encoding.ENCODINGS,
+        "Exporter": export.EXPORTERS,
+        "Runtime": runtime.RUNTIMES,
+        "TaskInferenceMethod": METHODS,
+        "Stem": _api.STEMS,
+    }
+    for name, values in library.items():
+        assert get_args(getattr(_choices, name)) == tuple(values), name
+
+
+@pytest.mark.parametrize(
+    "command, listed",
+    [
+        (("train",), ("split|random", "batch|group", "tasks|data", "fashion-mnist|cifar10")),
+        (("pack",), ("packed|rice|sparse", "float32|float16")),
+        (("export",), ("dynamo|legacy",)),
+        (("infer",), ("torch|onnx", "auto|statistics|information|oneshot")),
+        (("report", "storage"), ("imagenet|cifar", "float32|float16")),
+    ],
+)
+def test_help_lists_the_choices(command, listed):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = "".join(result.stdout.split())
+    for choices in listed:
+        assert choices in text, choices
+
+
+def test_every_computing_command_takes_device():
+    for command in ("train", "export", "infer", "verify", "demo"):
+        result = run_cli(command, "--help")
+        assert "--device" in result.stdout and "cuda:N" in result.stdout, command
+
+
+def test_usage_errors_are_one_line():
+    result = run_cli("export", "--task", "7", "--onnx", "--bogus")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: No such option: --bogus")

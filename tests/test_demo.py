@@ -65,7 +65,7 @@ def test_demo_never_overwrites_a_foreign_bundle(tmp_path):
 @pytest.mark.slow
 def test_full_demo_from_the_command_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "demo", "--out", str(tmp_path / "demo"), "--json"],
+        [sys.executable, "-m", "supsup_deploy", "demo", "--out", str(tmp_path / "demo"), "--json"],
         capture_output=True,
         text=True,
         timeout=1200,

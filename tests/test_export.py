@@ -27,7 +27,11 @@ def bundle_dir(small_run, tmp_path_factory) -> Path:
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "supsup_deploy", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
@@ -73,13 +77,20 @@ def test_export_and_infer_cli(bundle_dir, tmp_path):
     from PIL import Image
 
     result = run_cli(
-        "export", str(bundle_dir), "--task", "2", "--onnx", str(tmp_path / "t2.onnx"), "--json"
+        "export",
+        str(bundle_dir),
+        "--task",
+        "2",
+        "--onnx",
+        "--out",
+        str(tmp_path / "t2.onnx"),
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["max_abs_diff"] <= 1e-4
 
     outputs = {}
-    for runtime in ("torch", "onnx"):
+    for runtime, graph in (("torch", ()), ("onnx", ("--onnx", str(tmp_path / "t2.onnx")))):
         result = run_cli(
             "infer",
             str(bundle_dir),
@@ -89,10 +100,7 @@ def test_export_and_infer_cli(bundle_dir, tmp_path):
             "test",
             "--limit",
             "100",
-            "--runtime",
-            runtime,
-            "--onnx",
-            str(tmp_path / "t2.onnx"),
+            *graph,
             "--json",
         )
         assert result.returncode == 0, result.stderr
@@ -126,13 +134,13 @@ def test_export_and_infer_cli(bundle_dir, tmp_path):
 def test_bad_inputs_give_one_line_errors(bundle_dir, tmp_path, make, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.png").write_text("not an image")
-    result = run_cli("infer", str(bundle_dir), *make(tmp_path))
+    result = run_cli("infer", str(bundle_dir), *make(tmp_path), "--task", "0")
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_bad_task_id(bundle_dir):
-    result = run_cli("export", str(bundle_dir), "--task", "9", "--onnx", "x.onnx")
+    result = run_cli("export", str(bundle_dir), "--task", "9", "--out", "x.onnx")
     assert result.returncode == 2 and "installed tasks" in result.stderr
 
 

@@ -27,7 +27,7 @@ TORCHVISION_NAMES = [name for name in list_models() if get_model_entry(name).tor
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -137,7 +137,7 @@ def test_storage_cli_formats(tmp_path):
     [
         (("--basis", "99"), "--basis"),
         (("--arch", "resnet19"), "unknown architecture"),
-        (("--stem", "tiny"), "unknown stem"),
+        (("--stem", "tiny"), "'imagenet', 'cifar'"),
         (("--json", "--csv"), "choose one"),
     ],
 )

@@ -326,7 +326,7 @@ def _task_inputs(model):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
     )
 
 
@@ -334,7 +334,7 @@ def test_cli_export_shared_infer_and_adapter(trained_bundles, tmp_path):
     bundles = trained_bundles[1]
     bundle_path = str(bundles["packed"].path)
     out = tmp_path / "shared"
-    result = run_cli("export", bundle_path, "--shared", "--out-dir", str(out), "--json")
+    result = run_cli("export", bundle_path, "--shared", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     graph = str(out / MODEL_FILE)
     task = bundles["packed"].tasks[-1]

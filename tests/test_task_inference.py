@@ -249,7 +249,7 @@ def run_infer_auto(
         for row in rows.tolist():
             pixels = test.images[row][0].numpy().astype("uint8")
             Image.fromarray(pixels).save(folder / f"{prefix}_{row:05d}.png")
-    command = [sys.executable, "-m", "cli.main", "infer", str(bundle.path), str(folder)]
+    command = [sys.executable, "-m", "supsup_deploy", "infer", str(bundle.path), str(folder)]
     return subprocess.run(
         [*command, "--task", "auto"],
         capture_output=True,

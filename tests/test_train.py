@@ -53,7 +53,7 @@ def files_of(run_dir: Path) -> dict[str, bytes]:
 
 def run_cli(*args, env=None, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "supsup_deploy", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -130,7 +130,7 @@ def test_resume_refuses_other_settings_and_overwrite(reference_run, tmp_path):
 def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "train", "--out", str(run_dir), *CLI_SMALL],
+        [sys.executable, "-m", "supsup_deploy", "train", "--out", str(run_dir), *CLI_SMALL],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -144,7 +144,7 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
     assert not task_path(run_dir, 2).exists()
     result = run_cli("train", "--out", str(run_dir), *CLI_SMALL, "--resume", "--json")
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)) == 3
+    assert len(json.loads(result.stdout)["tasks"]) == 3
     assert files_of(run_dir) == files_of(reference_run)
 
 
@@ -177,7 +177,7 @@ def _torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         "--master-port",
         str(29500 + os.getpid() % 1000),
         "-m",
-        "cli",
+        "supsup_deploy",
         "train",
         "--out",
         str(run_dir),

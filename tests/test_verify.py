@@ -13,7 +13,7 @@ from supsup_deploy.verify import verify_architecture, verify_bundle
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=600
     )
 
 
