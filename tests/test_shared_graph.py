@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from supsup_deploy.adapters import adapter_bytes, load_adapter
-from supsup_deploy.bundle import InputSpec, load_bundle, save_task
+from supsup_deploy.bundle import InputSpec, load_bundle, save_task, task_file_name
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import ParityError, export_adapter, export_shared
 from supsup_deploy.models import get_model_entry
@@ -49,10 +49,11 @@ def rewrite_task(bundle, info, *, alpha=None, index=None, name=None, folder=None
     table = tensors.pop("alpha") if alpha is None else alpha
     tensors.pop("alpha", None)
     name = name or info.name
-    path = (folder or info.path.parent) / f"{name}.safetensors"
+    index = info.index if index is None else index
+    path = (folder or info.path.parent) / task_file_name(index, name)
     save_task(
         path,
-        index=info.index if index is None else index,
+        index=index,
         name=name,
         alpha=table,
         norm_state=tensors,
@@ -326,7 +327,11 @@ def _task_inputs(model):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "supsup_deploy", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
