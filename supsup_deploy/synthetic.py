@@ -56,7 +56,8 @@ def write_random_bundle(
         input_spec: input size, channels and normalisation recorded in the bundle.
         num_basis: random basis masks ``|B|``, each keeping about ``density`` of every layer.
         alpha_tasks: alpha tasks, each ``1/|B|`` plus seeded noise per layer and mask.
-        basis_tasks: also install every basis mask as a task (one-hot alpha), as ``pack`` does.
+        basis_tasks: also install every basis mask as a task (one-hot alpha), as ``pack`` does;
+            kind ``"alpha"`` where scaling the residual branches changed its table.
         density: fraction of weights each basis mask keeps.
         seed: seeds masks, alpha tables and the batch the norm statistics come from.
 
@@ -91,8 +92,11 @@ def write_random_bundle(
     with new_folder(out) as staging:
         digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
         for index, alpha in enumerate(tables):
-            kind = "basis" if basis_tasks and index < num_basis else "alpha"
-            alpha, statistics = _plausible_task(model, alpha, input_spec, seed)
+            scaled, statistics = _plausible_task(model, alpha, input_spec, seed)
+            # A basis task must run its basis mask exactly: one whose residual branches had to
+            # be scaled through its alpha table (no norm after them) is an alpha task.
+            one_hot = basis_tasks and index < num_basis and torch.equal(scaled, alpha)
+            kind, alpha = ("basis" if one_hot else "alpha"), scaled
             save_task(
                 staging / TASKS_FOLDER / task_file_name(index, f"task_{index}"),
                 index=index,
