@@ -50,6 +50,7 @@ class RichReporter(Reporter):
 
 
 def make_progress(console: Console) -> Progress:
+    """Bars drawn only on a terminal: piped or captured output gets the messages, not bars."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -58,6 +59,7 @@ def make_progress(console: Console) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not console.is_terminal,
     )
 
 
