@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from supsup_deploy.bundle import FORMAT_VERSION, Bundle
+from supsup_deploy.bundle import Bundle
 from supsup_deploy.devices import onnx_providers, resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
 from supsup_deploy.files import atomic_write_bytes
@@ -266,7 +266,7 @@ class TaskExporter:
             "supsup.task_name": info.name,
             "supsup.class_names": json.dumps(list(info.class_names)),
             "supsup.basis_sha256": self.bundle.basis_sha256,
-            "supsup.bundle_format_version": str(FORMAT_VERSION),
+            "supsup.bundle_format_version": str(self.bundle.format_version),
             "supsup.arch": self.bundle.config.arch,
             "supsup.input": json.dumps(spec.to_dict(), sort_keys=True),
             "supsup.precision": "float16" if self.fp16 else "float32",

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from supsup_deploy import backbone
-from supsup_deploy.bundle import FORMAT_VERSION, Bundle
+from supsup_deploy.bundle import Bundle
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.layers import WeightSource
@@ -335,7 +335,7 @@ def _set_metadata(model, bundle: Bundle, inputs: tuple[TaskInput, ...]) -> None:
         "supsup.graph": GRAPH_KIND,
         "supsup.shared_format_version": str(SHARED_FORMAT_VERSION),
         "supsup.basis_sha256": bundle.basis_sha256,
-        "supsup.bundle_format_version": str(FORMAT_VERSION),
+        "supsup.bundle_format_version": str(bundle.format_version),
         "supsup.arch": bundle.config.arch,
         "supsup.input": json.dumps(bundle.input.to_dict(), sort_keys=True),
         "supsup.num_basis": str(bundle.num_basis),
