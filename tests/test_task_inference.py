@@ -146,8 +146,9 @@ def fit_statistics(path, ids: dict[int, int] | None = None) -> None:
                 module.momentum = 1.0
         with torch.no_grad():
             model(task_batch(index))
+        target = info.path.parent / task_file_name(index, info.name)
         save_task(
-            info.path,
+            target,
             index=index,
             name=info.name,
             alpha=bundle.task_tensors(info.index)["alpha"],
@@ -156,6 +157,8 @@ def fit_statistics(path, ids: dict[int, int] | None = None) -> None:
             basis_sha256=file_sha256(path / BASIS_FILE),
             kind=info.kind,
         )
+        if target != info.path:
+            info.path.unlink()
 
 
 def test_statistics_picks_the_task_whose_stored_statistics_the_batch_matches(bundles, tmp_path):
