@@ -43,6 +43,7 @@ from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.masking import use_fixed
 from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
 from supsup_deploy.models import (
+    MaskedModel,
     ModelConfig,
     ModelSummary,
     build_model,
@@ -702,7 +703,7 @@ class Bundle:
                 weights.append(out[layer])
         return weights
 
-    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> nn.Module:
+    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> MaskedModel:
         """An eval-mode model running ``task``, its weights materialised."""
         tensors = self.task_tensors(task)
         model = build_model(_single_slot(self.config)).to(device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from supsup_deploy.bundle import (
     BASIS_FILE,
@@ -29,7 +28,7 @@ from supsup_deploy.files import new_folder
 from supsup_deploy.layers import MaskedLayer
 from supsup_deploy.masking import load_alpha_table, use_alpha
 from supsup_deploy.masks import MAX_BASIS, check_density
-from supsup_deploy.models import ModelConfig, build_model, masked_layers
+from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 
 RESIDUAL_BRANCH_SCALE = 0.2
@@ -108,11 +107,11 @@ def write_random_bundle(
 
 @torch.no_grad()
 def _plausible_task(
-    model: nn.Module, alpha: torch.Tensor, spec: InputSpec, seed: int
+    model: MaskedModel, alpha: torch.Tensor, spec: InputSpec, seed: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scale the residual branches, then take norm statistics from one seeded random batch."""
     alpha = alpha.clone()
-    ends = model.residual_branch_ends() if hasattr(model, "residual_branch_ends") else []
+    ends = model.residual_branch_ends()
     for end in ends:
         if isinstance(end, MaskedLayer):
             alpha[end.layer_index] *= RESIDUAL_BRANCH_SCALE

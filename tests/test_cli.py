@@ -71,7 +71,7 @@ def test_closed_sets_match_the_library():
 
     from cli import _choices
     from supsup_deploy import data, export, mask_encoding, normalization, pack, runtime, train
-    from supsup_deploy.models import _api
+    from supsup_deploy.models import config
     from supsup_deploy.task_inference import METHODS
 
     library = {
@@ -84,7 +84,7 @@ def test_closed_sets_match_the_library():
         "Exporter": export.EXPORTERS,
         "Runtime": runtime.RUNTIMES,
         "TaskInferenceMethod": METHODS,
-        "Stem": _api.STEMS,
+        "Stem": config.STEMS,
     }
     for name, values in library.items():
         assert get_args(getattr(_choices, name)) == tuple(values), name

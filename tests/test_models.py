@@ -9,7 +9,7 @@ import torchvision
 from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.masking import effective_weights, use_scores
-from supsup_deploy.models import get_model_entry, masked_layers
+from supsup_deploy.models import MaskedModel, get_model_entry, masked_layers
 
 ALL_MODELS = list_models()
 TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]
@@ -128,3 +128,18 @@ def test_get_model_runs_as_built():
         bare(torch.randn(2, 1, 16, 16))
     with pytest.raises(ConfigError, match="unknown weights"):
         get_model("gem_resnet18", weights="imagenet")
+
+
+def test_the_interface_is_enforced(monkeypatch):
+    from supsup_deploy.models import _api
+
+    class NoPairs(MaskedModel):
+        def residual_branch_ends(self):
+            return []
+
+    with pytest.raises(TypeError, match="conv_norm_pairs"):
+        NoPairs(ModelConfig(arch="resnet18"))
+    plain = _api.ModelEntry("plain_net", lambda config: torch.nn.Linear(1, 1), "test")
+    monkeypatch.setitem(_api._MODELS, "plain_net", plain)
+    with pytest.raises(TypeError, match="must return a MaskedModel"):
+        get_model("plain_net")
