@@ -348,7 +348,7 @@ def probe_batch(bundle: Bundle, batch: int = PROBE_BATCH) -> tuple[torch.Tensor,
     """Real test images of the bundle's dataset when it is available, else a seeded batch."""
     from supsup_deploy import data as datasets
 
-    name = (bundle.metadata.get("extra") or {}).get("dataset")
+    name = bundle.dataset
     if name:
         try:
             test = datasets.load_dataset(name, split="test")

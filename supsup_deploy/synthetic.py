@@ -23,11 +23,10 @@ from supsup_deploy.bundle import (
     save_task,
     task_file_name,
 )
-from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import new_folder
 from supsup_deploy.layers import MaskedLayer
 from supsup_deploy.masking import load_alpha_table, use_alpha
-from supsup_deploy.masks import MAX_BASIS, check_density
+from supsup_deploy.masks import check_density, check_num_basis
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 
@@ -69,8 +68,7 @@ def write_random_bundle(
     """
     out = Path(out)
     check_density(density)
-    if not 1 <= num_basis <= MAX_BASIS:
-        raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    check_num_basis(num_basis)
     model = build_model(ModelConfig.from_dict({**config.to_dict(), "num_tasks": 1}))
     generator = torch.Generator().manual_seed(seed)
     layers = masked_layers(model)
@@ -84,9 +82,8 @@ def write_random_bundle(
     noise = [torch.randn(len(layers), num_basis, generator=generator) for _ in range(alpha_tasks)]
     tables += [1.0 / num_basis + ALPHA_NOISE * table for table in noise]
     use_alpha(model, basis)
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.momentum = 1.0  # the statistics of one batch, replacing the slot's
+    for norm in model.task_norms():
+        norm.momentum = 1.0  # the statistics of one batch, replacing the slot's
     with new_folder(out) as staging:
         digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
         for index, alpha in enumerate(tables):
