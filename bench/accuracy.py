@@ -34,7 +34,7 @@ import torch
 from bench._common import machine_info, print_table, write_result
 from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
-from supsup_deploy.normalization import TaskBatchNorm2d, load_norm_state
+from supsup_deploy.normalization import load_norm_state, task_norms
 from supsup_deploy.train import (
     RunData,
     TrainConfig,
@@ -71,14 +71,10 @@ def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
     return run_dir, dedicated_dir
 
 
-def norm_layers(model: torch.nn.Module) -> list[TaskBatchNorm2d]:
-    return [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
-
-
 @torch.no_grad()
 def statistics_over_basis(model: torch.nn.Module, task: int, basis_tasks: range) -> None:
     """Replace slot ``task``'s statistics by per-layer least-squares mixes of the basis slots'."""
-    for module in norm_layers(model):
+    for module in task_norms(model):
         for name, transform, inverse in (
             ("running_mean", lambda x: x, lambda x: x),
             ("running_var", torch.log, torch.exp),
@@ -93,14 +89,14 @@ def statistics_over_basis(model: torch.nn.Module, task: int, basis_tasks: range)
 @torch.no_grad()
 def recalibrate(model: torch.nn.Module, task: int, images: torch.Tensor) -> None:
     """Re-estimate slot ``task``'s statistics from one batch of unlabelled images."""
-    for module in norm_layers(model):
+    for module in task_norms(model):
         module.running_mean[task].zero_()
         module.running_var[task].fill_(1.0)
         module.momentum = 1.0  # the running statistics become exactly this batch's
     model.train()
     model(images)
     model.eval()
-    for module in norm_layers(model):
+    for module in task_norms(model):
         module.momentum = 0.1
 
 

@@ -41,8 +41,15 @@ from supsup_deploy.files import (
 )
 from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.masking import use_fixed
-from supsup_deploy.masks import MAX_BASIS, code_value_table, codes_from_packed, pack_bits
+from supsup_deploy.masks import (
+    MAX_BASIS,
+    check_num_basis,
+    code_value_table,
+    codes_from_packed,
+    pack_bits,
+)
 from supsup_deploy.models import (
+    MaskedModel,
     ModelConfig,
     ModelSummary,
     build_model,
@@ -70,7 +77,8 @@ TASK_FILE_PATTERN = re.compile(
 TASK_FILE_SUFFIX = ".safetensors"
 MAX_LISTED_TASKS = 10
 """Tasks named in the error for an unknown task."""
-FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""The dtypes a task's float tensors (alpha table, norm statistics) may be stored in, by name."""
 CONFIG_FIELDS = {
     "arch": str,
     "num_classes": int,
@@ -227,8 +235,7 @@ def save_basis(
     """
     summary = summarize_model(model_config.arch, **_options(model_config))
     num_basis = len(basis_masks)
-    if not 1 <= num_basis <= MAX_BASIS:
-        raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    check_num_basis(num_basis)
     if encoding not in ENCODINGS:
         raise ConfigError(f"unknown mask encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
     tensors = {}
@@ -340,6 +347,7 @@ class _BasisHeader:
     input: InputSpec
     num_basis: int
     encoding: str
+    dataset: str
 
     def max_file_bytes(self) -> int:
         """The largest basis file this architecture can need; larger ones are never read."""
@@ -373,6 +381,7 @@ class Bundle:
         self.format_version = header.version
         self.config, self.summary = header.config, header.summary
         self.input, self.num_basis = header.input, header.num_basis
+        self.dataset = header.dataset  # the training dataset's name ("" when not recorded)
         self.basis_sha256 = file_sha256(self.basis_path)
         self._check_basis_tensors(tensors, header.encoding)
         self._checked: dict[int, tuple[TaskInfo, dict[str, torch.Tensor]]] = {}
@@ -611,7 +620,7 @@ class Bundle:
             raise FormatError(f"{file}: tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
             tensor = tensors[key]
-            if tensor.dtype not in FLOAT_DTYPES or tuple(tensor.shape) != shape:
+            if tensor.dtype not in FLOAT_DTYPES.values() or tuple(tensor.shape) != shape:
                 raise FormatError(
                     f"{file}: {key} is {tensor.dtype} {list(tensor.shape)}, "
                     f"expected float32 or float16 {list(shape)}"
@@ -702,7 +711,7 @@ class Bundle:
                 weights.append(out[layer])
         return weights
 
-    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> nn.Module:
+    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> MaskedModel:
         """An eval-mode model running ``task``, its weights materialised."""
         tensors = self.task_tensors(task)
         model = build_model(_single_slot(self.config)).to(device)
@@ -833,7 +842,9 @@ def _basis_header(path: Path, metadata: dict[str, Any]) -> _BasisHeader:
     if not isinstance(dataset, str):
         raise FormatError(f"{path}: extra.dataset must be a string")
     spec = _input_spec(path, metadata.get("input"), config)
-    return _BasisHeader(metadata["format_version"], config, summary, spec, num_basis, encoding)
+    return _BasisHeader(
+        metadata["format_version"], config, summary, spec, num_basis, encoding, dataset
+    )
 
 
 def _model_config(path: Path, values: Any) -> ModelConfig:

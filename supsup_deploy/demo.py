@@ -7,7 +7,6 @@ finished run is not retrained and an existing bundle is reused after validation.
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from supsup_deploy.bundle import Bundle, load_bundle
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import FormatError
 from supsup_deploy.files import atomic_write_bytes, atomic_write_json
+from supsup_deploy.steps import StepTimer
 
 DEMO_TRAIN = {"epochs": 2, "max_train_samples": 1500, "max_test_samples": 1000}
 DEMO_IMAGES_PER_TASK = 32
@@ -116,7 +116,7 @@ def write_demo_images(bundle: Bundle, paths: DemoPaths) -> dict[int, DemoImages]
 
     from supsup_deploy import data as datasets
 
-    test = datasets.load_dataset(bundle.metadata["extra"]["dataset"], split="test")
+    test = datasets.load_dataset(bundle.dataset, split="test")
     written = {}
     for info in bundle.tasks:
         classes = list(info.metrics["classes"])
@@ -235,15 +235,8 @@ def run_demo(
     """
     paths = DemoPaths(Path(root))
     device = resolve_device(device)
-    timings: dict[str, float] = {}
-
-    def timed(name: str, action, *args, **kwargs):
-        if step:
-            step(name)
-        started = time.perf_counter()
-        value = action(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - started, 2)
-        return value
+    seconds: dict[str, float] = {}
+    timed = StepTimer(seconds=seconds, announce=step).run
 
     metrics = timed("train", train_demo, paths, device=device, reporter=reporter)
     bundle = timed("pack", pack_demo, paths)
@@ -272,4 +265,4 @@ def run_demo(
         },
     }
     atomic_write_json(paths.summary, summary)
-    return {**summary, "seconds": timings}
+    return {**summary, "seconds": {name: round(value, 2) for name, value in seconds.items()}}

@@ -30,6 +30,7 @@ from supsup_deploy.devices import onnx_providers, resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
 from supsup_deploy.files import atomic_write_bytes
 from supsup_deploy.layers import MaskedConv2d, MaskedLinear
+from supsup_deploy.models import MaskedModel
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 
 FP32_TOLERANCE = 1e-4
@@ -63,13 +64,12 @@ class ParityReport:
         return asdict(self)
 
 
-def inference_module(model: nn.Module) -> nn.Module:
+def inference_module(model: MaskedModel) -> nn.Module:
     """A plain copy of a bundle model: ``nn.Conv2d``/``nn.Linear`` with the task's weights, each
     conv-following BatchNorm folded into its conv, other norms as standard non-affine modules."""
     plain = copy.deepcopy(model).eval()
     folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    pairs = plain.conv_norm_pairs() if hasattr(plain, "conv_norm_pairs") else []
-    for conv_path, norm_path in pairs:
+    for conv_path, norm_path in plain.conv_norm_pairs():
         norm = plain.get_submodule(norm_path)
         if isinstance(norm, TaskBatchNorm2d):
             scale = torch.rsqrt(norm.running_var[norm.task] + norm.eps)
@@ -183,7 +183,7 @@ class TaskExporter:
         self.fp16 = fp16
         self.device = resolve_device(device)
         self._template = None
-        self._model: nn.Module | None = None
+        self._model: MaskedModel | None = None
         self.traces = 0
 
     def export(
@@ -348,7 +348,7 @@ def probe_batch(bundle: Bundle, batch: int = PROBE_BATCH) -> tuple[torch.Tensor,
     """Real test images of the bundle's dataset when it is available, else a seeded batch."""
     from supsup_deploy import data as datasets
 
-    name = (bundle.metadata.get("extra") or {}).get("dataset")
+    name = bundle.dataset
     if name:
         try:
             test = datasets.load_dataset(name, split="test")

@@ -251,3 +251,8 @@ class MaskedLinear(MaskedLayer):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return F.linear(inputs, self.effective_weight())
+
+
+def masked_layers(model: nn.Module) -> list[MaskedLayer]:
+    """The model's masked layers in module order (the order of ``layer_index``)."""
+    return [module for module in model.modules() if isinstance(module, MaskedLayer)]

@@ -15,7 +15,7 @@ from supsup_deploy.errors import ConfigError
 from supsup_deploy.layers import AlphaMask, FixedWeight, ScoreMask
 from supsup_deploy.masks import resolve_densities
 from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import task_norms
 
 MaskSet = Sequence[torch.Tensor]
 
@@ -137,9 +137,8 @@ def effective_weights(model: nn.Module) -> list[torch.Tensor]:
 
 def set_task(model: nn.Module, task: int) -> None:
     """Select the normalisation statistics slot of every per-task norm layer."""
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.set_task(task)
+    for norm in task_norms(model):
+        norm.set_task(task)
 
 
 def model_device(model: nn.Module) -> torch.device:

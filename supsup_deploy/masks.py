@@ -201,10 +201,10 @@ def codes_from_packed(packed: torch.Tensor, negative: torch.Tensor, numel: int) 
     return codes
 
 
-def check_num_basis(num_basis: int) -> None:
-    """Raise ConfigError unless ``1 <= num_basis <= MAX_BASIS``."""
+def check_num_basis(num_basis: int, *, name: str = "the number of basis masks") -> None:
+    """Raise ConfigError unless ``1 <= num_basis <= MAX_BASIS``; ``name`` opens the message."""
     if not 1 <= num_basis <= MAX_BASIS:
-        raise ConfigError(f"the number of basis masks must be in 1..{MAX_BASIS}, got {num_basis}")
+        raise ConfigError(f"{name} must be in 1..{MAX_BASIS}, got {num_basis}")
 
 
 def code_value_table(alpha: torch.Tensor, constant: float) -> torch.Tensor:

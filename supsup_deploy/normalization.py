@@ -97,7 +97,22 @@ class GroupNorm2d(nn.Module):
         return f"{self.num_features}, groups={self.groups}, affine=False"
 
 
-def make_norm(kind: str, num_features: int, *, num_tasks: int = 1, groups: int = 4) -> nn.Module:
+NormLayer = TaskBatchNorm2d | GroupNorm2d
+
+
+def task_norms(model: nn.Module) -> list[TaskBatchNorm2d]:
+    """The model's normalisation layers with per-task statistics, in module order."""
+    return [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+
+
+def norm_layers(model: nn.Module) -> list[NormLayer]:
+    """Every normalisation layer of the model, in module order."""
+    return [
+        module for module in model.modules() if isinstance(module, (TaskBatchNorm2d, GroupNorm2d))
+    ]
+
+
+def make_norm(kind: str, num_features: int, *, num_tasks: int = 1, groups: int = 4) -> NormLayer:
     """Build the normalisation layer of the given kind (``"batch"`` or ``"group"``)."""
     if kind == "batch":
         return TaskBatchNorm2d(num_features, num_tasks=num_tasks)
@@ -108,7 +123,7 @@ def make_norm(kind: str, num_features: int, *, num_tasks: int = 1, groups: int =
 
 def norm_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
     """One task's normalisation statistics, concatenated over the per-task norm layers."""
-    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    norms = task_norms(model)
     if not norms:
         return {}
     return {
@@ -119,7 +134,7 @@ def norm_state(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
 
 def load_norm_state(model: nn.Module, task: int, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`norm_state` into slot ``task``."""
-    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d)]
+    norms = task_norms(model)
     if not norms:
         return
     sizes = [m.num_features for m in norms]

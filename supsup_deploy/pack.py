@@ -9,6 +9,7 @@ import torch
 
 from supsup_deploy.bundle import (
     BASIS_FILE,
+    FLOAT_DTYPES,
     TASKS_FOLDER,
     Bundle,
     InputSpec,
@@ -29,8 +30,6 @@ from supsup_deploy.train import (
     read_task_masks,
     task_path,
 )
-
-NORM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def pack_run(
@@ -59,7 +58,7 @@ def pack_run(
         >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
     """
     run_dir, out = Path(run_dir), Path(out)
-    if norm_dtype not in NORM_DTYPES:
+    if norm_dtype not in FLOAT_DTYPES:
         raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
     if out.exists():
         raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
@@ -88,7 +87,7 @@ def pack_run(
         )
         for index in range(config.num_tasks):
             if task_path(run_dir, index).exists():
-                _pack_task(run_dir, index, config, staging, basis_sha256, NORM_DTYPES[norm_dtype])
+                _pack_task(run_dir, index, config, staging, basis_sha256, FLOAT_DTYPES[norm_dtype])
     return load_bundle(out)
 
 

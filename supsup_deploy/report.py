@@ -22,7 +22,7 @@ from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
 from supsup_deploy.mask_encoding import encode_mask
-from supsup_deploy.masks import MAX_BASIS, check_density, kept_count
+from supsup_deploy.masks import check_density, check_num_basis, kept_count
 from supsup_deploy.models import (
     ModelConfig,
     ModelSummary,
@@ -53,7 +53,6 @@ NORM_DEFINITION = (
     "per-task running mean and variance of every batch-norm channel (0 for statistic-free norms); "
     "added to every scheme's per-task bytes"
 )
-NORM_DTYPE_BYTES = {"float32": 4, "float16": 2}
 ALPHA_SCHEMES = ("alpha_fp32", "alpha_fp16")
 WORD_BITS = 64
 
@@ -119,12 +118,11 @@ class StorageSettings:
     input_size: int = 224
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_basis <= MAX_BASIS:
-            raise ConfigError(f"--basis must be in 1..{MAX_BASIS}, got {self.num_basis}")
+        check_num_basis(self.num_basis, name="--basis")
         if self.num_tasks < 1:
             raise ConfigError(f"--tasks must be at least 1, got {self.num_tasks}")
         check_density(self.density)
-        if self.norm_dtype not in NORM_DTYPE_BYTES:
+        if self.norm_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"unknown norm dtype {self.norm_dtype!r}: use float32 or float16")
         if self.input_size < 1:
             raise ConfigError(f"--input-size must be positive, got {self.input_size}")
@@ -217,7 +215,8 @@ def poster_units(summary: ModelSummary, num_basis: int) -> dict[str, int]:
     return {
         "words64_per_mask": math.ceil(summary.masked_weights / WORD_BITS),
         "alpha_values_per_new_task": num_basis * summary.masked_layers,
-        "norm_values_per_new_task": norm_bytes_per_task(summary) // NORM_DTYPE_BYTES["float32"],
+        "norm_values_per_new_task": norm_bytes_per_task(summary)
+        // FLOAT_DTYPES["float32"].itemsize,
     }
 
 
@@ -225,7 +224,7 @@ def norm_bytes_per_task(summary: ModelSummary, norm_dtype: str = "float32") -> i
     """Bytes of one task's normalisation statistics (running mean and variance)."""
     if summary.config.norm != "batch":
         return 0
-    return 2 * summary.norm_channels * NORM_DTYPE_BYTES[norm_dtype]
+    return 2 * summary.norm_channels * FLOAT_DTYPES[norm_dtype].itemsize
 
 
 def storage_row(arch: str, settings: StorageSettings | None = None, **options: Any) -> StorageRow:
@@ -572,14 +571,20 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     for info in bundle.tasks:
         tensors = bundle.task_tensors(info.index)
         alpha = tensors["alpha"]
-        norm_dtype = "float32"
-        if "norm.running_mean" in tensors:
-            norm_dtype = FLOAT_DTYPES[tensors["norm.running_mean"].dtype]
+        norm_dtype = _stored_norm_dtype(tensors)
         predicted[f"{info.name}.alpha"] = (
             alpha.element_size() * bundle.num_basis * summary.masked_layers
         )
         predicted[f"{info.name}.norm"] = norm_bytes_per_task(summary, norm_dtype)
     return predicted
+
+
+def _stored_norm_dtype(tensors: dict[str, torch.Tensor]) -> str:
+    """The name of the dtype a task stores its norm statistics in (float32 when it has none)."""
+    norm = tensors.get("norm.running_mean")
+    if norm is None:
+        return "float32"
+    return next(name for name, dtype in FLOAT_DTYPES.items() if dtype == norm.dtype)
 
 
 def bundle_mask_encoding(bundle: Bundle) -> str:
@@ -674,9 +679,7 @@ def bundle_storage(bundle: Bundle) -> StorageRow:
     """
     norm_dtype = "float32"
     if bundle.tasks:
-        tensors = bundle.task_tensors(bundle.tasks[0].index)
-        if "norm.running_mean" in tensors:
-            norm_dtype = FLOAT_DTYPES[tensors["norm.running_mean"].dtype]
+        norm_dtype = _stored_norm_dtype(bundle.task_tensors(bundle.tasks[0].index))
     kept = sum(
         int(np.unpackbits(bundle.packed_basis(layer).numpy()).sum())
         for layer in range(bundle.summary.masked_layers)

@@ -91,7 +91,7 @@ def dataset_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The task's images and labels (0..k-1) from the dataset the bundle was trained on."""
     info = bundle.task(task)
-    name = (bundle.metadata.get("extra") or {}).get("dataset")
+    name = bundle.dataset
     classes = info.metrics.get("classes")
     if not name or not classes:
         raise ConfigError(

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from supsup_deploy import backbone
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.layers import WeightSource
@@ -45,9 +45,6 @@ ADAPTERS_FOLDER = "tasks"
 ADAPTER_SUFFIX = ".onnx_adapter"
 MAX_PLANE_BASIS_BITS = 15
 """Basis bits one code plane holds beside the sign bit (a uint16 code)."""
-
-_ONNX_DTYPES = {"float32": 1, "float16": 10}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ def task_feed(bundle: Bundle, task: int | str, inputs: tuple[TaskInput, ...]) ->
                 f"{info.path}: {spec.name} is float32 but the shared graph takes float16; "
                 "export the shared graph again to include this task"
             )
-        feed[spec.name] = tensor.to(_TORCH_DTYPES[spec.dtype]).numpy()
+        feed[spec.name] = tensor.to(FLOAT_DTYPES[spec.dtype]).numpy()
     return feed
 
 
@@ -257,7 +254,9 @@ def build_shared_graph(bundle: Bundle, *, opset: int = DEFAULT_OPSET):
     float_names = {}
     for spec in inputs:
         graph.input.append(
-            helper.make_tensor_value_info(spec.name, _ONNX_DTYPES[spec.dtype], spec.shape)
+            helper.make_tensor_value_info(
+                spec.name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), spec.shape
+            )
         )
         initializers.append(numpy_helper.from_array(defaults[spec.name], spec.name))
         float_names[spec.name] = spec.name

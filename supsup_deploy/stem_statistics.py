@@ -20,7 +20,7 @@ from supsup_deploy.bundle import Bundle
 from supsup_deploy.layers import MaskedConv2d
 from supsup_deploy.masks import code_value_table
 from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
 
 FEATURE_BUDGET = 1 << 24
 """Basis feature values (float64) held at once; larger batches are processed in chunks."""
@@ -70,7 +70,7 @@ class StemStatistics:
     def for_bundle(cls, bundle: Bundle, model: nn.Module, device) -> StemStatistics | None:
         """The scorer for a bundle's model, or None when its stem is not ``conv -> norm``."""
         layers = masked_layers(model)
-        norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+        norms = task_norms(model)
         if not norms or not isinstance(layers[0], MaskedConv2d):
             return None
         seen: dict[str, torch.Tensor] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from supsup_deploy.bundle import (
     BASIS_FILE,
@@ -24,12 +23,11 @@ from supsup_deploy.bundle import (
     save_task,
     task_file_name,
 )
-from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import new_folder
 from supsup_deploy.layers import MaskedLayer
 from supsup_deploy.masking import load_alpha_table, use_alpha
-from supsup_deploy.masks import MAX_BASIS, check_density
-from supsup_deploy.models import ModelConfig, build_model, masked_layers
+from supsup_deploy.masks import check_density, check_num_basis
+from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 
 RESIDUAL_BRANCH_SCALE = 0.2
@@ -71,8 +69,7 @@ def write_random_bundle(
     """
     out = Path(out)
     check_density(density)
-    if not 1 <= num_basis <= MAX_BASIS:
-        raise ConfigError(f"a bundle needs 1..{MAX_BASIS} basis masks, got {num_basis}")
+    check_num_basis(num_basis)
     model = build_model(ModelConfig.from_dict({**config.to_dict(), "num_tasks": 1}))
     generator = torch.Generator().manual_seed(seed)
     layers = masked_layers(model)
@@ -86,9 +83,8 @@ def write_random_bundle(
     noise = [torch.randn(len(layers), num_basis, generator=generator) for _ in range(alpha_tasks)]
     tables += [1.0 / num_basis + ALPHA_NOISE * table for table in noise]
     use_alpha(model, basis)
-    for module in model.modules():
-        if isinstance(module, TaskBatchNorm2d):
-            module.momentum = 1.0  # the statistics of one batch, replacing the slot's
+    for norm in model.task_norms():
+        norm.momentum = 1.0  # the statistics of one batch, replacing the slot's
     with new_folder(out) as staging:
         digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
         for index, alpha in enumerate(tables):
@@ -112,11 +108,11 @@ def write_random_bundle(
 
 @torch.no_grad()
 def _plausible_task(
-    model: nn.Module, alpha: torch.Tensor, spec: InputSpec, seed: int
+    model: MaskedModel, alpha: torch.Tensor, spec: InputSpec, seed: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scale the residual branches, then take norm statistics from one seeded random batch."""
     alpha = alpha.clone()
-    ends = model.residual_branch_ends() if hasattr(model, "residual_branch_ends") else []
+    ends = model.residual_branch_ends()
     for end in ends:
         if isinstance(end, MaskedLayer):
             alpha[end.layer_index] *= RESIDUAL_BRANCH_SCALE

@@ -59,7 +59,7 @@ from supsup_deploy.bundle import Bundle, _single_slot
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.layers import AlphaMask
 from supsup_deploy.models import build_model, masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
 from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 
 METHODS = ("auto", "statistics", "information", "oneshot")
@@ -162,9 +162,8 @@ class TaskInferrer:
         self.model = build_model(_single_slot(bundle.config)).to(device)
         for layer, codes in zip(masked_layers(self.model), bundle.codes(device), strict=True):
             layer.set_source(AlphaMask(layer, codes, bundle.num_basis))
-        for module in self.model.modules():
-            if isinstance(module, TaskBatchNorm2d):
-                module.momentum = 0.0  # batch statistics, leaving the running ones untouched
+        for norm in self.model.task_norms():
+            norm.momentum = 0.0  # batch statistics, leaving the running ones untouched
         self.model.train()
 
     def infer(self, images: torch.Tensor, *, check_mixed: bool = True) -> TaskGuess:
@@ -281,7 +280,7 @@ def statistics_divergence(model: torch.nn.Module, images: torch.Tensor) -> float
         mean = module.running_mean[module.task].double()
         divergences.append(gaussian_divergence(batch_mean.double(), batch_var, mean, var).mean())
 
-    norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+    norms = task_norms(model)
     handles = [norm.register_forward_hook(measure) for norm in norms]
     try:
         model(images)

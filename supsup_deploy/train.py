@@ -51,7 +51,7 @@ from supsup_deploy.masking import (
 )
 from supsup_deploy.masks import check_num_basis, pack_bits, resolve_densities, unpack_bits
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry, masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d, load_norm_state, norm_state
+from supsup_deploy.normalization import load_norm_state, norm_state, task_norms
 
 RUN_FORMAT = "supsup-run"
 RUN_FORMAT_VERSION = 1
@@ -453,10 +453,9 @@ def _shard(images: torch.Tensor, labels: torch.Tensor, parallel: _Distributed):
 
 def _reset_norm_slot(model: nn.Module, task: int) -> None:
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, TaskBatchNorm2d):
-                module.running_mean[task].zero_()
-                module.running_var[task].fill_(1.0)
+        for norm in task_norms(model):
+            norm.running_mean[task].zero_()
+            norm.running_var[task].fill_(1.0)
 
 
 @torch.no_grad()
@@ -470,7 +469,7 @@ def refresh_norm_statistics(
     statistics of up to ``NORM_REFRESH_IMAGES`` training images, in their stored order. The norm
     layers' selected slot is ``task`` meanwhile and is restored afterwards; no other slot changes.
     """
-    norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
+    norms = task_norms(model)
     if not norms:
         return
     was_training = model.training

@@ -25,6 +25,7 @@ from supsup_deploy.export import TaskExporter, export_shared, probe_batch
 from supsup_deploy.masks import unpack_bits
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.report import compare_bundle_bytes
+from supsup_deploy.steps import StepTimer
 
 QUICK_ARCHS = ("gem_resnet18", "resnet18")
 VERIFY_INPUT_SIZE = 32
@@ -75,22 +76,6 @@ class VerifyResult:
         }
 
 
-class _Steps:
-    """Runs named steps, reporting each to ``progress`` and recording its time in the result."""
-
-    def __init__(self, result: VerifyResult, progress) -> None:
-        self.result = result
-        self.progress = progress
-
-    def run(self, name: str, action, *args, **kwargs):
-        if self.progress:
-            self.progress(self.result.arch, name)
-        started = time.perf_counter()
-        value = action(*args, **kwargs)
-        self.result.seconds[name] = time.perf_counter() - started
-        return value
-
-
 def verify_architecture(
     arch: str,
     work_dir: str | Path,
@@ -121,7 +106,7 @@ def verify_architecture(
     result = VerifyResult(
         arch=arch, source="trained run" if run_dir else "seeded random masks", device=device
     )
-    steps = _Steps(result, progress)
+    steps = _steps(result, progress)
     try:
         if run_dir is not None:
             from supsup_deploy.pack import pack_run
@@ -173,7 +158,7 @@ def verify_bundle(
     bundle = load_bundle(bundle_path)
     result = VerifyResult(arch=bundle.config.arch, source=str(bundle_path), device=device)
     result.seconds["load"] = time.perf_counter() - started
-    steps = _Steps(result, progress)
+    steps = _steps(result, progress)
     try:
         _check_bundle(bundle, result, steps, Path(work_dir), accuracy=True, device=device)
     except SupsupError as error:
@@ -181,10 +166,16 @@ def verify_bundle(
     return result
 
 
+def _steps(result: VerifyResult, progress) -> StepTimer:
+    """Steps timed into ``result.seconds``, each announced to ``progress(arch, step)``."""
+    announce = (lambda name: progress(result.arch, name)) if progress else None
+    return StepTimer(seconds=result.seconds, announce=announce)
+
+
 def _check_bundle(
     bundle: Bundle,
     result: VerifyResult,
-    steps: _Steps,
+    steps: StepTimer,
     work_dir: Path,
     *,
     accuracy: bool,

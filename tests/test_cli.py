@@ -70,8 +70,8 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import data, export, mask_encoding, normalization, pack, runtime, train
-    from supsup_deploy.models import _api
+    from supsup_deploy import bundle, data, export, mask_encoding, normalization, runtime, train
+    from supsup_deploy.models import config
     from supsup_deploy.task_inference import METHODS
 
     library = {
@@ -79,12 +79,12 @@ def test_closed_sets_match_the_library():
         "Protocol": data.PROTOCOLS,
         "Norm": normalization.NORM_KINDS,
         "DistributedMode": train.DISTRIBUTED_MODES,
-        "NormDtype": tuple(pack.NORM_DTYPES),
+        "NormDtype": tuple(bundle.FLOAT_DTYPES),
         "MaskEncoding": mask_encoding.ENCODINGS,
         "Exporter": export.EXPORTERS,
         "Runtime": runtime.RUNTIMES,
         "TaskInferenceMethod": METHODS,
-        "Stem": _api.STEMS,
+        "Stem": config.STEMS,
     }
     for name, values in library.items():
         assert get_args(getattr(_choices, name)) == tuple(values), name

@@ -8,8 +8,10 @@ import torchvision
 
 from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
 from supsup_deploy.errors import ConfigError
+from supsup_deploy.layers import MaskedConv2d, MaskedLayer
 from supsup_deploy.masking import effective_weights, use_scores
-from supsup_deploy.models import get_model_entry, masked_layers
+from supsup_deploy.models import MaskedModel, get_model_entry, masked_layers, task_norms
+from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 
 ALL_MODELS = list_models()
 TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]
@@ -78,6 +80,43 @@ def test_forward_at_small_input(name):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_architecture_implements_the_interface(name):
+    """timm style: each registered builder returns a MaskedModel whose methods describe it."""
+    model = get_model(name, num_classes=3, stem="cifar", width=1 / 16, seed=1).eval()
+    assert isinstance(model, MaskedModel)
+    assert model.config == get_model_entry(name).config(
+        num_classes=3, stem="cifar", width=1 / 16, seed=1
+    )
+    summary = summarize_model(name, num_classes=3, stem="cifar", width=1 / 16, seed=1)
+    layers = model.masked_layers()
+    assert [layer.layer_index for layer in layers] == list(range(summary.masked_layers))
+    assert [layer.weight_shape for layer in layers] == list(summary.weight_shapes)
+    assert model.norm_layers() == model.task_norms() == task_norms(model)
+    assert len(model.task_norms()) == summary.norm_layers
+    group = get_model(name, weights=None, width=1 / 16, norm="group")
+    assert group.task_norms() == [] and len(group.norm_layers()) == summary.norm_layers
+    assert all(isinstance(norm, GroupNorm2d) for norm in group.norm_layers())
+
+    inputs_of, outputs_of = {}, {}
+
+    def record(module, inputs, output):
+        inputs_of[module], outputs_of[module] = inputs[0], output
+
+    for module in [*layers, *model.task_norms()]:
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    pairs = model.conv_norm_pairs()
+    for conv_path, norm_path in pairs:
+        conv, norm = model.get_submodule(conv_path), model.get_submodule(norm_path)
+        assert isinstance(conv, MaskedConv2d) and isinstance(norm, TaskBatchNorm2d)
+        assert inputs_of[norm] is outputs_of[conv], f"{norm_path} does not normalise {conv_path}"
+    ends = model.residual_branch_ends()
+    assert ends and all(isinstance(end, MaskedLayer | TaskBatchNorm2d) for end in ends)
+    assert set(ends) <= set(model.modules())
+
+
 def test_imagenet_stem_forward():
     model = get_model("resnet18", num_classes=4).eval()
     use_scores(model, "er:2", generator=torch.Generator().manual_seed(0))
@@ -128,3 +167,18 @@ def test_get_model_runs_as_built():
         bare(torch.randn(2, 1, 16, 16))
     with pytest.raises(ConfigError, match="unknown weights"):
         get_model("gem_resnet18", weights="imagenet")
+
+
+def test_the_interface_is_enforced(monkeypatch):
+    from supsup_deploy.models import _api
+
+    class NoPairs(MaskedModel):
+        def residual_branch_ends(self):
+            return []
+
+    with pytest.raises(TypeError, match="conv_norm_pairs"):
+        NoPairs(ModelConfig(arch="resnet18"))
+    plain = _api.ModelEntry("plain_net", lambda config: torch.nn.Linear(1, 1), "test")
+    monkeypatch.setitem(_api._MODELS, "plain_net", plain)
+    with pytest.raises(TypeError, match="must return a MaskedModel"):
+        get_model("plain_net")

@@ -1,8 +1,13 @@
-"""Registered architectures. Importing this package registers every family."""
+"""Registered architectures. Importing this package registers every family.
 
+To add an architecture: subclass :class:`MaskedModel` (``interface.py``) in a module of its
+family (as ``resnet.py`` does), register its builders with :func:`register_model`, and import
+the module here.
+"""
+
+from supsup_deploy.layers import masked_layers
 from supsup_deploy.models import resnet
 from supsup_deploy.models._api import (
-    ModelConfig,
     ModelEntry,
     ModelSummary,
     assign_layer_indices,
@@ -10,12 +15,15 @@ from supsup_deploy.models._api import (
     get_model,
     get_model_entry,
     list_models,
-    masked_layers,
     register_model,
     summarize_model,
 )
+from supsup_deploy.models.config import ModelConfig
+from supsup_deploy.models.interface import MaskedModel
+from supsup_deploy.normalization import norm_layers, task_norms
 
 __all__ = [
+    "MaskedModel",
     "ModelConfig",
     "ModelEntry",
     "ModelSummary",
@@ -25,7 +33,9 @@ __all__ = [
     "get_model_entry",
     "list_models",
     "masked_layers",
+    "norm_layers",
     "register_model",
     "resnet",
     "summarize_model",
+    "task_norms",
 ]

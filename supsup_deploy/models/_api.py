@@ -1,12 +1,12 @@
 """The architecture registry: ``register_model``, ``get_model``, ``list_models``, summaries.
 
-Every entry is a builder taking a :class:`ModelConfig`'s fields as keywords. Summaries (masked
+Every entry is a builder taking a :class:`ModelConfig` and returning a :class:`MaskedModel`
+(the interface in ``interface.py``). Summaries (masked
 layers, weights, normalisation channels) are computed on the meta device: nothing is allocated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 from collections.abc import Callable
@@ -17,63 +17,9 @@ import torch
 from torch import nn
 
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import FixedWeight, MaskedLayer
-from supsup_deploy.normalization import NORM_KINDS, GroupNorm2d, TaskBatchNorm2d
-
-STEMS = ("imagenet", "cifar")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that defines an architecture and its backbone; a bundle stores exactly this.
-
-    Attributes:
-        arch: registered architecture name.
-        num_classes: classifier outputs.
-        in_channels: input image channels.
-        stem: ``"imagenet"`` (7x7 stride-2 conv and max-pool) or ``"cifar"`` (3x3 stride-1 conv).
-        width: channel multiplier.
-        seed: backbone seed, in ``[0, 2**32)``.
-        norm: ``"batch"`` (per-task running statistics) or ``"group"`` (statistic-free).
-        norm_groups: groups of the ``"group"`` norm.
-        num_tasks: statistic slots of the ``"batch"`` norm.
-    """
-
-    arch: str
-    num_classes: int = 1000
-    in_channels: int = 3
-    stem: str = "imagenet"
-    width: float = 1.0
-    seed: int = 0
-    norm: str = "batch"
-    norm_groups: int = 4
-    num_tasks: int = 1
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
-            (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
-            (self.stem in STEMS, f"unknown stem {self.stem!r}: expected one of {STEMS}"),
-            (0 < self.width <= 64, f"width must be in (0, 64], got {self.width}"),
-            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
-            (self.norm in NORM_KINDS, f"unknown norm {self.norm!r}: expected one of {NORM_KINDS}"),
-            (self.norm_groups >= 1, f"norm_groups must be at least 1, got {self.norm_groups}"),
-            (self.num_tasks >= 1, f"num_tasks must be at least 1, got {self.num_tasks}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {item.name for item in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**values)
+from supsup_deploy.layers import FixedWeight, MaskedLayer, masked_layers
+from supsup_deploy.models.config import ModelConfig
+from supsup_deploy.models.interface import MaskedModel
 
 
 @dataclass(frozen=True)
@@ -81,7 +27,7 @@ class ModelEntry:
     """A registered architecture."""
 
     name: str
-    builder: Callable[[ModelConfig], nn.Module]
+    builder: Callable[[ModelConfig], MaskedModel]
     family: str
     defaults: dict[str, Any] = field(default_factory=dict)
     torchvision_name: str | None = None
@@ -140,7 +86,7 @@ def register_model(
     family: str,
     torchvision_name: str | None = None,
     **defaults: Any,
-) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
+) -> Callable[[Callable[[ModelConfig], MaskedModel]], Callable[[ModelConfig], MaskedModel]]:
     """Register a builder under its function name.
 
     Args:
@@ -152,7 +98,7 @@ def register_model(
         A decorator that registers and returns the builder unchanged.
     """
 
-    def decorator(builder: Callable[[ModelConfig], nn.Module]):
+    def decorator(builder: Callable[[ModelConfig], MaskedModel]):
         name = builder.__name__
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
@@ -185,7 +131,7 @@ def get_model_entry(name: str) -> ModelEntry:
 WEIGHT_CHOICES = ("backbone", None)
 
 
-def get_model(name: str, *, weights: str | None = "backbone", **options: Any) -> nn.Module:
+def get_model(name: str, *, weights: str | None = "backbone", **options: Any) -> MaskedModel:
     """Build a registered architecture, ready to run.
 
     Args:
@@ -199,7 +145,7 @@ def get_model(name: str, *, weights: str | None = "backbone", **options: Any) ->
             ``seed``, ``norm``, ``norm_groups``, ``num_tasks``); the entry's defaults fill the rest.
 
     Returns:
-        The model, with ``model.config`` set and every masked layer indexed.
+        The model (a :class:`MaskedModel`), every masked layer indexed.
 
     Example:
         >>> model = get_model("gem_resnet18", num_classes=5, seed=0)
@@ -217,10 +163,16 @@ def get_model(name: str, *, weights: str | None = "backbone", **options: Any) ->
     return model
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """Build the model a :class:`ModelConfig` describes."""
+def build_model(config: ModelConfig) -> MaskedModel:
+    """Build the model a :class:`ModelConfig` describes.
+
+    Raises:
+        ConfigError: the architecture is not registered.
+        TypeError: its builder does not return a :class:`MaskedModel` of this config.
+    """
     model = get_model_entry(config.arch).builder(config)
-    model.config = config
+    if not isinstance(model, MaskedModel) or model.config != config:
+        raise TypeError(f"the builder of {config.arch} must return a MaskedModel of its config")
     assign_layer_indices(model, config.seed)
     return model
 
@@ -230,11 +182,6 @@ def assign_layer_indices(model: nn.Module, seed: int) -> None:
     for index, layer in enumerate(masked_layers(model)):
         layer.layer_index = index
         layer.seed = seed
-
-
-def masked_layers(model: nn.Module) -> list[MaskedLayer]:
-    """The model's masked layers in module order (the order of ``layer_index``)."""
-    return [module for module in model.modules() if isinstance(module, MaskedLayer)]
 
 
 def summarize_model(name: str, **options: Any) -> ModelSummary:
@@ -263,7 +210,7 @@ def _summarize(config: ModelConfig) -> ModelSummary:
         if isinstance(module, MaskedLayer):
             names.append(module_name)
             shapes.append(module.weight_shape)
-    norms = [m for m in model.modules() if isinstance(m, (TaskBatchNorm2d, GroupNorm2d))]
+    norms = model.norm_layers()
     return ModelSummary(
         config=config,
         layer_names=tuple(names),

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supsup_deploy.layers import MaskedConv2d, MaskedLinear
-from supsup_deploy.models._api import ModelConfig, register_model
-from supsup_deploy.normalization import make_norm
+from supsup_deploy.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from supsup_deploy.models._api import register_model
+from supsup_deploy.models.config import ModelConfig
+from supsup_deploy.models.interface import MaskedModel
+from supsup_deploy.normalization import NormLayer, make_norm
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class _Norms:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
 
-    def __call__(self, channels: int) -> nn.Module:
+    def __call__(self, channels: int) -> NormLayer:
         return make_norm(
             self.config.norm,
             channels,
@@ -130,11 +132,11 @@ class PreActBottleneck(nn.Module):
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck, "preact_bottleneck": PreActBottleneck}
 
 
-class MaskedResNet(nn.Module):
+class MaskedResNet(MaskedModel):
     """A ResNet whose every conv and linear layer is masked; see :class:`ResNetLayout`."""
 
     def __init__(self, layout: ResNetLayout, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         norm = _Norms(config)
         block = _BLOCKS[layout.block]
         self.preactivation = layout.block == "preact_bottleneck"
@@ -178,7 +180,7 @@ class MaskedResNet(nn.Module):
                     pairs.append((f"{prefix}.downsample.0", f"{prefix}.downsample.1"))
         return pairs
 
-    def residual_branch_ends(self) -> list[nn.Module]:
+    def residual_branch_ends(self) -> list[MaskedLayer | NormLayer]:
         """The last module of every residual branch: its final norm, or its final conv (pre-act)."""
         return [
             getattr(block, block.branch_end)
