@@ -491,10 +491,11 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, a
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
+    from supsup_deploy.export_targets import export_target
     from supsup_deploy.shared_graph import MODEL_FILE
 
-    if fp16:
-        raise ConfigError("--fp16 applies to per-task graphs; the shared graph computes in float32")
+    target = export_target("shared" if shared else "adapter")
+    target.validate(precision="float16" if fp16 else "float32")
     if shared:
         if task is not None or adapter is not None:
             raise ConfigError("--shared exports every task: leave out --task and --adapter")

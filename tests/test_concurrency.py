@@ -204,7 +204,14 @@ def test_a_held_lock_times_out_with_a_clear_error(shipped, tmp_path):
 def test_add_task_cli_takes_a_lock_timeout(shipped, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(shipped["base"], bundle)
-    command = [sys.executable, "-m", "supsup_deploy", "add-task", str(bundle), str(shipped["task_1"])]
+    command = [
+        sys.executable,
+        "-m",
+        "supsup_deploy",
+        "add-task",
+        str(bundle),
+        str(shipped["task_1"]),
+    ]
     with folder_lock(bundle):
         result = subprocess.run(
             [*command, "--lock-timeout", "0.3"], capture_output=True, text=True, cwd=ROOT
