@@ -72,7 +72,7 @@ def test_closed_sets_match_the_library():
     from cli import _choices
     from supsup_deploy import data, export, mask_encoding, normalization, pack, runtime, train
     from supsup_deploy.models import _api
-    from supsup_deploy.task_inference import METHODS
+    from supsup_deploy.task_inference_methods import METHODS
 
     library = {
         "Dataset": tuple(data._SPECS),
