@@ -191,7 +191,8 @@ def train_command(
 
     from rich.console import Console
 
-    from supsup_deploy.train import collect_metrics, train_run
+    from supsup_deploy.runs import collect_metrics
+    from supsup_deploy.train import train_run
 
     config = _train_config(context, out, resume)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -229,7 +230,8 @@ def _train_config(context: typer.Context, out: Path, resume: bool):
     """The run's settings: from the flags, or with --resume from the run's run.json (where a
     flag given on the command line must agree with it)."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.train import TrainConfig, read_run_record
+    from supsup_deploy.runs import read_run_record
+    from supsup_deploy.train import TrainConfig
 
     names = [field.name for field in dataclasses.fields(TrainConfig)]
     settings = {name: context.params[name] for name in names}

@@ -17,16 +17,8 @@ from supsup_deploy.bundle import load_bundle, save_task
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
-from supsup_deploy.train import (
-    RunData,
-    TrainConfig,
-    collect_metrics,
-    evaluate,
-    load_task,
-    read_task_masks,
-    task_path,
-    train_run,
-)
+from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
+from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
