@@ -34,7 +34,8 @@ from ._common import (
     use_device,
     wide_console,
 )
-from .reports import report_app, verify_command
+from .reports import report_app
+from .verify import verify_command
 
 app = typer.Typer(
     help="Train, pack, materialise, export and verify supermask continual-learning models.",
@@ -589,23 +590,9 @@ def infer_command(
     Images are converted to the bundle's input format (channels, size, normalisation). With
     --dataset-split the task's images of that split are used and accuracy is reported.
     """
-    from supsup_deploy.errors import ConfigError
-
-    from ._progress import progress_bar
-
     paths = list(inputs or [])
     bundle_path = paths.pop(0) if paths and is_bundle_or_run(paths[0]) else DEFAULT_BUNDLE
-    if task is None:
-        raise ConfigError("give --task ID or NAME, or --task auto to infer it from the images")
-    if dataset_split is not None and paths:
-        raise ConfigError(
-            f"give image paths or --dataset-split, not both ({paths[0]} and --dataset-split "
-            f"{dataset_split})"
-        )
-    if onnx is not None and runtime == "torch":
-        raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size)
     bundle = open_bundle(bundle_path)
     from supsup_deploy.runtime import Runner
 
@@ -615,6 +602,7 @@ def infer_command(
         device=use_device(device),
         onnx_path=onnx,
     )
+    inference = {"method": task_inference, "steps": oneshot_steps, "shortlist": shortlist}
     if task == "auto" and dataset_split is not None:
         _print_task_inference_accuracy(
             bundle,
@@ -624,38 +612,15 @@ def infer_command(
             batch_size=min(batch_size, 64),
             limit=limit,
             data_root=data_root,
-            method=task_inference,
-            steps=oneshot_steps,
-            shortlist=shortlist,
+            **inference,
         )
         return
-    inferrer = None
-    if task == "auto":
-        from supsup_deploy.task_inference import TaskInferrer
-
-        inferrer = TaskInferrer(
-            bundle,
-            device=runner.device,
-            method=task_inference,
-            steps=oneshot_steps,
-            shortlist=shortlist,
-        )
+    inferrer = _task_inferrer(bundle, runner, **inference) if task == "auto" else None
     images, names, labels = _infer_inputs(bundle, paths, task, dataset_split, limit, data_root)
     if inferrer is not None:
-        if len(images) < 2:
-            raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        guess = inferrer.infer(images)
-        _print_task_guess(guess)
-        task = str(guess.task)
+        task = _guess_task(inferrer, images)
     info = bundle.task(task)
-    predictions = []
-    with progress_bar(f"task {info.index}", len(images)) as advance:
-        for start in range(0, len(images), batch_size):
-            rows = slice(start, start + batch_size)
-            predictions += runner.predict(
-                info.index, images[rows], names[rows], None if labels is None else labels[rows]
-            )
-            advance(len(names[rows]))
+    predictions = _predict_in_batches(runner, info.index, images, names, labels, batch_size)
     accuracy = None
     if labels is not None and predictions:
         accuracy = sum(p.class_index == p.label for p in predictions) / len(predictions)
@@ -670,6 +635,64 @@ def infer_command(
             }
         )
         return
+    _print_predictions(predictions, accuracy, runner)
+
+
+def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) -> None:
+    """Refuse option combinations ``infer`` cannot run, each with one line."""
+    from supsup_deploy.errors import ConfigError
+
+    if task is None:
+        raise ConfigError("give --task ID or NAME, or --task auto to infer it from the images")
+    if dataset_split is not None and paths:
+        raise ConfigError(
+            f"give image paths or --dataset-split, not both ({paths[0]} and --dataset-split "
+            f"{dataset_split})"
+        )
+    if onnx is not None and runtime == "torch":
+        raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def _task_inferrer(bundle, runner, *, method: str, steps: int, shortlist: int):
+    """``--task auto``: the task inferrer, built before any image is read (so a method the
+    bundle cannot run fails first)."""
+    from supsup_deploy.task_inference import TaskInferrer
+
+    return TaskInferrer(
+        bundle, device=runner.device, method=method, steps=steps, shortlist=shortlist
+    )
+
+
+def _guess_task(inferrer, images) -> str:
+    """The inferred task of the whole batch, printed with its margin on stderr."""
+    from supsup_deploy.errors import ConfigError
+
+    if len(images) < 2:
+        raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
+    guess = inferrer.infer(images)
+    _print_task_guess(guess)
+    return str(guess.task)
+
+
+def _predict_in_batches(runner, task: int, images, names, labels, batch_size: int) -> list:
+    """The runner's predictions for every image, ``batch_size`` at a time, with progress."""
+    from ._progress import progress_bar
+
+    predictions = []
+    with progress_bar(f"task {task}", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, start + batch_size)
+            predictions += runner.predict(
+                task, images[rows], names[rows], None if labels is None else labels[rows]
+            )
+            advance(len(names[rows]))
+    return predictions
+
+
+def _print_predictions(predictions, accuracy, runner) -> None:
+    """The first predictions (all up to 50), the accuracy when labelled, and the provider."""
     from rich.console import Console
 
     console = Console(markup=False)
