@@ -343,7 +343,7 @@ def inspect_command(
     bundle_path: BundleArgument = DEFAULT_BUNDLE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show a bundle's backbone, basis masks, tasks, bytes per component and integrity.
+    """Show a bundle's backbone, basis masks, tasks, bytes per component and what was checked.
 
     Loading checks the format version, content hashes, names, shapes and dtypes of every file;
     any problem is reported as one line naming the file, with exit code 2.
@@ -773,8 +773,8 @@ def _print_bundle(bundle, as_json: bool) -> None:
     console = Console(markup=False)
     model = report["model"]
     console.print(
-        f"{report['path']}  format {report['format_version']}, integrity "
-        f"{report['integrity']}\n"
+        f"{report['path']}  format {report['format_version']}, checked "
+        f"{report['checked']}\n"
         f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
         f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
         f"norm {model['norm']}\n"
