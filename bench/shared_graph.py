@@ -47,7 +47,8 @@ from bench._common import (
 )
 from bench._synthetic import write_synthetic_bundle
 from supsup_deploy import load_bundle
-from supsup_deploy.export import TaskExporter, export_shared, onnx_session, run_onnx
+from supsup_deploy.export import TaskExporter, export_shared
+from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.shared_graph import ADAPTER_SUFFIX, MODEL_FILE, code_bytes_per_weight
 
 TASK_COUNTS = (1, 10, 100, 1000)

@@ -34,7 +34,8 @@ from ._common import (
     use_device,
     wide_console,
 )
-from .reports import report_app, verify_command
+from .reports import report_app
+from .verify import verify_command
 
 app = typer.Typer(
     help="Train, pack, materialise, export and verify supermask continual-learning models.",
@@ -191,7 +192,8 @@ def train_command(
 
     from rich.console import Console
 
-    from supsup_deploy.train import collect_metrics, train_run
+    from supsup_deploy.runs import collect_metrics
+    from supsup_deploy.train import train_run
 
     config = _train_config(context, out, resume)
     is_main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -229,7 +231,8 @@ def _train_config(context: typer.Context, out: Path, resume: bool):
     """The run's settings: from the flags, or with --resume from the run's run.json (where a
     flag given on the command line must agree with it)."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.train import TrainConfig, read_run_record
+    from supsup_deploy.runs import read_run_record
+    from supsup_deploy.train import TrainConfig
 
     names = [field.name for field in dataclasses.fields(TrainConfig)]
     settings = {name: context.params[name] for name in names}
@@ -340,7 +343,7 @@ def inspect_command(
     bundle_path: BundleArgument = DEFAULT_BUNDLE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show a bundle's backbone, basis masks, tasks, bytes per component and integrity.
+    """Show a bundle's backbone, basis masks, tasks, bytes per component and what was checked.
 
     Loading checks the format version, content hashes, names, shapes and dtypes of every file;
     any problem is reported as one line naming the file, with exit code 2.
@@ -491,10 +494,11 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, a
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
+    from supsup_deploy.export_targets import export_target
     from supsup_deploy.shared_graph import MODEL_FILE
 
-    if fp16:
-        raise ConfigError("--fp16 applies to per-task graphs; the shared graph computes in float32")
+    target = export_target("shared" if shared else "adapter")
+    target.validate(precision="float16" if fp16 else "float32")
     if shared:
         if task is not None or adapter is not None:
             raise ConfigError("--shared exports every task: leave out --task and --adapter")
@@ -586,23 +590,9 @@ def infer_command(
     Images are converted to the bundle's input format (channels, size, normalisation). With
     --dataset-split the task's images of that split are used and accuracy is reported.
     """
-    from supsup_deploy.errors import ConfigError
-
-    from ._progress import progress_bar
-
     paths = list(inputs or [])
     bundle_path = paths.pop(0) if paths and is_bundle_or_run(paths[0]) else DEFAULT_BUNDLE
-    if task is None:
-        raise ConfigError("give --task ID or NAME, or --task auto to infer it from the images")
-    if dataset_split is not None and paths:
-        raise ConfigError(
-            f"give image paths or --dataset-split, not both ({paths[0]} and --dataset-split "
-            f"{dataset_split})"
-        )
-    if onnx is not None and runtime == "torch":
-        raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size)
     bundle = open_bundle(bundle_path)
     from supsup_deploy.runtime import Runner
 
@@ -612,6 +602,7 @@ def infer_command(
         device=use_device(device),
         onnx_path=onnx,
     )
+    inference = {"method": task_inference, "steps": oneshot_steps, "shortlist": shortlist}
     if task == "auto" and dataset_split is not None:
         _print_task_inference_accuracy(
             bundle,
@@ -621,38 +612,15 @@ def infer_command(
             batch_size=min(batch_size, 64),
             limit=limit,
             data_root=data_root,
-            method=task_inference,
-            steps=oneshot_steps,
-            shortlist=shortlist,
+            **inference,
         )
         return
-    inferrer = None
-    if task == "auto":
-        from supsup_deploy.task_inference import TaskInferrer
-
-        inferrer = TaskInferrer(
-            bundle,
-            device=runner.device,
-            method=task_inference,
-            steps=oneshot_steps,
-            shortlist=shortlist,
-        )
+    inferrer = _task_inferrer(bundle, runner, **inference) if task == "auto" else None
     images, names, labels = _infer_inputs(bundle, paths, task, dataset_split, limit, data_root)
     if inferrer is not None:
-        if len(images) < 2:
-            raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
-        guess = inferrer.infer(images)
-        _print_task_guess(guess)
-        task = str(guess.task)
+        task = _guess_task(inferrer, images)
     info = bundle.task(task)
-    predictions = []
-    with progress_bar(f"task {info.index}", len(images)) as advance:
-        for start in range(0, len(images), batch_size):
-            rows = slice(start, start + batch_size)
-            predictions += runner.predict(
-                info.index, images[rows], names[rows], None if labels is None else labels[rows]
-            )
-            advance(len(names[rows]))
+    predictions = _predict_in_batches(runner, info.index, images, names, labels, batch_size)
     accuracy = None
     if labels is not None and predictions:
         accuracy = sum(p.class_index == p.label for p in predictions) / len(predictions)
@@ -667,6 +635,64 @@ def infer_command(
             }
         )
         return
+    _print_predictions(predictions, accuracy, runner)
+
+
+def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) -> None:
+    """Refuse option combinations ``infer`` cannot run, each with one line."""
+    from supsup_deploy.errors import ConfigError
+
+    if task is None:
+        raise ConfigError("give --task ID or NAME, or --task auto to infer it from the images")
+    if dataset_split is not None and paths:
+        raise ConfigError(
+            f"give image paths or --dataset-split, not both ({paths[0]} and --dataset-split "
+            f"{dataset_split})"
+        )
+    if onnx is not None and runtime == "torch":
+        raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def _task_inferrer(bundle, runner, *, method: str, steps: int, shortlist: int):
+    """``--task auto``: the task inferrer, built before any image is read (so a method the
+    bundle cannot run fails first)."""
+    from supsup_deploy.task_inference import TaskInferrer
+
+    return TaskInferrer(
+        bundle, device=runner.device, method=method, steps=steps, shortlist=shortlist
+    )
+
+
+def _guess_task(inferrer, images) -> str:
+    """The inferred task of the whole batch, printed with its margin on stderr."""
+    from supsup_deploy.errors import ConfigError
+
+    if len(images) < 2:
+        raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
+    guess = inferrer.infer(images)
+    _print_task_guess(guess)
+    return str(guess.task)
+
+
+def _predict_in_batches(runner, task: int, images, names, labels, batch_size: int) -> list:
+    """The runner's predictions for every image, ``batch_size`` at a time, with progress."""
+    from ._progress import progress_bar
+
+    predictions = []
+    with progress_bar(f"task {task}", len(images)) as advance:
+        for start in range(0, len(images), batch_size):
+            rows = slice(start, start + batch_size)
+            predictions += runner.predict(
+                task, images[rows], names[rows], None if labels is None else labels[rows]
+            )
+            advance(len(names[rows]))
+    return predictions
+
+
+def _print_predictions(predictions, accuracy, runner) -> None:
+    """The first predictions (all up to 50), the accuracy when labelled, and the provider."""
     from rich.console import Console
 
     console = Console(markup=False)
@@ -747,8 +773,8 @@ def _print_bundle(bundle, as_json: bool) -> None:
     console = Console(markup=False)
     model = report["model"]
     console.print(
-        f"{report['path']}  format {report['format_version']}, integrity "
-        f"{report['integrity']}\n"
+        f"{report['path']}  format {report['format_version']}, checked "
+        f"{report['checked']}\n"
         f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
         f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
         f"norm {model['norm']}\n"

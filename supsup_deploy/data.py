@@ -4,7 +4,7 @@ Whole dataset splits are loaded into memory as uint8 tensors from the official f
 Fashion-MNIST, the binary distributions for CIFAR-10/100; never Python pickles). Randomness:
 every seeded choice uses ``numpy.random.default_rng`` with the ``SeedSequence`` entropy list
 written in its docstring, so it depends only on the seed and those integers; mini-batch order
-and augmentation draw from the ``torch.Generator`` passed to ``iterate_batches``.
+draws from the ``torch.Generator`` passed to ``iterate_batches``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import dataclasses
 import functools
 import gzip
 import math
-import shutil
-import tarfile
-import tempfile
-import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -157,16 +153,6 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _one_line(error: BaseException) -> str:
-    """Returns an error's message with all whitespace runs (newlines too) as single spaces."""
-    return " ".join(str(error).split())
-
-
-def list_datasets() -> list[str]:
-    """Returns the canonical dataset names."""
-    return list(_SPECS)
-
-
 def canonical_name(name: str) -> str:
     """Maps an accepted spelling ("Fashion_MNIST", "fashionmnist", "CIFAR-10") to its name.
 
@@ -185,7 +171,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def load_dataset(
-    name: str, *, split: str = "train", data_root: str | Path | None = None, download: bool = False
+    name: str, *, split: str = "train", data_root: str | Path | None = None
 ) -> Dataset:
     """Loads a whole dataset split into memory.
 
@@ -194,7 +180,6 @@ def load_dataset(
         split: "train" or "test".
         data_root: folder holding the files or their standard sub-folder; None searches
             /usr/share/datasets (Fashion-MNIST only), then ~/.cache/supsup/NAME.
-        download: when the files are missing, fetch them into data_root (or ~/.cache/supsup/NAME).
 
     Returns:
         The split's uint8 images [N, C, H, W], int64 labels [N] and its spec (CIFAR class names
@@ -202,15 +187,15 @@ def load_dataset(
 
     Raises:
         ConfigError: unknown name or split.
-        DatasetNotFoundError: the files are nowhere searched and were not downloaded.
+        DatasetNotFoundError: the files are in none of the folders searched.
         FormatError: a file is truncated or corrupt; the message names it.
     """
     spec = get_dataset_spec(name)
     _require(split in SPLITS, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root = Path(data_root).expanduser() if data_root is not None else None
     if spec.name == "fashion-mnist":
-        return _load_fashion_mnist(spec, split, root, download)
-    return _load_cifar(spec, split, root, download)
+        return _load_fashion_mnist(spec, split, root)
+    return _load_cifar(spec, split, root)
 
 
 def _find_fashion_files(folders: list[Path], split: str) -> tuple[Path, Path] | None:
@@ -223,24 +208,12 @@ def _find_fashion_files(folders: list[Path], split: str) -> tuple[Path, Path] | 
     return None
 
 
-def _load_fashion_mnist(
-    spec: DatasetSpec, split: str, root: Path | None, download: bool
-) -> Dataset:
+def _load_fashion_mnist(spec: DatasetSpec, split: str, root: Path | None) -> Dataset:
     top = root if root is not None else CACHE_ROOT / "fashion-mnist"
     base = [root, root / "fashion-mnist"] if root is not None else [DEBIAN_FASHION_MNIST, top]
     # torchvision's download layout, under data_root or the cache.
     folders = [*base, top / "FashionMNIST" / "raw"]
     paths = _find_fashion_files(folders, split)
-    if paths is None and download:
-        try:
-            import torchvision
-
-            torchvision.datasets.FashionMNIST(str(top), download=True)
-        except (ImportError, OSError, RuntimeError) as error:
-            raise DatasetNotFoundError(
-                f"could not download fashion-mnist: {_one_line(error)}"
-            ) from error
-        paths = _find_fashion_files(folders, split)
     if paths is None:
         raise DatasetNotFoundError(
             f"fashion-mnist {split} IDX files not found; looked in: "
@@ -288,7 +261,7 @@ def _parse_idx(path: str, _modified_ns: int, _size: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header_size).reshape(shape)
 
 
-def _load_cifar(spec: DatasetSpec, split: str, root: Path | None, download: bool) -> Dataset:
+def _load_cifar(spec: DatasetSpec, split: str, root: Path | None) -> Dataset:
     layout = _CIFAR[spec.name]
     base = root if root is not None else CACHE_ROOT / spec.name
     folders = [base, base / layout.folder]
@@ -299,14 +272,11 @@ def _load_cifar(spec: DatasetSpec, split: str, root: Path | None, download: bool
         return next(matches, None)
 
     folder = find()
-    if folder is None and download:
-        _download_tarball(layout.url, base)
-        folder = find()
     if folder is None:
         raise DatasetNotFoundError(
             f"{spec.name} {split} binary files ({', '.join(files)}) not found; looked in: "
             f"{', '.join(map(str, folders))}. To get them: download and unpack {layout.url} "
-            "and pass --data-root FOLDER, or load with download=True"
+            "and pass --data-root FOLDER"
         )
     record_size = layout.label_bytes + 3 * 32 * 32
     records = []
@@ -330,29 +300,6 @@ def _load_cifar(spec: DatasetSpec, split: str, root: Path | None, download: bool
         if len(names) == spec.num_classes:
             spec = dataclasses.replace(spec, class_names=names)
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), spec)
-
-
-def _download_tarball(url: str, target: Path) -> None:
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target) as scratch:
-            archive = Path(scratch) / "archive.tar.gz"
-            with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as file:
-                shutil.copyfileobj(response, file)
-            with tarfile.open(archive) as tar:
-                root = target.resolve()
-                for member in tar.getmembers():
-                    inside = root in (root / member.name).resolve().parents
-                    if not (inside and (member.isfile() or member.isdir())):
-                        raise DatasetNotFoundError(f"{url}: unsafe archive entry {member.name!r}")
-                # Newer Pythons also offer the equivalent built-in "data" extraction filter.
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tar.extractall(target, **safe)
-    except DatasetNotFoundError:
-        raise
-    except (OSError, tarfile.TarError) as error:
-        message = f"could not download {url} into {target}: {_one_line(error)}"
-        raise DatasetNotFoundError(message) from error
 
 
 @dataclass(frozen=True)
@@ -556,7 +503,6 @@ def iterate_batches(
     batch_size: int,
     shuffle: bool,
     generator: torch.Generator | None,
-    augment: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields mini-batches covering every sample once (the last batch may be smaller).
 
@@ -565,9 +511,7 @@ def iterate_batches(
         labels: [N] tensor.
         batch_size: samples per batch (at least 1).
         shuffle: visit samples in ``torch.randperm(N, generator=generator)`` order.
-        generator: source of all randomness (order, crops, flips); None uses torch's global RNG.
-        augment: random crop with 4-pixel zero padding plus horizontal flip (for CIFAR). Zero
-            padding of normalised images pads with the dataset's mean colour.
+        generator: source of the order's randomness; None uses torch's global RNG.
 
     Returns:
         An iterator of (images, labels) batches on the inputs' device.
@@ -581,29 +525,4 @@ def iterate_batches(
         order = torch.arange(len(images))
     for start in range(0, len(images), batch_size):
         rows = order[start : start + batch_size]
-        batch = images[rows.to(images.device)]
-        if augment:
-            batch = _crop_and_flip(batch, generator, random_device)
-        yield batch, labels[rows.to(labels.device)]
-
-
-def _crop_and_flip(
-    batch: torch.Tensor, generator: torch.Generator | None, random_device: torch.device
-) -> torch.Tensor:
-    padding = 4
-    size, channels, height, width = batch.shape
-    device = batch.device
-    padded = torch.nn.functional.pad(batch, (padding, padding, padding, padding))
-    draws = torch.randint(0, 2 * padding + 1, (2, size), generator=generator, device=random_device)
-    flips = torch.randint(0, 2, (size,), generator=generator, device=random_device).bool()
-    draws, flips = draws.to(device), flips.to(device)
-    rows = draws[0, :, None] + torch.arange(height, device=device)
-    columns = torch.arange(width, device=device).expand(size, width)
-    # A horizontal flip is reading the crop's columns right to left.
-    columns = torch.where(flips[:, None], columns.flip(1), columns) + draws[1, :, None]
-    return padded[
-        torch.arange(size, device=device)[:, None, None, None],
-        torch.arange(channels, device=device)[None, :, None, None],
-        rows[:, None, :, None],
-        columns[:, None, None, :],
-    ]
+        yield images[rows.to(images.device)], labels[rows.to(labels.device)]

@@ -1,4 +1,6 @@
-"""Per-task ONNX export with a parity check against the PyTorch model, always.
+"""ONNX export with a parity check against the PyTorch model, always: the per-task graph
+(:class:`TaskExporter`), the shared graph (:func:`export_shared`) and its adapters
+(:func:`export_adapter`), each a target in :mod:`supsup_deploy.export_targets` with its tolerance.
 
 The exported network is the task's materialised model with every norm that directly follows a
 conv folded into that conv (weight scaled, bias added), so the graph holds only the task's own
@@ -19,24 +21,23 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from supsup_deploy.bundle import Bundle
-from supsup_deploy.devices import onnx_providers, resolve_device
+from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
+from supsup_deploy.export_targets import export_target
 from supsup_deploy.files import atomic_write_bytes
 from supsup_deploy.layers import MaskedConv2d, MaskedLinear
 from supsup_deploy.models import MaskedModel
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
+from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 5e-2
 DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "legacy")
 PROBE_BATCH = 64
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -121,37 +122,52 @@ def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _trace(module: nn.Module, example: torch.Tensor, opset: int, exporter: str):
+class Tracer(Protocol):
+    """Turns a plain module into an ONNX model with a dynamic batch axis."""
+
+    def __call__(self, module: nn.Module, example: torch.Tensor, opset: int): ...
+
+
+def _trace_dynamo(module: nn.Module, example: torch.Tensor, opset: int):
+    program = torch.onnx.export(
+        module,
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        verbose=False,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    return program.model_proto
+
+
+def _trace_legacy(module: nn.Module, example: torch.Tensor, opset: int):
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = torch.onnx.export(
-                module,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                verbose=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-            )
-            return program.model_proto
-        if exporter == "legacy":
-            buffer = io.BytesIO()
-            torch.onnx.export(
-                module,
-                (example,),
-                buffer,
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-            return onnx.load_from_string(buffer.getvalue())
-    raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (example,),
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+TRACERS: dict[str, Tracer] = {"dynamo": _trace_dynamo, "legacy": _trace_legacy}
+"""PyTorch's ONNX exporters by name: ``dynamo`` (the default) and ``legacy`` (TorchScript)."""
+EXPORTERS = tuple(TRACERS)
+
+
+def _tracer(exporter: str) -> Tracer:
+    if exporter not in TRACERS:
+        raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
+    return TRACERS[exporter]
 
 
 class TaskExporter:
@@ -175,8 +191,8 @@ class TaskExporter:
         fp16: bool = False,
         device: str = "cpu",
     ) -> None:
-        if exporter not in EXPORTERS:
-            raise ConfigError(f"unknown exporter {exporter!r}: use {' or '.join(EXPORTERS)}")
+        self.tracer = _tracer(exporter)
+        export_target("task").validate(precision="float16" if fp16 else "float32")
         self.bundle = bundle
         self.opset = opset
         self.exporter = exporter
@@ -253,7 +269,9 @@ class TaskExporter:
         example = torch.zeros(
             2, self.bundle.input.channels, self.bundle.input.size, self.bundle.input.size
         )
-        graph = _trace(plain, example, self.opset, self.exporter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = self.tracer(plain, example, self.opset)
         self.traces += 1
         if _swappable(graph, state):
             self._template = graph
@@ -368,26 +386,6 @@ def seeded_probe(bundle: Bundle, batch: int = PROBE_BATCH) -> torch.Tensor:
     return torch.randn(batch, spec.channels, spec.size, spec.size, generator=generator)
 
 
-def onnx_session(path: str | Path, *, device: str = "cpu"):
-    """An ONNX Runtime session on ``device`` (see :func:`supsup_deploy.devices.resolve_device`;
-    CUDA runs on that GPU index and needs onnxruntime-gpu)."""
-    import onnxruntime
-
-    providers = onnx_providers(resolve_device(device))
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return onnxruntime.InferenceSession(str(path), options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own unexported exception types
-        raise SupsupError(f"{path}: ONNX Runtime cannot load it ({error})") from None
-
-
-def run_onnx(session, images: torch.Tensor) -> np.ndarray:
-    """Logits from an ONNX Runtime session for float32 images."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: images.detach().cpu().numpy().astype(np.float32)})[0]
-
-
 @torch.no_grad()
 def check_parity(
     model: nn.Module,
@@ -405,7 +403,7 @@ def check_parity(
     got = run_onnx(session, probe)
     difference = float(np.abs(got - expected).max())
     argmax_equal = bool((got.argmax(1) == expected.argmax(1)).all())
-    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    tolerance = export_target("task").tolerance("float16" if fp16 else "float32")
     report = ParityReport(
         task=task,
         path=str(onnx_path),
@@ -595,16 +593,19 @@ def check_shared_parity(
     from supsup_deploy.adapters import load_adapter
 
     info = bundle.task(task)
+    tolerance = export_target("shared").tolerance()
+    adapter_tolerance = export_target("adapter").tolerance()
     expected = model(probe.to(next(iter(model.buffers())).device)).cpu().numpy()
     fed = shared.run(probe, feed=shared.feed(bundle, task))
     adapted = shared.run(probe, adapter=load_adapter(adapter_path, shared.inputs))
     differences = [float(np.abs(got - expected).max()) for got in (fed, adapted)]
     argmax_equal = all(bool((got.argmax(1) == expected.argmax(1)).all()) for got in (fed, adapted))
-    if max(differences) > FP32_TOLERANCE or not argmax_equal:
+    within = differences[0] <= tolerance and differences[1] <= adapter_tolerance
+    if not within or not argmax_equal:
         raise ParityError(
             f"shared graph parity failed for task {task}: max |logit difference| "
             f"{max(differences):.3g} (plain inputs {differences[0]:.3g}, adapter "
-            f"{differences[1]:.3g}; tolerance {FP32_TOLERANCE:g}), argmax equal: {argmax_equal}, "
+            f"{differences[1]:.3g}; tolerance {tolerance:g}), argmax equal: {argmax_equal}, "
             f"on {len(probe)} {probe_name}"
         )
     return SharedParityReport(
@@ -614,7 +615,7 @@ def check_shared_parity(
         adapter=str(adapter_path),
         max_abs_diff_inputs=differences[0],
         max_abs_diff_adapter=differences[1],
-        tolerance=FP32_TOLERANCE,
+        tolerance=tolerance,
         argmax_equal=argmax_equal,
         probe=probe_name,
         batch=len(probe),

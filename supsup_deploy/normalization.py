@@ -43,18 +43,6 @@ class TaskBatchNorm2d(nn.Module):
     def num_tasks(self) -> int:
         return self.running_mean.shape[0]
 
-    def resize_tasks(self, num_tasks: int) -> None:
-        """Keep the first ``num_tasks`` slots, adding fresh ones (mean 0, variance 1) as needed."""
-        if num_tasks < 1:
-            raise ConfigError(f"num_tasks must be at least 1, got {num_tasks}")
-        keep = min(num_tasks, self.num_tasks)
-        mean = self.running_mean.new_zeros(num_tasks, self.num_features)
-        var = self.running_var.new_ones(num_tasks, self.num_features)
-        mean[:keep] = self.running_mean[:keep]
-        var[:keep] = self.running_var[:keep]
-        self.running_mean, self.running_var = mean, var
-        self.task = min(self.task, num_tasks - 1)
-
     def set_task(self, task: int) -> None:
         if not 0 <= task < self.num_tasks:
             raise ConfigError(f"task slot {task} out of range: this layer has {self.num_tasks}")

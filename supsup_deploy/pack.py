@@ -23,13 +23,8 @@ from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, new_folder, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
-from supsup_deploy.train import (
-    TrainConfig,
-    _read_task_file,
-    read_run_record,
-    read_task_masks,
-    task_path,
-)
+from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
+from supsup_deploy.train import TrainConfig
 
 
 def pack_run(
@@ -106,7 +101,7 @@ def _pack_task(
     basis_sha256: str,
     norm_dtype: torch.dtype,
 ) -> None:
-    tensors, metadata = _read_task_file(task_path(run_dir, index))
+    tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
     if metadata["kind"] == "mask":
         layers = sum(key.startswith("mask.") for key in tensors)

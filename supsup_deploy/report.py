@@ -739,7 +739,10 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
     return {
         "path": str(bundle.path),
         "format_version": bundle.format_version,
-        "integrity": "ok",
+        "checked": (
+            f"basis and {len(tasks)} task files: format, version, content hash, basis hash, "
+            "tensor names and shapes"
+        ),
         "model": bundle.config.to_dict(),
         "input": bundle.input.to_dict(),
         "masked_layers": bundle.summary.masked_layers,

@@ -15,7 +15,7 @@ from supsup_deploy.adapters import load_adapter
 from supsup_deploy.bundle import Bundle
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.export import onnx_session, run_onnx
+from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

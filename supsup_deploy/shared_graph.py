@@ -37,6 +37,7 @@ from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.layers import WeightSource
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
+from supsup_deploy.onnx_runtime import onnx_session
 
 SHARED_FORMAT_VERSION = 1
 GRAPH_KIND = "shared"
@@ -370,8 +371,6 @@ class SharedGraph:
     """
 
     def __init__(self, path: str | Path, *, device: str = "cpu", session: Any = None) -> None:
-        from supsup_deploy.export import onnx_session
-
         self.path = Path(path)
         self.session = session or onnx_session(self.path, device=device)
         metadata = self.session.get_modelmeta().custom_metadata_map

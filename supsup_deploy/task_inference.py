@@ -49,23 +49,18 @@ Measured figures for every method are in ``bench/results/task_inference.json``
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from supsup_deploy.bundle import Bundle, _single_slot
+from supsup_deploy.bundle import Bundle
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import AlphaMask
-from supsup_deploy.models import build_model, masked_layers
-from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
-from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
-
-METHODS = ("auto", "statistics", "information", "oneshot")
-
-DEFAULT_SHORTLIST = 5
-"""Tasks the statistics method runs in full after the first-layer shortlist."""
+from supsup_deploy.task_inference_methods import (
+    DEFAULT_SHORTLIST,
+    InferenceOptions,
+    resolve_method,
+)
 
 
 @dataclass(frozen=True)
@@ -128,43 +123,15 @@ class TaskInferrer:
     ):
         if not bundle.tasks:
             raise ConfigError(f"{bundle.path}: no tasks installed")
-        if method not in METHODS:
-            raise ConfigError(f"unknown task-inference method {method!r}: {', '.join(METHODS)}")
-        has_statistics = bundle.config.norm == "batch"
-        if method == "auto":
-            method = "statistics" if has_statistics else "information"
-        if method == "statistics" and not has_statistics:
-            raise ConfigError(
-                f"{bundle.path}: its {bundle.config.norm} norm keeps no per-task statistics; "
-                "use --task-inference information or oneshot"
-            )
-        if steps < 1:
-            raise ConfigError(f"one-shot steps must be at least 1, got {steps}")
-        if shortlist < 0:
-            raise ConfigError(f"the shortlist must be 0 (off) or more tasks, got {shortlist}")
+        chosen = resolve_method(bundle, method)
+        options = InferenceOptions(
+            normalize_alpha=normalize_alpha, steps=steps, step_size=step_size, shortlist=shortlist
+        )
         self.bundle = bundle
         self.device = device
         self.task_ids = [info.index for info in bundle.tasks]
-        self.method = method
-        self.steps = steps
-        self.step_size = step_size
-        self.shortlist = shortlist
-        self.stem: StemStatistics | None = None
-        if method in ("statistics", "information"):
-            self.model = bundle.model(self.task_ids[0], device=device)
-            if method == "statistics" and 0 < shortlist < len(self.task_ids):
-                self.stem = StemStatistics.for_bundle(bundle, self.model, device)
-            return
-        tables = torch.stack([bundle.task_tensors(t)["alpha"].float() for t in self.task_ids])
-        if normalize_alpha:
-            tables = tables / tables.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        self.tables = tables.to(device)
-        self.model = build_model(_single_slot(bundle.config)).to(device)
-        for layer, codes in zip(masked_layers(self.model), bundle.codes(device), strict=True):
-            layer.set_source(AlphaMask(layer, codes, bundle.num_basis))
-        for norm in self.model.task_norms():
-            norm.momentum = 0.0  # batch statistics, leaving the running ones untouched
-        self.model.train()
+        self.method = chosen.name
+        self.scorer = chosen(bundle, device=device, options=options)
 
     def infer(self, images: torch.Tensor, *, check_mixed: bool = True) -> TaskGuess:
         """The task of a batch of normalised images (at least 2, from one task).
@@ -208,101 +175,12 @@ class TaskInferrer:
 
     def _scores(self, images: torch.Tensor, candidates) -> list[float | None]:
         """Each task's score by position in ``task_ids`` (None: not run), among ``candidates``."""
-        if self.method == "oneshot":
-            return self._one_shot(images, list(candidates))
-        if self.stem is not None and len(candidates) > self.shortlist:
-            divergences = self.stem.divergences(images)
-            candidates = sorted(candidates, key=lambda position: float(divergences[position]))
-            candidates = candidates[: self.shortlist]
-        scores: list[float | None] = [None] * len(self.task_ids)
-        for position in candidates:
-            self.bundle.switch(self.model, self.task_ids[position])
-            if self.method == "statistics":
-                scores[position] = statistics_divergence(self.model, images)
-            else:
-                scores[position] = -prediction_information(self.model, images)
-        return scores
-
-    def _one_shot(self, images: torch.Tensor, candidates: list[int]) -> list[float | None]:
-        """``-log beta`` of each candidate after ``steps`` passes over the candidates' mixture."""
-        sources = [layer.source for layer in masked_layers(self.model)]
-        tables = self.tables[candidates]
-        log_beta = torch.full((len(candidates),), -math.log(len(candidates)))
-        log_beta = log_beta.to(self.device)
-        for _ in range(self.steps):
-            gradient = self._entropy_gradient(images, sources, log_beta.softmax(0), tables)
-            spread = gradient.std(unbiased=False).clamp_min(1e-12)
-            step = self.step_size * (gradient - gradient.mean()) / spread
-            log_beta = (log_beta - step).log_softmax(0)
-        scores: list[float | None] = [None] * len(self.task_ids)
-        for position, score in zip(candidates, (-log_beta).tolist(), strict=True):
-            scores[position] = score
-        return scores
-
-    def _entropy_gradient(self, images, sources, beta: torch.Tensor, tables) -> torch.Tensor:
-        """``dH/dbeta`` of the batch's mean prediction entropy: one forward and backward."""
-        mixed = torch.einsum("t,tlb->lb", beta, tables)
-        with torch.no_grad():
-            for source, row in zip(sources, mixed, strict=True):
-                source.alpha.copy_(row)
-                source.alpha.grad = None
-        logits = self.model(images)
-        entropy = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
-        entropy.backward()
-        alpha_gradients = torch.stack([source.alpha.grad for source in sources])
-        return torch.einsum("lb,tlb->t", alpha_gradients, tables)
+        return self.scorer.scores(images, list(candidates))
 
 
 def _best(scores: list[float | None]) -> int:
     """The position of the lowest score that was run."""
     return min((score, at) for at, score in enumerate(scores) if score is not None)[1]
-
-
-@torch.no_grad()
-def statistics_divergence(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """How far a batch's statistics are from the ones its task stored, under that task's weights.
-
-    Args:
-        model: an eval-mode model running one task (its norm layers hold the task's statistics).
-        images: normalised images of one batch (at least 2).
-
-    Returns:
-        The mean over norm layers and channels of ``KL(N(m, v + eps) || N(mu, var + eps))``,
-        where ``m, v`` are the batch's per-channel mean and variance at the layer's input and
-        ``mu, var`` the stored running statistics; 0 when they agree.
-    """
-    divergences: list[torch.Tensor] = []
-
-    def measure(module: TaskBatchNorm2d, inputs: tuple[torch.Tensor, ...], _output) -> None:
-        batch_var, batch_mean = torch.var_mean(inputs[0], dim=(0, 2, 3), unbiased=False)
-        batch_var = batch_var.double() + module.eps
-        var = module.running_var[module.task].double() + module.eps
-        mean = module.running_mean[module.task].double()
-        divergences.append(gaussian_divergence(batch_mean.double(), batch_var, mean, var).mean())
-
-    norms = task_norms(model)
-    handles = [norm.register_forward_hook(measure) for norm in norms]
-    try:
-        model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return float(torch.stack(divergences).mean())
-
-
-@torch.no_grad()
-def prediction_information(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """Mutual information between a batch's images and a model's predicted class, in nats.
-
-    ``H(mean prediction) - mean H(prediction)``: high when every image is predicted confidently
-    and the batch spreads over the classes.
-    """
-    logits = model(images).double()
-    probabilities = logits.softmax(dim=1)
-    mean_entropy = -(probabilities * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    marginal = probabilities.mean(dim=0)
-    marginal_entropy = -(marginal * marginal.clamp_min(1e-300).log()).sum()
-    return float(marginal_entropy - mean_entropy)
 
 
 def evaluate_task_inference(
@@ -380,8 +258,7 @@ def evaluate_task_inference(
     return {
         "method": inferrer.method,
         "batch_size": batch_size,
-        **({"steps": steps} if inferrer.method == "oneshot" else {}),
-        **({"shortlist": shortlist} if inferrer.stem is not None else {}),
+        **inferrer.scorer.settings(),
         "task_inference_accuracy": sum(r["task_inference_accuracy"] * r["batches"] for r in rows)
         / max(batches, 1),
         "accuracy_inferred_task": sum(r["accuracy_inferred_task"] * r["images"] for r in rows)

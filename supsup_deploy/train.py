@@ -1,10 +1,7 @@
 """Training runs: SupSup basis masks, then every later task as an alpha table over them.
 
-A run directory holds::
-
-    run.json                  format, config, model config, dataset, task protocol, seeds, device
-    tasks/task_000.safetensors one file per finished task (written atomically when it finishes)
-    metrics.json, metrics.csv  per-task metrics, rebuilt from the task files
+The run directory it writes (``run.json``, one file per finished task, metrics) is described and
+read by :mod:`supsup_deploy.runs`.
 
 Every random choice of task ``i`` derives from ``(seed, purpose, i)`` (:func:`derive_seed`), so a
 task's result does not depend on which process trains it or on what ran before it. ``--resume``
@@ -15,17 +12,13 @@ uninterrupted run. Under ``torchrun`` the ``"tasks"`` mode spreads whole tasks o
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,33 +26,32 @@ from torch import nn
 
 from supsup_deploy import data as datasets
 from supsup_deploy.devices import resolve_device
-from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import (
-    atomic_write_json,
-    atomic_write_text,
-    load_safetensors,
     save_safetensors_atomic,
 )
 from supsup_deploy.masking import (
-    alpha_table,
-    current_masks,
-    model_device,
     set_task,
     use_alpha,
-    use_fixed,
     use_scores,
 )
-from supsup_deploy.masks import check_num_basis, pack_bits, resolve_densities, unpack_bits
-from supsup_deploy.models import ModelConfig, build_model, get_model_entry, masked_layers
-from supsup_deploy.normalization import load_norm_state, norm_state, task_norms
+from supsup_deploy.masks import check_num_basis, resolve_densities
+from supsup_deploy.models import ModelConfig, build_model, get_model_entry
+from supsup_deploy.normalization import task_norms
+from supsup_deploy.runs import (
+    collect_metrics,
+    derive_seed,
+    prepare_run_dir,
+    read_task_masks,
+    run_record,
+    task_path,
+    task_state,
+    write_metrics,
+)
 
-RUN_FORMAT = "supsup-run"
-RUN_FORMAT_VERSION = 1
-TASK_KINDS = ("mask", "alpha")
 DISTRIBUTED_MODES = ("tasks", "data")
 SMALL_IMAGE_LIMIT = 64
 NORM_REFRESH_IMAGES = 2048
-_PURPOSES = {"scores": 1, "shuffle": 2}
 
 
 @dataclass(frozen=True)
@@ -173,16 +165,6 @@ class Reporter:
     def task_finished(self, metrics: dict[str, Any]) -> None: ...
 
 
-def derive_seed(seed: int, purpose: str, task: int) -> int:
-    """A 63-bit seed for one purpose (``"scores"``, ``"shuffle"``) of one task."""
-    state = np.random.SeedSequence([seed, _PURPOSES[purpose], task]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def task_path(run_dir: str | Path, task: int) -> Path:
-    return Path(run_dir) / "tasks" / f"task_{task:03d}.safetensors"
-
-
 @dataclass
 class _Distributed:
     mode: str
@@ -233,9 +215,9 @@ def train_run(
         device = _resolve_device(device, parallel)
         run_data = RunData.load(config)
         spec, tasks = run_data.train.spec, run_data.tasks
-        record = {**_run_record(config, spec, tasks), "device": device}
+        record = {**run_record(config, spec, tasks), "device": device}
         if parallel.rank == 0:
-            _prepare_run_dir(run_dir, record, resume)
+            prepare_run_dir(run_dir, record, resume)
         parallel.barrier()
 
         model = build_model(config.model_config(spec)).to(device)
@@ -285,77 +267,6 @@ def _resolve_device(device: str, parallel: _Distributed) -> str:
     if parallel.active and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', parallel.rank))}"
     return device
-
-
-def _run_record(
-    config: TrainConfig, spec: datasets.DatasetSpec, tasks: list[datasets.TaskSpec]
-) -> dict[str, Any]:
-    return {
-        "format": RUN_FORMAT,
-        "format_version": RUN_FORMAT_VERSION,
-        "config": config.to_dict(),
-        "model": config.model_config(spec).to_dict(),
-        "dataset": {
-            "name": spec.name,
-            "image_size": spec.image_size,
-            "in_channels": spec.in_channels,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "class_names": list(spec.class_names),
-        },
-        "tasks": datasets.protocol_record(tasks),
-        "seeds": {
-            "backbone": config.seed,
-            "protocol": config.seed,
-            "data_splits": config.seed,
-            "derivation": "numpy SeedSequence([seed, purpose, task]); purposes "
-            + json.dumps(_PURPOSES),
-            "scores": [derive_seed(config.seed, "scores", t) for t in range(config.num_tasks)],
-            "shuffle": [derive_seed(config.seed, "shuffle", t) for t in range(config.num_tasks)],
-        },
-    }
-
-
-def read_run_record(run_dir: str | Path) -> dict[str, Any]:
-    """Read and check a run directory's ``run.json``."""
-    path = Path(run_dir) / "run.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found (is this a training run directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FormatError(f"{path}: unreadable run record ({error})") from None
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
-        raise FormatError(f"{path}: not a supsup run record")
-    if record.get("format_version") != RUN_FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: run format version {record.get('format_version')}, "
-            f"this version reads {RUN_FORMAT_VERSION}"
-        )
-    return record
-
-
-def _prepare_run_dir(run_dir: Path, record: dict[str, Any], resume: bool) -> None:
-    if (run_dir / "run.json").exists():
-        if not resume:
-            raise ConfigError(
-                f"{run_dir} already holds a run: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        stored = read_run_record(run_dir)
-        changed = sorted(
-            key
-            for key in set(stored["config"]) | set(record["config"])
-            if stored["config"].get(key) != record["config"].get(key)
-        )
-        if changed:
-            details = ", ".join(
-                f"{key}: {stored['config'].get(key)!r} -> {record['config'].get(key)!r}"
-                for key in changed
-            )
-            raise ConfigError(f"cannot resume {run_dir} with different settings ({details})")
-        return
-    atomic_write_json(run_dir / "run.json", record)
 
 
 def _train_task(
@@ -502,109 +413,3 @@ def evaluate(model: nn.Module, pair: datasets.TensorPair, device: str, batch_siz
         predictions = model(images.to(device)).argmax(dim=1).cpu()
         correct += int((predictions == labels).sum())
     return correct / len(pair)
-
-
-@torch.no_grad()
-def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:
-    """The tensors that define a trained task: packed masks or alpha table, and norm state."""
-    if kind == "mask":
-        tensors = {
-            f"mask.{layer:03d}": pack_bits(mask) for layer, mask in enumerate(current_masks(model))
-        }
-    else:
-        tensors = {"alpha": alpha_table(model).float()}
-    tensors.update(norm_state(model, index))
-    return tensors
-
-
-def _read_task_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, metadata = load_safetensors(path)
-    if metadata.get("kind") not in TASK_KINDS or not isinstance(metadata.get("metrics"), dict):
-        raise FormatError(f"{path}: not a supsup training task file")
-    return tensors, metadata
-
-
-def read_task_masks(path: Path, model: nn.Module) -> list[torch.Tensor]:
-    """A finished mask task's per-layer bool masks, unpacked and shaped for ``model``."""
-    tensors, metadata = _read_task_file(path)
-    if metadata["kind"] != "mask":
-        raise FormatError(f"{path}: expected a mask task, found {metadata['kind']}")
-    return _unpack_masks(path, tensors, model)
-
-
-def _unpack_masks(path: Path, tensors: dict[str, torch.Tensor], model: nn.Module):
-    masks = []
-    for layer in masked_layers(model):
-        key = f"mask.{layer.layer_index:03d}"
-        if key not in tensors:
-            raise FormatError(f"{path}: missing {key}")
-        masks.append(unpack_bits(tensors[key], layer.numel).view(layer.weight_shape))
-    return masks
-
-
-def load_task(
-    model: nn.Module, run_dir: str | Path, index: int, basis: list[list[torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Make ``model`` run finished task ``index`` of a run (weights and norm slot).
-
-    Args:
-        model: built from the run's model config.
-        run_dir: the run directory.
-        index: task index.
-        basis: the run's basis mask sets (for alpha tasks).
-
-    Returns:
-        The task file's tensors.
-    """
-    path = task_path(Path(run_dir), index)
-    tensors, metadata = _read_task_file(path)
-    device = model_device(model)
-    if metadata["kind"] == "mask":
-        masks = _unpack_masks(path, tensors, model)
-        weights = [
-            layer.backbone_weight(device) * mask.to(device)
-            for layer, mask in zip(masked_layers(model), masks, strict=True)
-        ]
-        use_fixed(model, weights)
-    else:
-        use_alpha(model, basis, tensors["alpha"])
-    load_norm_state(model, index, tensors)
-    set_task(model, index)
-    return tensors
-
-
-def collect_metrics(run_dir: Path, num_tasks: int) -> list[dict[str, Any]]:
-    """Per-task metrics of every finished task, read from the task files."""
-    results = []
-    for index in range(num_tasks):
-        path = task_path(run_dir, index)
-        if path.exists():
-            _, metadata = _read_task_file(path)
-            results.append(metadata["metrics"])
-    return results
-
-
-METRIC_COLUMNS = (
-    "task",
-    "name",
-    "kind",
-    "classes",
-    "best_epoch",
-    "train_loss",
-    "val_accuracy",
-    "test_accuracy",
-    "state_bytes",
-    "train_samples",
-    "test_samples",
-)
-
-
-def write_metrics(run_dir: Path, results: list[dict[str, Any]]) -> None:
-    """Write ``metrics.json`` and ``metrics.csv`` atomically."""
-    atomic_write_json(run_dir / "metrics.json", results)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in results:
-        writer.writerow({**row, "classes": " ".join(map(str, row["classes"]))})
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())

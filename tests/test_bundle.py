@@ -17,16 +17,8 @@ from supsup_deploy.bundle import load_bundle, save_task
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
-from supsup_deploy.train import (
-    RunData,
-    TrainConfig,
-    collect_metrics,
-    evaluate,
-    load_task,
-    read_task_masks,
-    task_path,
-    train_run,
-)
+from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
+from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +67,8 @@ def test_inspect_reports_components(bundle_dir):
     result = run_cli("inspect", str(bundle_dir), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["integrity"] == "ok" and report["num_basis"] == 2
+    assert report["num_basis"] == 2
+    assert report["checked"].startswith("basis and 3 task files: format, version, content hash")
     assert len(report["tasks"]) == 3
     files = [bundle_dir / "basis.safetensors", *sorted((bundle_dir / "tasks").iterdir())]
     assert report["total_bytes"] == sum(path.stat().st_size for path in files)
@@ -182,7 +175,8 @@ def test_version_1_bundles_still_load_and_run_the_same(bundle_dir, version_1_dir
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["format_version"] == 1
     result = run_cli("inspect", str(version_1_dir))
-    assert result.returncode == 0 and "format 1, integrity ok" in " ".join(result.stdout.split())
+    assert result.returncode == 0, result.stderr
+    assert "format 1, checked basis and 3 task files" in " ".join(result.stdout.split())
 
 
 def test_add_task_keeps_a_bundle_in_its_version(bundle_dir, version_1_dir, tmp_path):

@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from supsup_deploy import demo
-from supsup_deploy.data import DEBIAN_FASHION_MNIST
+from supsup_deploy.data import DEBIAN_FASHION_MNIST, load_dataset
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"
@@ -31,9 +33,11 @@ def test_demo_writes_everything_and_reruns_identically(tmp_path, monkeypatch, ca
     torch_classes = [row["class_index"] for row in given["torch"]["predictions"]]
     assert torch_classes == [row["class_index"] for row in given["onnx"]["predictions"]]
     assert len(torch_classes) == demo.DEMO_IMAGES_PER_TASK
+    assert_images_are_the_tasks_test_images(root, summary["metrics"])
+    assert torch_classes == predictions_from_disk(root, parity["task"])
     inferred = summary["inference"]["task_inferred"]
     assert [row["true_task"] for row in inferred] == [0, 1, 2, 3, 4]
-    assert all(0 <= row["inferred_task"] < 5 for row in inferred)
+    assert [row["inferred_task"] for row in inferred] == [0, 1, 2, 3, 4]
     assert all(check["ok"] for check in summary["storage"]["bytes_check"])
     for name in ("accuracy_plot", "storage_plot"):
         assert (root / f"{name.split('_')[0]}.png").read_bytes()[:8] == PNG
@@ -49,6 +53,32 @@ def test_demo_writes_everything_and_reruns_identically(tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
     assert "Accuracy per task" in printed and "exactly as predicted" in printed
     assert str(root / "storage.png") in printed
+
+
+def assert_images_are_the_tasks_test_images(root, metrics) -> None:
+    """Every written PNG holds the test image its name gives, of one of its task's classes."""
+    from PIL import Image
+
+    test = load_dataset("fashion-mnist", split="test")
+    for row in metrics:
+        files = sorted((root / "images" / row["name"]).glob("test_*.png"))
+        assert len(files) == demo.DEMO_IMAGES_PER_TASK
+        for path in files:
+            index = int(path.stem.removeprefix("test_"))
+            assert int(test.labels[index]) in row["classes"]
+            pixels = torch.from_numpy(np.array(Image.open(path)))
+            assert torch.equal(pixels, test.images[index, 0])
+
+
+def predictions_from_disk(root, task: int) -> list[int]:
+    """The task's classes for its written images, from the bundle and PNG files on disk."""
+    from supsup_deploy import load_bundle
+    from supsup_deploy.runtime import Runner, load_images
+
+    bundle = load_bundle(root / "bundle")
+    info = bundle.task(task)
+    files = sorted((root / "images" / info.name).glob("test_*.png"))
+    return Runner(bundle).logits(task, load_images(files, bundle)).argmax(1).tolist()
 
 
 def test_demo_never_overwrites_a_foreign_bundle(tmp_path):

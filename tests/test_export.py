@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,12 @@ import onnx
 import pytest
 import torch
 
-from supsup_deploy import export as export_module
+from supsup_deploy import export_targets
 from supsup_deploy.bundle import load_bundle
-from supsup_deploy.export import ParityError, TaskExporter, onnx_session, run_onnx
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.export import ParityError, TaskExporter
+from supsup_deploy.export_targets import FP32_TOLERANCE
+from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.pack import pack_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +46,7 @@ def test_export_all_traces_once_and_matches_torch(bundle_dir, tmp_path):
     assert exporter.traces == 1
     probe = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     for info, report in zip(bundle.tasks, reports, strict=True):
-        assert report.max_abs_diff <= export_module.FP32_TOLERANCE and report.argmax_equal
+        assert report.max_abs_diff <= FP32_TOLERANCE and report.argmax_equal
         assert report.probe == "fashion-mnist test images"
         graph = onnx.load(report.path)
         onnx.checker.check_model(graph, full_check=True)
@@ -55,7 +59,7 @@ def test_export_all_traces_once_and_matches_torch(bundle_dir, tmp_path):
             got = run_onnx(onnx_session(report.path), probe[:batch])
             with torch.no_grad():
                 expected = bundle.model(info.index)(probe[:batch]).numpy()
-            np.testing.assert_allclose(got, expected, atol=export_module.FP32_TOLERANCE)
+            np.testing.assert_allclose(got, expected, atol=FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize(("exporter", "fp16"), [("legacy", False), ("dynamo", True)])
@@ -67,10 +71,28 @@ def test_legacy_exporter_and_fp16(bundle_dir, tmp_path, exporter, fp16):
 
 
 def test_failed_parity_leaves_no_file(bundle_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)
+    strict = replace(export_targets.export_target("task"), tolerances={"float32": -1.0})
+    monkeypatch.setitem(export_targets.EXPORT_TARGETS, "task", strict)
     with pytest.raises(ParityError, match="parity failed for task 0: max"):
         TaskExporter(load_bundle(bundle_dir)).export(0, tmp_path / "t.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_targets_registry_names_tolerances_and_refusals():
+    assert set(export_targets.EXPORT_TARGETS) == {"task", "shared", "adapter"}
+    task = export_targets.export_target("task")
+    assert task.tolerance("float32") == FP32_TOLERANCE
+    assert task.tolerance("float16") == export_targets.FP16_TOLERANCE
+    for name in ("shared", "adapter"):
+        with pytest.raises(ConfigError, match="--fp16 applies to per-task graphs"):
+            export_targets.export_target(name).validate(precision="float16")
+    with pytest.raises(ConfigError, match="unknown export target 'tflite': use task, shared"):
+        export_targets.export_target("tflite")
+
+
+def test_unknown_exporter_is_refused(bundle_dir):
+    with pytest.raises(ConfigError, match="unknown exporter 'jit': use dynamo or legacy"):
+        TaskExporter(load_bundle(bundle_dir), exporter="jit")
 
 
 def test_export_and_infer_cli(bundle_dir, tmp_path):

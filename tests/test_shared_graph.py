@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -279,10 +280,11 @@ def test_graph_of_another_bundle_is_refused(tmp_path):
 
 
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
-    from supsup_deploy import export as export_module
+    from supsup_deploy import export_targets
 
     bundle = random_bundle(tmp_path / "b")
-    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)
+    strict = replace(export_targets.export_target("shared"), tolerances={"float32": -1.0})
+    monkeypatch.setitem(export_targets.EXPORT_TARGETS, "shared", strict)
     with pytest.raises(ParityError, match="shared graph parity failed for task 0"):
         export_shared(bundle, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

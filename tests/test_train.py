@@ -15,7 +15,8 @@ from conftest import SMALL_RUN
 
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.train import TrainConfig, read_run_record, task_path, train_run
+from supsup_deploy.runs import read_run_record, task_path
+from supsup_deploy.train import TrainConfig, train_run
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"
@@ -204,25 +205,27 @@ def test_two_process_data_parallel(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp/metrics.json").read_text())
     assert [row["task"] for row in metrics] == [0, 1, 2]
-    assert torch.tensor([row["test_accuracy"] for row in metrics]).isfinite().all()
+    assert_task_files_reproduce_accuracy(tmp_path / "ddp")
 
 
 def test_task_files_reproduce_the_measured_accuracy(reference_run):
-    from supsup_deploy.models import build_model
-    from supsup_deploy.train import (
-        RunData,
-        collect_metrics,
-        evaluate,
-        load_task,
-        read_task_masks,
-    )
+    assert_task_files_reproduce_accuracy(reference_run)
 
-    config = TrainConfig(**SMALL)
+
+def assert_task_files_reproduce_accuracy(run_dir: Path) -> None:
+    """Every task file, loaded into a fresh model, scores the test accuracy the run recorded."""
+    from supsup_deploy.models import build_model
+    from supsup_deploy.runs import collect_metrics, load_task, read_task_masks
+    from supsup_deploy.train import RunData, evaluate
+
+    config = TrainConfig(**read_run_record(run_dir)["config"])
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
-    basis = [read_task_masks(task_path(reference_run, t), model) for t in range(config.basis)]
-    for row in collect_metrics(reference_run, config.num_tasks):
-        load_task(model, reference_run, row["task"], basis)
+    basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
+    rows = collect_metrics(run_dir, config.num_tasks)
+    assert [row["task"] for row in rows] == list(range(config.num_tasks))
+    for row in rows:
+        load_task(model, run_dir, row["task"], basis)
         splits = run_data.splits(row["task"])
         assert evaluate(model, splits.test, "cpu", 64) == row["test_accuracy"]
 

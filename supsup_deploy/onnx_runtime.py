@@ -1,0 +1,31 @@
+"""ONNX Runtime sessions: open a graph on a device and run float32 images through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from supsup_deploy.devices import onnx_providers, resolve_device
+from supsup_deploy.errors import SupsupError
+
+
+def onnx_session(path: str | Path, *, device: str = "cpu"):
+    """An ONNX Runtime session on ``device`` (see :func:`supsup_deploy.devices.resolve_device`;
+    CUDA runs on that GPU index and needs onnxruntime-gpu)."""
+    import onnxruntime
+
+    providers = onnx_providers(resolve_device(device))
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own unexported exception types
+        raise SupsupError(f"{path}: ONNX Runtime cannot load it ({error})") from None
+
+
+def run_onnx(session, images: torch.Tensor) -> np.ndarray:
+    """Logits from an ONNX Runtime session for float32 images."""
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: images.detach().cpu().numpy().astype(np.float32)})[0]
