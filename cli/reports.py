@@ -26,7 +26,7 @@ def storage_command(
         typer.Option(help="Only these architectures (repeat the option); default: all."),
     ] = None,
     basis: Annotated[int, typer.Option(help="Basis masks |B| (the poster used 15).")] = 15,
-    tasks: Annotated[int, typer.Option(help="Tasks T for the totals.")] = 100,
+    num_tasks: Annotated[int, typer.Option(help="Tasks T for the totals.")] = 100,
     density: Annotated[
         float, typer.Option(help="Fraction of weights a SupSup mask keeps (sets the CSC size).")
     ] = 0.5,
@@ -82,7 +82,7 @@ def storage_command(
         raise ConfigError("choose one of --json, --markdown and --csv")
     settings = StorageSettings(
         num_basis=basis,
-        num_tasks=tasks,
+        num_tasks=num_tasks,
         density=density,
         norm_dtype=norm_dtype,
         input_size=input_size,

@@ -29,7 +29,9 @@ def verify_command(
     ] = None,
     work_dir: Annotated[
         Path | None,
-        typer.Option(help="Keep bundles and ONNX graphs here (default: a temporary folder)."),
+        typer.Option(
+            "--out", help="Keep bundles and ONNX graphs here (default: a temporary folder)."
+        ),
     ] = None,
     device: Annotated[
         str, typer.Option(help="Where the parity and accuracy checks run: " + DEVICE_HELP)

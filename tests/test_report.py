@@ -109,7 +109,7 @@ def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path, encoding
 
 def test_storage_cli_formats(tmp_path):
     result = run_cli(
-        "report", "storage", "--json", "--tasks", "7", "--plot", str(tmp_path / "s.png")
+        "report", "storage", "--json", "--num-tasks", "7", "--plot", str(tmp_path / "s.png")
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
