@@ -15,7 +15,7 @@ from ._choices import (
     Exporter,
     MaskEncoding,
     Norm,
-    NormDtype,
+    FloatDtype,
     Protocol,
     Runtime,
     TaskInferenceMethod,
@@ -311,10 +311,14 @@ def pack_command(
         Path, typer.Option(help="Bundle folder to create.", callback=not_an_option)
     ] = DEFAULT_BUNDLE,
     norm_dtype: Annotated[
-        NormDtype,
+        FloatDtype,
         typer.Option(
             help="Precision of the per-task normalisation statistics.",
         ),
+    ] = "float32",
+    alpha_dtype: Annotated[
+        FloatDtype,
+        typer.Option(help="Precision of the alpha tasks' coefficient tables."),
     ] = "float32",
     mask_encoding: Annotated[
         MaskEncoding,
@@ -333,7 +337,9 @@ def pack_command(
     """
     from supsup_deploy.pack import pack_run
 
-    bundle = pack_run(run_dir, out, norm_dtype=norm_dtype, mask_encoding=mask_encoding)
+    bundle = pack_run(
+        run_dir, out, norm_dtype=norm_dtype, alpha_dtype=alpha_dtype, mask_encoding=mask_encoding
+    )
     _print_bundle(bundle, as_json)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._choices import NormDtype, Stem
+from ._choices import FloatDtype, Stem
 from ._common import one_line_errors, print_json, wide_console
 
 report_app = typer.Typer(
@@ -40,7 +40,7 @@ def storage_command(
         Stem | None, typer.Option(help="imagenet or cifar (default: each entry's standard).")
     ] = None,
     norm_dtype: Annotated[
-        NormDtype, typer.Option(help="float32 or float16 for the stored norm statistics.")
+        FloatDtype, typer.Option(help="float32 or float16 for the stored norm statistics.")
     ] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown.")] = False,

@@ -26,12 +26,16 @@ from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
 from supsup_deploy.train import TrainConfig
 
+PACKED_METRICS = ("test_accuracy", "classes")
+"""The training metrics a packed task file keeps (the run folder keeps them all)."""
+
 
 def pack_run(
     run_dir: str | Path,
     out: str | Path,
     *,
     norm_dtype: str = "float32",
+    alpha_dtype: str = "float32",
     mask_encoding: str = "packed",
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
@@ -44,6 +48,8 @@ def pack_run(
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
         out: the bundle folder to create; it must not exist yet.
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
+        alpha_dtype: ``"float32"`` or ``"float16"`` for the alpha tables of the alpha tasks
+            (basis tasks' one-hot tables are exact in either and keep float32).
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
 
     Returns:
@@ -53,8 +59,9 @@ def pack_run(
         >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
     """
     run_dir, out = Path(run_dir), Path(out)
-    if norm_dtype not in FLOAT_DTYPES:
-        raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
+    for option, value in (("norm", norm_dtype), ("alpha", alpha_dtype)):
+        if value not in FLOAT_DTYPES:
+            raise ConfigError(f"unknown {option} dtype {value!r}: use float32 or float16")
     if out.exists():
         raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
     record = read_run_record(run_dir)
@@ -82,7 +89,15 @@ def pack_run(
         )
         for index in range(config.num_tasks):
             if task_path(run_dir, index).exists():
-                _pack_task(run_dir, index, config, staging, basis_sha256, FLOAT_DTYPES[norm_dtype])
+                _pack_task(
+                    run_dir,
+                    index,
+                    config,
+                    staging,
+                    basis_sha256,
+                    FLOAT_DTYPES[norm_dtype],
+                    FLOAT_DTYPES[alpha_dtype],
+                )
     return load_bundle(out)
 
 
@@ -100,6 +115,7 @@ def _pack_task(
     staging: Path,
     basis_sha256: str,
     norm_dtype: torch.dtype,
+    alpha_dtype: torch.dtype,
 ) -> None:
     tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
@@ -109,7 +125,7 @@ def _pack_task(
         alpha[:, index] = 1.0
         kind = "basis"
     else:
-        alpha = tensors["alpha"].float()
+        alpha = tensors["alpha"].to(alpha_dtype)
         kind = "alpha"
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
@@ -124,7 +140,7 @@ def _pack_task(
         class_names=metrics["class_names"],
         basis_sha256=basis_sha256,
         kind=kind,
-        extra={"metrics": metrics},
+        extra={"metrics": {key: metrics[key] for key in PACKED_METRICS if key in metrics}},
     )
 
 

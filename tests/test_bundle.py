@@ -140,15 +140,26 @@ def test_pack_refuses_existing_output_and_unknown_task(small_run, bundle_dir):
         load_bundle(bundle_dir).task(7)
 
 
-def test_pack_cli_with_fp16_statistics(small_run, tmp_path):
+def test_pack_cli_with_fp16_statistics_and_alpha(small_run, bundle_dir, tmp_path):
+    out = tmp_path / "b16"
     result = run_cli(
-        "pack", str(small_run), "--out", str(tmp_path / "b16"), "--norm-dtype", "float16", "--json"
-    )
+        "pack", str(small_run), "--out", str(out), "--norm-dtype", "float16",
+        "--alpha-dtype", "float16", "--json",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    full = load_bundle(tmp_path / "b16")
-    assert full.task_tensors(0)["norm.running_mean"].dtype == torch.float16
-    assert report["tasks"][2]["state_bytes"] < report["tasks"][0]["state_bytes"] + 1
+    half, full = load_bundle(out), load_bundle(bundle_dir)
+    assert half.task_tensors(0)["norm.running_mean"].dtype == torch.float16
+    assert half.task_tensors(0)["alpha"].dtype == torch.float32  # one-hot: exact either way
+    assert half.task_tensors(2)["alpha"].dtype == torch.float16
+    assert torch.equal(half.task_tensors(2)["alpha"], full.task_tensors(2)["alpha"].half())
+    table = half.task_tensors(2)["alpha"]
+    norm_channels = half.summary.norm_channels
+    assert report["tasks"][2]["state_bytes"] == table.numel() * 2 + norm_channels * 2 * 2
+    assert half.task(2).file_bytes < full.task(2).file_bytes
+    assert set(half.task(2).metrics) == {"test_accuracy", "classes"}
+    export = run_cli("export", str(out), "--task", "2", "--onnx", "--out", str(tmp_path / "onnx"))
+    assert export.returncode == 0, export.stderr
 
 
 @pytest.fixture

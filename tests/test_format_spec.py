@@ -96,8 +96,11 @@ def test_synthetic_bundle_matches_spec(tmp_path, encoding):
     assert check_bundle_against_spec(tmp_path) == 3
 
 
-def test_packed_run_matches_spec(small_run, tmp_path):
-    pack_run(small_run, tmp_path / "bundle")
+@pytest.mark.parametrize("alpha_dtype", ["float32", "float16"])
+def test_packed_run_matches_spec(small_run, tmp_path, alpha_dtype):
+    bundle = pack_run(small_run, tmp_path / "bundle", alpha_dtype=alpha_dtype)
+    stored = [bundle.task_tensors(info.index)["alpha"].dtype for info in bundle.tasks]
+    assert stored == [torch.float32, torch.float32, getattr(torch, alpha_dtype)]
     assert check_bundle_against_spec(tmp_path / "bundle") == 3
 
 
