@@ -1,42 +1,65 @@
-"""Alpha tasks vs dedicated SupSup masks on Fashion-MNIST, per normalisation option, with bytes.
+"""The bytes/accuracy frontier of alpha tasks against dedicated SupSup masks, on Fashion-MNIST.
 
-Run: ``python -m bench.accuracy [--quick] [--work artifacts/bench_accuracy]`` (resumable: runs
-already in ``--work`` are reused). About 45 minutes on 2 CPU cores; ``--quick`` about 6.
+Run: ``python -m bench.accuracy [--quick] [--work artifacts/bench_accuracy]`` (resumable: runs and
+evaluations already in ``--work`` are reused). About an hour on 2 idle CPU cores; ``--quick``
+about 8 minutes.
 
 Protocols (``gem_resnet18``, 1-channel stem, seed 0, 2 epochs, <= 3,000 training and 1,000 test
 images per task): ``split`` 5 x 2 classes with 3 basis masks, and ``random`` 20 x 5-way with 15
-basis masks. The *dedicated* baseline trains a SupSup mask for every alpha task with the same
-budget (the basis tasks' files are shared, being identical).
+basis masks. Each protocol is trained twice, with per-task BatchNorm and with GroupNorm; the
+*dedicated* baseline trains a SupSup mask for every alpha task with the same budget (basis files
+shared). The ratio's denominator is the better of the two dedicated means, never a weaker one.
 
-Normalisation options, for the alpha tasks (all evaluated with the alpha table rounded to fp16):
+Options for the alpha tasks (``product``: what ``supsup pack`` writes today):
 
-- ``bn_fp32``: per-task BatchNorm statistics as trained, fp32;
-- ``bn_fp16``: the same statistics rounded to fp16;
-- ``bn_over_basis``: statistics not stored; each norm layer's mean and log-variance are a least-
-  squares combination of the basis tasks' statistics (|B| fp16 coefficients each per layer);
-- ``bn_recalibrated``: nothing stored; statistics re-estimated from 64 unlabelled images of the
+- ``bn_fp32`` / ``bn_fp16`` (product): per-task BatchNorm statistics and alpha table in that
+  precision (``pack --norm-dtype/--alpha-dtype``);
+- ``bn_recalibrated_int8``: no statistics stored; re-estimated from 64 unlabelled images of the
   task at run time (transductive: needs a batch of the task's data when deployed);
-- ``group``: a separate run with statistic-free GroupNorm (4 groups), nothing stored.
+- ``bn_calibrated_int8``: no statistics stored; computed under the task's alpha from a shared
+  calibration pool (32 training images of each basis task, stored once per bundle);
+- ``bn_calibrated_classes_int8``: as above from the pool images of the task's own classes (needs
+  tasks whose classes the basis tasks saw);
+- ``group_fp32`` / ``group_fp16`` (product): GroupNorm (4 groups), nothing stored per task;
+- ``group_int8``: GroupNorm with the alpha table as int8 with one fp16 scale per layer.
 
-Bytes per task are all-inclusive: alpha table in fp16 plus whatever normalisation state the option
-stores.
+Bytes are measured on disk: product options from the files ``pack_run`` writes, the others from a
+task file written with the same metadata and the option's tensors (``alpha.q`` int8 and
+``alpha.scale`` fp16 for int8 tables). Task inference (``--task auto``, batches of 64 from one
+task, as ``bench.task_inference``) is measured on the product options' bundles.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from bench._common import machine_info, print_table, write_result
+from supsup_deploy.bundle import TASK_FORMAT, content_sha256
+from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
 from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
-from supsup_deploy.normalization import load_norm_state, task_norms
+from supsup_deploy.normalization import load_norm_state
+from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
-from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
+from supsup_deploy.runtime import Runner
+from supsup_deploy.task_inference import evaluate_task_inference
+from supsup_deploy.train import (
+    RunData,
+    TrainConfig,
+    evaluate,
+    refresh_norm_statistics,
+    train_run,
+)
 
 PROTOCOLS = {
     "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3),
@@ -45,8 +68,21 @@ PROTOCOLS = {
 BUDGET = dict(epochs=2, max_train_samples=3000, max_test_samples=1000)
 QUICK_BUDGET = dict(epochs=1, max_train_samples=600, max_test_samples=500)
 RECALIBRATION_IMAGES = 64
+CALIBRATION_IMAGES_PER_BASIS_TASK = 32
+TASK_INFERENCE_IMAGES = 320
 GOAL_RATIO = 0.95
 GOAL_BYTES = 1024
+PRODUCT_OPTIONS = {
+    "bn_fp32": ("batch", "float32", "float32"),
+    "bn_fp16": ("batch", "float16", "float16"),
+    "group_fp32": ("group", "float32", "float32"),
+    "group_fp16": ("group", "float32", "float16"),
+}
+"""Option: (norm, pack's norm dtype, pack's alpha dtype)."""
+CANDIDATE_OPTIONS = {
+    "batch": ("bn_recalibrated_int8", "bn_calibrated_int8", "bn_calibrated_classes_int8"),
+    "group": ("group_int8",),
+}
 
 
 def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
@@ -63,75 +99,132 @@ def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
     return run_dir, dedicated_dir
 
 
-@torch.no_grad()
-def statistics_over_basis(model: torch.nn.Module, task: int, basis_tasks: range) -> None:
-    """Replace slot ``task``'s statistics by per-layer least-squares mixes of the basis slots'."""
-    for module in task_norms(model):
-        for name, transform, inverse in (
-            ("running_mean", lambda x: x, lambda x: x),
-            ("running_var", torch.log, torch.exp),
-        ):
-            stats = getattr(module, name).double()
-            design = transform(stats[list(basis_tasks)]).t()
-            target = transform(stats[task]).unsqueeze(1)
-            coefficients = torch.linalg.lstsq(design, target).solution.half().double()
-            getattr(module, name)[task] = inverse(design @ coefficients).squeeze(1).float()
+def int8_table(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha`` as int8 codes and one fp16 scale per row (symmetric, largest value = 127)."""
+    scale = (alpha.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
+    codes = (alpha / scale.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    return codes, scale
 
 
-@torch.no_grad()
-def recalibrate(model: torch.nn.Module, task: int, images: torch.Tensor) -> None:
-    """Re-estimate slot ``task``'s statistics from one batch of unlabelled images."""
-    for module in task_norms(model):
-        module.running_mean[task].zero_()
-        module.running_var[task].fill_(1.0)
-        module.momentum = 1.0  # the running statistics become exactly this batch's
-    model.train()
-    model(images)
-    model.eval()
-    for module in task_norms(model):
-        module.momentum = 0.1
+def candidate_file_bytes(folder: Path, packed_task: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """Size on disk of ``packed_task`` rewritten with other tensors (same metadata, hashed)."""
+    with safe_open(str(packed_task), framework="pt") as handle:
+        text = handle.metadata()[METADATA_KEY]
+    metadata = json.loads(text)
+    assert metadata["format"] == TASK_FORMAT
+    path = folder / packed_task.name
+    save_safetensors_atomic(
+        tensors,
+        path,
+        metadata,
+        header_extra={"supsup_sha256": content_sha256(metadata_text(metadata), tensors)},
+    )
+    return path.stat().st_size
 
 
-def evaluate_alpha_tasks(config: TrainConfig, run_dir: Path) -> dict[str, list[float]]:
-    """Test accuracy of every alpha task under each statistics option of a BatchNorm run."""
+def calibration_pool(run_data: RunData, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images of every basis task (a fixed number each) and their dataset classes."""
+    images, classes = [], []
+    for index in range(config.basis):
+        train = run_data.splits(index).train
+        task_classes = torch.tensor(run_data.tasks[index].classes)
+        images.append(train.images[:CALIBRATION_IMAGES_PER_BASIS_TASK])
+        classes.append(task_classes[train.labels[:CALIBRATION_IMAGES_PER_BASIS_TASK]])
+    return torch.cat(images), torch.cat(classes)
+
+
+def evaluate_options(config: TrainConfig, run_dir: Path) -> dict[str, list[float]]:
+    """Test accuracy of every alpha task under each option of the run's norm."""
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
     for index in range(config.basis):
         load_task(model, run_dir, index, basis)
-    options = ("bn_fp32", "bn_fp16", "bn_over_basis", "bn_recalibrated")
-    if config.norm != "batch":
-        options = (config.norm,)
+    pool, pool_classes = calibration_pool(run_data, config)
+    options = [name for name, value in PRODUCT_OPTIONS.items() if value[0] == config.norm]
+    options += CANDIDATE_OPTIONS[config.norm]
     accuracies: dict[str, list[float]] = {option: [] for option in options}
     for index in range(config.basis, config.num_tasks):
         splits = run_data.splits(index)
+        own_classes = torch.tensor(splits.task.classes)
         for option in options:
             tensors = load_task(model, run_dir, index, basis)
-            load_alpha_table(model, tensors["alpha"].half().float())
-            if option == "bn_fp16":
-                load_norm_state(model, index, {k: v.half().float() for k, v in tensors.items()})
-            elif option == "bn_over_basis":
-                statistics_over_basis(model, index, range(config.basis))
-            elif option == "bn_recalibrated":
-                recalibrate(model, index, splits.val.images[:RECALIBRATION_IMAGES])
+            alpha = tensors["alpha"]
+            if option.endswith("_fp16"):
+                alpha = alpha.half().float()
+                statistics = {key: value.half().float() for key, value in tensors.items()}
+                if config.norm == "batch":
+                    load_norm_state(model, index, statistics)
+            elif option.endswith("_int8"):
+                codes, scale = int8_table(alpha)
+                alpha = codes.float() * scale.float().unsqueeze(1)
+            load_alpha_table(model, alpha)
+            calibration = {
+                "bn_recalibrated_int8": splits.val.images[:RECALIBRATION_IMAGES],
+                "bn_calibrated_int8": pool,
+                "bn_calibrated_classes_int8": pool[torch.isin(pool_classes, own_classes)],
+            }.get(option)
+            if calibration is not None:
+                refresh_norm_statistics(model, index, calibration, config.batch_size, "cpu")
             accuracies[option].append(evaluate(model, splits.test, "cpu", 256))
     return accuracies
 
 
-def option_bytes(option: str, config: TrainConfig, summary_layers: int, channels: int, norms: int):
-    alpha = summary_layers * config.basis * 2
-    norm = {
-        "bn_fp32": channels * 2 * 4,
-        "bn_fp16": channels * 2 * 2,
-        "bn_over_basis": norms * config.basis * 2 * 2,
-    }.get(option, 0)
-    return alpha + norm
+def option_bytes(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """File and state bytes (means over the alpha tasks) and task inference, per option."""
+    results: dict[str, dict[str, Any]] = {}
+    alpha_tasks = range(config.basis, config.num_tasks)
+    with tempfile.TemporaryDirectory(dir=work) as folder:
+        folder = Path(folder)
+        for option, (norm, norm_dtype, alpha_dtype) in PRODUCT_OPTIONS.items():
+            if norm != config.norm:
+                continue
+            bundle = pack_run(
+                run_dir, folder / option, norm_dtype=norm_dtype, alpha_dtype=alpha_dtype
+            )
+            infos = [bundle.task(index) for index in alpha_tasks]
+            inference = evaluate_task_inference(
+                bundle, Runner(bundle), limit=TASK_INFERENCE_IMAGES, method="auto"
+            )
+            results[option] = {
+                "file_bytes": _mean([info.file_bytes for info in infos]),
+                "state_bytes": _mean([info.state_bytes for info in infos]),
+                "task_inference": {
+                    key: inference[key]
+                    for key in (
+                        "method",
+                        "task_inference_accuracy",
+                        "accuracy_inferred_task",
+                        "accuracy_true_task",
+                    )
+                },
+            }
+            if option.endswith("fp32"):
+                packed = [info.path for info in infos]
+        for option in CANDIDATE_OPTIONS[config.norm]:
+            sizes, states = [], []
+            for path in packed:
+                codes, scale = int8_table(load_file(str(path))["alpha"])
+                tensors = {"alpha.q": codes, "alpha.scale": scale}
+                sizes.append(candidate_file_bytes(folder, path, tensors))
+                states.append(codes.numel() + 2 * scale.numel())
+            results[option] = {
+                "file_bytes": _mean(sizes),
+                "state_bytes": _mean(states),
+                "task_inference": None,
+            }
+    return results
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def run_protocol(name: str, work: Path, budget: dict) -> list[dict]:
-    from supsup_deploy import summarize_model
-
-    rows = []
+    cache = work / f"{name}_rows.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    trained = {}
     for norm in ("batch", "group"):
         config = TrainConfig(**PROTOCOLS[name], **budget, norm=norm)
         run_dir, dedicated_dir = train_pair(config, work, f"{name}_{norm}")
@@ -139,36 +232,53 @@ def run_protocol(name: str, work: Path, budget: dict) -> list[dict]:
             row["test_accuracy"]
             for row in collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
         ]
-        trained = collect_metrics(run_dir, config.num_tasks)
-        basis_accuracy = [row["test_accuracy"] for row in trained[: config.basis]]
-        summary = summarize_model(
-            config.arch, num_classes=config.classes_per_task, in_channels=1, norm=norm
-        )
-        for option, accuracies in evaluate_alpha_tasks(config, run_dir).items():
-            alpha_mean = sum(accuracies) / len(accuracies)
-            dedicated_mean = sum(dedicated) / len(dedicated)
+        trained[norm] = (config, run_dir, dedicated)
+    best_norm = max(trained, key=lambda norm: _mean(trained[norm][2]))
+    best_dedicated = trained[best_norm][2]
+    rows = []
+    for config, run_dir, dedicated in trained.values():
+        basis_rows = collect_metrics(run_dir, config.num_tasks)[: config.basis]
+        basis_accuracy = [row["test_accuracy"] for row in basis_rows]
+        sizes = option_bytes(config, run_dir, work)
+        for option, accuracies in evaluate_options(config, run_dir).items():
+            alpha_mean = _mean(accuracies)
             rows.append(
                 {
                     "protocol": name,
-                    "norm_option": option,
+                    "option": option,
+                    "product": option in PRODUCT_OPTIONS,
                     "basis": config.basis,
                     "alpha_tasks": len(accuracies),
-                    "basis_mask_accuracy": sum(basis_accuracy) / len(basis_accuracy),
+                    "file_bytes": sizes[option]["file_bytes"],
+                    "state_bytes": sizes[option]["state_bytes"],
                     "alpha_accuracy": alpha_mean,
-                    "dedicated_accuracy": dedicated_mean,
-                    "ratio": alpha_mean / dedicated_mean,
-                    "bytes_per_task": option_bytes(
-                        option,
-                        config,
-                        summary.masked_layers,
-                        summary.norm_channels,
-                        summary.norm_layers,
-                    ),
+                    "basis_mask_accuracy": _mean(basis_accuracy),
+                    "dedicated_accuracy_same_norm": _mean(dedicated),
+                    "best_dedicated_accuracy": _mean(best_dedicated),
+                    "best_dedicated_norm": best_norm,
+                    "ratio": alpha_mean / _mean(best_dedicated),
+                    "task_inference": sizes[option]["task_inference"],
                     "alpha_accuracy_per_task": accuracies,
                     "dedicated_accuracy_per_task": dedicated,
                 }
             )
+    _mark_frontier(rows)
+    cache.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def _mark_frontier(rows: list[dict]) -> None:
+    """A row is on the frontier when no other row is as small and as accurate, one strictly."""
+    for row in rows:
+        row["frontier"] = not any(
+            other["file_bytes"] <= row["file_bytes"]
+            and other["alpha_accuracy"] >= row["alpha_accuracy"]
+            and (
+                other["file_bytes"] < row["file_bytes"]
+                or other["alpha_accuracy"] > row["alpha_accuracy"]
+            )
+            for other in rows
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,30 +289,39 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     budget = QUICK_BUDGET if args.quick else BUDGET
     work = args.work / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
     rows = [row for name in args.protocols for row in run_protocol(name, work, budget)]
 
+    def inference(row: dict) -> str:
+        found = row["task_inference"]
+        return "-" if found is None else f"{found['task_inference_accuracy']:.2f} {found['method']}"
+
     print_table(
-        "alpha tasks vs dedicated masks (Fashion-MNIST, gem_resnet18)",
+        "alpha tasks vs the best dedicated masks (Fashion-MNIST, gem_resnet18)",
         (
             "protocol",
-            "|B|",
-            "norm option",
-            "basis acc",
+            "option",
+            "product",
+            "file bytes",
+            "state bytes",
             "alpha acc",
-            "dedicated acc",
+            "best dedicated",
             "ratio",
-            "bytes/task",
+            "task inference",
+            "frontier",
         ),
         [
             [
                 row["protocol"],
-                str(row["basis"]),
-                row["norm_option"],
-                f"{row['basis_mask_accuracy']:.4f}",
+                row["option"],
+                "yes" if row["product"] else "no",
+                f"{row['file_bytes']:,.0f}",
+                f"{row['state_bytes']:,.0f}",
                 f"{row['alpha_accuracy']:.4f}",
-                f"{row['dedicated_accuracy']:.4f}",
+                f"{row['best_dedicated_accuracy']:.4f} ({row['best_dedicated_norm']})",
                 f"{row['ratio']:.3f}",
-                f"{row['bytes_per_task']:,}",
+                inference(row),
+                "*" if row["frontier"] else "",
             ]
             for row in rows
         ],
@@ -212,13 +331,22 @@ def main(argv: list[str] | None = None) -> None:
         "setup": {
             "budget": budget,
             "protocols": {k: PROTOCOLS[k] for k in args.protocols},
+            "class_splits": {
+                name: [
+                    list(task.classes)
+                    for task in RunData.load(TrainConfig(**PROTOCOLS[name], **budget)).tasks
+                ]
+                for name in args.protocols
+            },
             "arch": "gem_resnet18",
             "dataset": "fashion-mnist",
             "seed": 0,
             "alpha_lr": TrainConfig.alpha_lr,
             "recalibration_images": RECALIBRATION_IMAGES,
+            "calibration_images_per_basis_task": CALIBRATION_IMAGES_PER_BASIS_TASK,
+            "task_inference_images_per_task": TASK_INFERENCE_IMAGES,
         },
-        "goals": {"ratio_min": GOAL_RATIO, "bytes_per_task_max": GOAL_BYTES},
+        "goals": {"ratio_min": GOAL_RATIO, "file_bytes_max": GOAL_BYTES},
         "machine": machine_info(),
         "rows": rows,
     }
