@@ -2,12 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SMALL_RUN
 from version_1 import read as read_version_1
 from version_1 import version_1_bundle
@@ -20,23 +19,11 @@ from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
 from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def bundle_dir(small_run, tmp_path) -> Path:
     pack_run(small_run, tmp_path / "bundle")
     return tmp_path / "bundle"
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
 
 
 def test_bundle_runs_every_task_exactly_like_the_run(small_run, bundle_dir):

@@ -4,10 +4,9 @@ import csv
 import io
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 from supsup_deploy.models import get_model_entry, list_models, summarize_model
 from supsup_deploy.pack import pack_run
@@ -23,12 +22,6 @@ from supsup_deploy.report import (
 )
 
 TORCHVISION_NAMES = [name for name in list_models() if get_model_entry(name).torchvision_name]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.parametrize("arch", TORCHVISION_NAMES)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from supsup_deploy.bundle import (
     BASIS_FILE,
@@ -268,13 +268,7 @@ def run_infer_auto(
         for row in rows.tolist():
             pixels = test.images[row][0].numpy().astype("uint8")
             Image.fromarray(pixels).save(folder / f"{prefix}_{row:05d}.png")
-    command = [sys.executable, "-m", "supsup_deploy", "infer", str(bundle.path), str(folder)]
-    return subprocess.run(
-        [*command, "--task", "auto"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli("infer", str(bundle.path), str(folder), "--task", "auto")
 
 
 class FixedLogits(torch.nn.Module):

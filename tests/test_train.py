@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import ROOT, run_cli
 from conftest import SMALL_RUN
 
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
@@ -41,7 +42,6 @@ CLI_SMALL = [
     "--batch-size",
     "32",
 ]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def files_of(run_dir: Path) -> dict[str, bytes]:
@@ -50,18 +50,6 @@ def files_of(run_dir: Path) -> dict[str, bytes]:
         for path in sorted(run_dir.rglob("*"))
         if path.is_file()
     }
-
-
-def run_cli(*args, env=None, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        **kwargs,
-    )
 
 
 @pytest.fixture
@@ -191,9 +179,7 @@ def _torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_two_process_task_mode_matches_one_process(tmp_path):
     # torchrun gives each process one thread; thread count changes float summation order.
     single = tmp_path / "single"
-    result = run_cli(
-        "train", "--out", str(single), *CLI_SMALL, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = run_cli("train", "--out", str(single), *CLI_SMALL, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     result = _torchrun(tmp_path / "pair", "--distributed", "tasks")
     assert result.returncode == 0, result.stderr[-3000:]
