@@ -283,8 +283,11 @@ def torchvision_check(summary: ModelSummary) -> dict[str, Any] | None:
     import torchvision
 
     config = summary.config
-    name = get_model_entry(config.arch).torchvision_name
-    if name is None or (config.stem, config.width, config.in_channels) != ("imagenet", 1.0, 3):
+    entry = get_model_entry(config.arch)
+    standard = entry.config()
+    compared = ("stem", "width", "in_channels")
+    name = entry.torchvision_name
+    if name is None or any(getattr(config, key) != getattr(standard, key) for key in compared):
         return None
     with torch.device("meta"):
         model = torchvision.models.get_model(name, weights=None, num_classes=config.num_classes)

@@ -50,7 +50,6 @@ from supsup_deploy.runs import (
 )
 
 DISTRIBUTED_MODES = ("tasks", "data")
-SMALL_IMAGE_LIMIT = 64
 NORM_REFRESH_IMAGES = 2048
 
 
@@ -104,11 +103,11 @@ class TrainConfig:
 
     def model_config(self, spec: datasets.DatasetSpec) -> ModelConfig:
         """The architecture this run trains: one classifier output per class of a task."""
-        stem = "cifar" if spec.image_size < SMALL_IMAGE_LIMIT else "imagenet"
-        return get_model_entry(self.arch).config(
+        entry = get_model_entry(self.arch)
+        return entry.config(
             num_classes=self.classes_per_task,
             in_channels=spec.in_channels,
-            stem=stem,
+            stem=entry.family.stem_for_image_size(spec.image_size),
             width=self.width,
             seed=self.seed,
             norm=self.norm,

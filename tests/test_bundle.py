@@ -268,14 +268,12 @@ def test_equal_content_gives_equal_bytes(bundle_dir, tmp_path):
 
 def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     """Digits are an id, any other string a name; all-digit names are refused when written."""
-    from supsup_deploy import bundle as bundle_module
-    from supsup_deploy.bundle import InputSpec, check_task_name, save_task
-    from supsup_deploy.models import ModelConfig
-    from supsup_deploy.synthetic import write_random_bundle
+    from tiny_bundles import write_tiny_bundle
 
-    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
-    spec = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
-    path = write_random_bundle(tmp_path / "b", config, spec, num_basis=2, alpha_tasks=1)
+    from supsup_deploy import bundle as bundle_module
+    from supsup_deploy.bundle import check_task_name, save_task
+
+    path = write_tiny_bundle(tmp_path / "b")
     bundle = load_bundle(path)
     for key in (1, "1", "task_1"):
         assert bundle.task(key).index == 1
@@ -314,3 +312,4 @@ def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     shutil.copy(shipped, path / "tasks" / "5.2.safetensors")
     bundle = load_bundle(path)
     assert bundle.task("2").name == "task_2" and bundle.task(5).name == "2"
+

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import ROOT, run_cli
 from conftest import SMALL_RUN
+from tiny_bundles import TINY_CONFIG
 
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
 from supsup_deploy.errors import ConfigError
@@ -220,12 +222,11 @@ def test_refresh_norm_statistics_fills_the_slot_it_is_given():
     """Slot 2 is refreshed while slot 0 is selected: slot 2 gets the statistics slot 0 would
     have got, every other slot is untouched, and slot 0 is selected again afterwards."""
     from supsup_deploy.masking import set_task, use_fixed
-    from supsup_deploy.models import ModelConfig, build_model, masked_layers
+    from supsup_deploy.models import build_model, masked_layers
     from supsup_deploy.normalization import TaskBatchNorm2d
     from supsup_deploy.train import refresh_norm_statistics
 
-    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25, num_tasks=3)
-    model = build_model(config)
+    model = build_model(replace(TINY_CONFIG, num_tasks=3))
     generator = torch.Generator().manual_seed(0)
     use_fixed(
         model,

@@ -19,7 +19,7 @@ from torch import nn
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.layers import FixedWeight, MaskedLayer, masked_layers
 from supsup_deploy.models.config import ModelConfig
-from supsup_deploy.models.interface import MaskedModel
+from supsup_deploy.models.interface import MaskedModel, ModelFamily
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,15 @@ class ModelEntry:
 
     name: str
     builder: Callable[[ModelConfig], MaskedModel]
-    family: str
+    family: ModelFamily
     defaults: dict[str, Any] = field(default_factory=dict)
     torchvision_name: str | None = None
     description: str = ""
 
     def config(self, **overrides: Any) -> ModelConfig:
         """This entry's default configuration with ``overrides`` applied."""
-        return _make_config(self.name, {**self.defaults, **overrides})
+        values = {"stem": self.family.default_stem, **self.defaults, **overrides}
+        return _make_config(self, values)
 
     @property
     def summary(self) -> ModelSummary:
@@ -83,14 +84,14 @@ _MODELS: dict[str, ModelEntry] = {}
 
 def register_model(
     *,
-    family: str,
+    family: ModelFamily,
     torchvision_name: str | None = None,
     **defaults: Any,
 ) -> Callable[[Callable[[ModelConfig], MaskedModel]], Callable[[ModelConfig], MaskedModel]]:
     """Register a builder under its function name.
 
     Args:
-        family: architecture family (e.g. ``"resnet"``).
+        family: the architecture's family (its stems).
         torchvision_name: the torchvision model with the same weight shapes, if any.
         **defaults: ModelConfig fields that differ from the dataclass defaults for this entry.
 
@@ -113,7 +114,7 @@ def register_model(
 
 def list_models(family: str | None = None) -> list[str]:
     """Registered architecture names, sorted, optionally of one family."""
-    return sorted(name for name, entry in _MODELS.items() if family in (None, entry.family))
+    return sorted(name for name, entry in _MODELS.items() if family in (None, entry.family.name))
 
 
 def get_model_entry(name: str) -> ModelEntry:
@@ -167,10 +168,12 @@ def build_model(config: ModelConfig) -> MaskedModel:
     """Build the model a :class:`ModelConfig` describes.
 
     Raises:
-        ConfigError: the architecture is not registered.
+        ConfigError: the architecture is not registered, or its family has no such stem.
         TypeError: its builder does not return a :class:`MaskedModel` of this config.
     """
-    model = get_model_entry(config.arch).builder(config)
+    entry = get_model_entry(config.arch)
+    _check_stem(entry, config)
+    model = entry.builder(config)
     if not isinstance(model, MaskedModel) or model.config != config:
         raise TypeError(f"the builder of {config.arch} must return a MaskedModel of its config")
     assign_layer_indices(model, config.seed)
@@ -220,8 +223,16 @@ def _summarize(config: ModelConfig) -> ModelSummary:
     )
 
 
-def _make_config(name: str, values: dict[str, Any]) -> ModelConfig:
+def _make_config(entry: ModelEntry, values: dict[str, Any]) -> ModelConfig:
     try:
-        return ModelConfig(arch=name, **values)
+        config = ModelConfig(arch=entry.name, **values)
     except TypeError as error:
-        raise ConfigError(f"bad option for {name}: {error}") from None
+        raise ConfigError(f"bad option for {entry.name}: {error}") from None
+    _check_stem(entry, config)
+    return config
+
+
+def _check_stem(entry: ModelEntry, config: ModelConfig) -> None:
+    stems = entry.family.stems
+    if config.stem not in stems:
+        raise ConfigError(f"unknown stem {config.stem!r} for {entry.name}: expected one of {stems}")
