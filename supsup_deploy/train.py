@@ -228,7 +228,7 @@ def train_run(
                 if path.exists() or not parallel.owns(index):
                     continue
                 splits = run_data.splits(index)
-                kind = "mask" if index < config.basis else "alpha"
+                kind = "basis" if index < config.basis else "alpha"
                 metrics = _train_task(
                     model, config, splits, index, kind, basis, device, parallel, reporter
                 )
@@ -281,7 +281,7 @@ def _train_task(
 ) -> dict[str, Any]:
     set_task(model, index)
     _reset_norm_slot(model, index)
-    if kind == "mask":
+    if kind == "basis":
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "scores", index))
         sources = use_scores(model, config.density, generator=generator)
         parameters = [source.scores for source in sources]

@@ -14,6 +14,7 @@ from version_1 import write as write_version_1
 
 from supsup_deploy.bundle import load_bundle, save_task
 from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
@@ -313,3 +314,26 @@ def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     bundle = load_bundle(path)
     assert bundle.task("2").name == "task_2" and bundle.task(5).name == "2"
 
+
+def test_a_run_that_spelled_basis_tasks_mask_still_packs(small_run, bundle_dir, tmp_path):
+    """Runs written before the one spelling say kind "mask" (file and metrics) for basis tasks."""
+    old_run = tmp_path / "old_run"
+    shutil.copytree(small_run, old_run)
+    for index in range(SMALL_RUN["basis"]):
+        path = task_path(old_run, index)
+        tensors, metadata = load_safetensors(path)
+        assert metadata["kind"] == metadata["metrics"]["kind"] == "basis"
+        metrics = {**metadata["metrics"], "kind": "mask"}
+        save_safetensors_atomic(tensors, path, {**metadata, "kind": "mask", "metrics": metrics})
+    assert [row["kind"] for row in collect_metrics(old_run, 3)] == ["basis", "basis", "alpha"]
+    old = pack_run(old_run, tmp_path / "old")
+    new = load_bundle(bundle_dir)
+    assert (old.path / "basis.safetensors").read_bytes() == (
+        new.path / "basis.safetensors"
+    ).read_bytes()
+    assert [task.kind for task in old.tasks] == ["basis", "basis", "alpha"]
+    assert [task.metrics["kind"] for task in old.tasks] == ["mask", "mask", "alpha"]
+    for task in new.tasks:
+        old_tensors, new_tensors = old.task_tensors(task.index), new.task_tensors(task.index)
+        assert old_tensors.keys() == new_tensors.keys()
+        assert all(torch.equal(old_tensors[key], new_tensors[key]) for key in new_tensors)

@@ -67,7 +67,7 @@ def test_run_directory_contents(reference_run):
     assert len(record["seeds"]["scores"]) == 3
     assert record["model"]["num_classes"] == 2 and record["model"]["in_channels"] == 1
     metrics = json.loads((reference_run / "metrics.json").read_text())
-    assert [row["kind"] for row in metrics] == ["mask", "mask", "alpha"]
+    assert [row["kind"] for row in metrics] == ["basis", "basis", "alpha"]
     for row in metrics:
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert row["state_bytes"] > 0 and len(row["class_names"]) == 2
