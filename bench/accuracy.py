@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from bench._common import machine_info, print_table, write_result
-from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import load_norm_state, task_norms
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
 from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
+from supsup_deploy.weight_sources import load_alpha_table
 
 PROTOCOLS = {
     "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3),

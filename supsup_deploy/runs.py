@@ -25,19 +25,18 @@ import torch
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import pack_bits, unpack_bits
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_json, atomic_write_text, load_safetensors
-from supsup_deploy.masking import (
+from supsup_deploy.models import masked_layers
+from supsup_deploy.normalization import load_norm_state, norm_state, set_task
+from supsup_deploy.weight_sources import (
     alpha_table,
     current_masks,
     model_device,
-    set_task,
     use_alpha,
     use_fixed,
 )
-from supsup_deploy.masks import pack_bits, unpack_bits
-from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import load_norm_state, norm_state
 
 if TYPE_CHECKING:
     from supsup_deploy.train import TrainConfig

@@ -25,19 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import check_num_basis, resolve_densities
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import (
     save_safetensors_atomic,
 )
-from supsup_deploy.masking import (
-    set_task,
-    use_alpha,
-    use_scores,
-)
-from supsup_deploy.masks import check_num_basis, resolve_densities
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry
-from supsup_deploy.normalization import task_norms
+from supsup_deploy.normalization import set_task, task_norms
 from supsup_deploy.runs import (
     collect_metrics,
     derive_seed,
@@ -48,6 +43,7 @@ from supsup_deploy.runs import (
     task_state,
     write_metrics,
 )
+from supsup_deploy.weight_sources import use_alpha, use_scores
 
 DISTRIBUTED_MODES = ("tasks", "data")
 NORM_REFRESH_IMAGES = 2048

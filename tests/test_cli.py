@@ -66,7 +66,7 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import bundle, data, export, mask_encoding, normalization, runtime, train
+    from supsup_deploy import bundle, data, export, mask_compression, normalization, runtime, train
     from supsup_deploy.models import resnet
     from supsup_deploy.task_inference_methods import METHODS
 
@@ -76,7 +76,7 @@ def test_closed_sets_match_the_library():
         "Norm": normalization.NORM_KINDS,
         "DistributedMode": train.DISTRIBUTED_MODES,
         "NormDtype": tuple(bundle.FLOAT_DTYPES),
-        "MaskEncoding": mask_encoding.ENCODINGS,
+        "MaskEncoding": mask_compression.ENCODINGS,
         "Exporter": export.EXPORTERS,
         "Runtime": runtime.RUNTIMES,
         "TaskInferenceMethod": METHODS,

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from test_task_inference import fit_statistics, task_batch
 from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
+from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundle import load_bundle
 from supsup_deploy.export import TaskExporter, check_parity, seeded_probe
-from supsup_deploy.masking import alpha_table, effective_weights, use_alpha
-from supsup_deploy.masks import unpack_bits
 from supsup_deploy.models import build_model
 from supsup_deploy.task_inference import TaskInferrer
+from supsup_deploy.weight_sources import alpha_table, effective_weights, use_alpha
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import torchvision
 
 from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import MaskedConv2d, MaskedLayer
-from supsup_deploy.masking import effective_weights, use_scores
+from supsup_deploy.masked_layers import MaskedConv2d, MaskedLayer
 from supsup_deploy.models import (
     MaskedModel,
     build_model,
@@ -18,6 +17,7 @@ from supsup_deploy.models import (
     task_norms,
 )
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
+from supsup_deploy.weight_sources import effective_weights, use_scores
 
 ALL_MODELS = list_models()
 TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]

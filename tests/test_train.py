@@ -221,10 +221,10 @@ def assert_task_files_reproduce_accuracy(run_dir: Path) -> None:
 def test_refresh_norm_statistics_fills_the_slot_it_is_given():
     """Slot 2 is refreshed while slot 0 is selected: slot 2 gets the statistics slot 0 would
     have got, every other slot is untouched, and slot 0 is selected again afterwards."""
-    from supsup_deploy.masking import set_task, use_fixed
     from supsup_deploy.models import build_model, masked_layers
-    from supsup_deploy.normalization import TaskBatchNorm2d
+    from supsup_deploy.normalization import TaskBatchNorm2d, set_task
     from supsup_deploy.train import refresh_norm_statistics
+    from supsup_deploy.weight_sources import use_fixed
 
     model = build_model(replace(TINY_CONFIG, num_tasks=3))
     generator = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ family (as ``resnet.py`` does), register its builders with :func:`register_model
 family's :class:`ModelFamily` (the input stems they build), and import the module here.
 """
 
-from supsup_deploy.layers import masked_layers
+from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import resnet
 from supsup_deploy.models._api import (
     ModelEntry,

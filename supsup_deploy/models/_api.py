@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import FixedWeight, MaskedLayer, masked_layers
+from supsup_deploy.masked_layers import MaskedLayer, masked_layers
 from supsup_deploy.models.config import ModelConfig
 from supsup_deploy.models.interface import MaskedModel, ModelFamily
+from supsup_deploy.weight_sources import FixedWeight
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ def get_model(name: str, *, weights: str | None = "backbone", **options: Any) ->
         weights: ``"backbone"`` (default): every masked layer runs the dense signed-constant
             backbone (every weight kept), so the model runs as built; None: no weight source
             (nothing allocated for the weights; the forward pass refuses until one is attached).
-            Either way :mod:`supsup_deploy.masking` attaches another (scores to train, an alpha
-            combination, a task's materialised weights).
+            Either way :mod:`supsup_deploy.weight_sources` attaches another (scores to train,
+            an alpha combination, a task's materialised weights).
         **options: ModelConfig fields (``num_classes``, ``in_channels``, ``stem``, ``width``,
             ``seed``, ``norm``, ``norm_groups``, ``num_tasks``); the entry's defaults fill the rest.
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from supsup_deploy.layers import MaskedLayer, masked_layers
+from supsup_deploy.masked_layers import MaskedLayer, masked_layers
 from supsup_deploy.models.config import ModelConfig
 from supsup_deploy.normalization import NormLayer, TaskBatchNorm2d, norm_layers, task_norms
 

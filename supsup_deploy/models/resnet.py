@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supsup_deploy.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from supsup_deploy.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from supsup_deploy.models._api import register_model
 from supsup_deploy.models.config import ModelConfig
 from supsup_deploy.models.interface import MaskedModel, ModelFamily
