@@ -46,7 +46,6 @@ from safetensors.torch import load_file
 from bench._common import machine_info, print_table, write_result
 from supsup_deploy.bundle import TASK_FORMAT, content_sha256
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
-from supsup_deploy.masking import load_alpha_table
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import load_norm_state
 from supsup_deploy.pack import pack_run
@@ -60,6 +59,7 @@ from supsup_deploy.train import (
     refresh_norm_statistics,
     train_run,
 )
+from supsup_deploy.weight_sources import load_alpha_table
 
 PROTOCOLS = {
     "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3),

@@ -7,8 +7,8 @@ Each variant runs in a fresh process so that its peak memory is its own:
 - ``fixed``: the same network with plain dense weight tensors. Forward and backward compute the
   weight gradients (a mask-learning step needs them too); no optimizer step over the dense
   weights, so this is the irreducible cost.
-- ``ours``: :class:`supsup_deploy.layers.AlphaMask` (one int32 code per weight, gather forward,
-  scatter-add backward) plus an Adam step over the alpha table.
+- ``ours``: :class:`supsup_deploy.weight_sources.AlphaMask` (one int32 code per weight, gather
+  forward, scatter-add backward) plus an Adam step over the alpha table.
 - ``published``: ``W * sum_t alpha[t] * M_t`` with ``|B|`` float masks kept per layer, as the
   published code does, plus an Adam step over the alpha table.
 
@@ -40,8 +40,9 @@ from bench._common import (
     write_result,
 )
 from supsup_deploy import get_model
-from supsup_deploy.layers import AlphaMask, MaskedLayer, WeightSource
+from supsup_deploy.masked_layers import MaskedLayer
 from supsup_deploy.models import masked_layers
+from supsup_deploy.weight_sources import AlphaMask, WeightSource
 
 VARIANTS = ("fixed", "ours", "published")
 GOAL_TIME_RATIO = 1.25

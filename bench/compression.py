@@ -18,7 +18,7 @@ import numpy as np
 
 from bench._common import machine_info, print_table, write_result
 from supsup_deploy import summarize_model
-from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
+from supsup_deploy.mask_compression import ENCODINGS, decode_mask, encode_mask
 
 DENSITIES = (0.0026, 0.01, 0.026, 0.075, 0.2, 0.5)
 

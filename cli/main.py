@@ -287,7 +287,7 @@ def print_metrics_table(results: list[dict], *, title: str) -> None:
         )
     console = Console(markup=False)
     console.print(table)
-    for kind in ("mask", "alpha"):
+    for kind in ("basis", "alpha"):
         accuracies = [row["test_accuracy"] for row in results if row["kind"] == kind]
         if accuracies:
             mean = sum(accuracies) / len(accuracies)

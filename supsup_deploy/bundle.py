@@ -31,6 +31,13 @@ import torch
 from torch import nn
 
 from supsup_deploy import backbone
+from supsup_deploy.binary_masks import (
+    MAX_BASIS,
+    check_num_basis,
+    code_value_table,
+    codes_from_packed,
+    pack_bits,
+)
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import (
     MAX_HEADER_BYTES,
@@ -39,15 +46,7 @@ from supsup_deploy.files import (
     read_safetensors,
     save_safetensors_atomic,
 )
-from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
-from supsup_deploy.masking import use_fixed
-from supsup_deploy.masks import (
-    MAX_BASIS,
-    check_num_basis,
-    code_value_table,
-    codes_from_packed,
-    pack_bits,
-)
+from supsup_deploy.mask_compression import ENCODINGS, decode_mask, encode_mask
 from supsup_deploy.models import (
     MaskedModel,
     ModelConfig,
@@ -57,6 +56,7 @@ from supsup_deploy.models import (
     summarize_model,
 )
 from supsup_deploy.normalization import load_norm_state
+from supsup_deploy.weight_sources import use_fixed
 
 FORMAT_VERSION = 2
 """The version writers write."""

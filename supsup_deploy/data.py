@@ -477,7 +477,7 @@ def task_splits(
 
     def pair(source: Dataset, labels: np.ndarray, rows: np.ndarray) -> TensorPair:
         indices = torch.from_numpy(np.sort(rows))
-        images = normalise(source.images[indices], spec)
+        images = preprocess_images(source.images[indices], spec)
         return TensorPair(images, torch.from_numpy(labels[indices.numpy()]), indices)
 
     val = pair(train, train_labels, np.concatenate(val_rows))
@@ -486,7 +486,7 @@ def task_splits(
     )
 
 
-def normalise(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+def preprocess_images(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """Converts uint8 images [N, C, H, W] to float32 ``(pixel / 255 - mean) / std`` per channel.
 
     ``spec`` is any object with per-channel ``mean`` and ``std`` (a bundle's InputSpec too).

@@ -195,8 +195,8 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path) -> Path:
     from supsup_deploy.report import headless_pyplot, save_figure
 
     figure, axes = headless_pyplot().subplots(figsize=(7.5, 3.5), dpi=120)
-    colours = {"mask": "tab:blue", "alpha": "tab:orange"}
-    for kind, label in (("mask", "basis mask (SupSup)"), ("alpha", "alpha task")):
+    colours = {"basis": "tab:blue", "alpha": "tab:orange"}
+    for kind, label in (("basis", "basis mask (SupSup)"), ("alpha", "alpha task")):
         rows = [row for row in metrics if row["kind"] == kind]
         if not rows:
             continue

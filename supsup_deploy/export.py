@@ -32,7 +32,7 @@ from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
 from supsup_deploy.export_targets import export_target
 from supsup_deploy.files import atomic_write_bytes
-from supsup_deploy.layers import MaskedConv2d, MaskedLinear
+from supsup_deploy.masked_layers import MaskedConv2d, MaskedLinear
 from supsup_deploy.models import MaskedModel
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
@@ -375,7 +375,7 @@ def probe_batch(bundle: Bundle, batch: int = PROBE_BATCH) -> tuple[torch.Tensor,
         else:
             images = test.images[:batch]
             if images.shape[1:] == (bundle.input.channels, bundle.input.size, bundle.input.size):
-                return datasets.normalise(images, bundle.input), f"{name} test images"
+                return datasets.preprocess_images(images, bundle.input), f"{name} test images"
     return seeded_probe(bundle, batch), "seeded random batch"
 
 

@@ -93,6 +93,12 @@ def task_norms(model: nn.Module) -> list[TaskBatchNorm2d]:
     return [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
 
 
+def set_task(model: nn.Module, task: int) -> None:
+    """Select the normalisation statistics slot of every per-task norm layer."""
+    for norm in task_norms(model):
+        norm.set_task(task)
+
+
 def norm_layers(model: nn.Module) -> list[NormLayer]:
     """Every normalisation layer of the model, in module order."""
     return [

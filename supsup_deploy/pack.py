@@ -119,14 +119,13 @@ def _pack_task(
 ) -> None:
     tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
-    if metadata["kind"] == "mask":
+    kind = metadata["kind"]
+    if kind == "basis":
         layers = sum(key.startswith("mask.") for key in tensors)
         alpha = torch.zeros(layers, config.basis)
         alpha[:, index] = 1.0
-        kind = "basis"
     else:
         alpha = tensors["alpha"].to(alpha_dtype)
-        kind = "alpha"
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
     }

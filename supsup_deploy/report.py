@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
 from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
-from supsup_deploy.mask_encoding import encode_mask
-from supsup_deploy.masks import check_density, check_num_basis, kept_count
+from supsup_deploy.mask_compression import encode_mask
 from supsup_deploy.models import (
     ModelConfig,
     ModelSummary,
@@ -283,8 +283,11 @@ def torchvision_check(summary: ModelSummary) -> dict[str, Any] | None:
     import torchvision
 
     config = summary.config
-    name = get_model_entry(config.arch).torchvision_name
-    if name is None or (config.stem, config.width, config.in_channels) != ("imagenet", 1.0, 3):
+    entry = get_model_entry(config.arch)
+    standard = entry.config()
+    compared = ("stem", "width", "in_channels")
+    name = entry.torchvision_name
+    if name is None or any(getattr(config, key) != getattr(standard, key) for key in compared):
         return None
     with torch.device("meta"):
         model = torchvision.models.get_model(name, weights=None, num_classes=config.num_classes)
@@ -309,8 +312,8 @@ def macs_per_image(config: ModelConfig, input_size: int) -> int:
     Raises:
         ConfigError: the input is too small for the architecture.
     """
-    from supsup_deploy.masking import use_fixed
     from supsup_deploy.models import build_model, masked_layers
+    from supsup_deploy.weight_sources import use_fixed
 
     with torch.device("meta"):
         model = build_model(config)

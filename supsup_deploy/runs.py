@@ -6,7 +6,8 @@ A run directory holds::
     tasks/task_000.safetensors one file per finished task (written atomically when it finishes)
     metrics.json, metrics.csv  per-task metrics, rebuilt from the task files
 
-Each task file holds the task's packed masks (kind ``mask``) or its alpha table (kind ``alpha``)
+Each task file holds the task's packed masks (kind ``basis``; runs before this spelling wrote
+``mask``, which still reads as ``basis``) or its alpha table (kind ``alpha``)
 and its norm state, with ``kind``, ``task`` and ``metrics`` in the safetensors metadata.
 :mod:`supsup_deploy.train` writes runs; :mod:`supsup_deploy.pack` reads them into bundles.
 """
@@ -24,19 +25,18 @@ import torch
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import pack_bits, unpack_bits
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_json, atomic_write_text, load_safetensors
-from supsup_deploy.masking import (
+from supsup_deploy.models import masked_layers
+from supsup_deploy.normalization import load_norm_state, norm_state, set_task
+from supsup_deploy.weight_sources import (
     alpha_table,
     current_masks,
     model_device,
-    set_task,
     use_alpha,
     use_fixed,
 )
-from supsup_deploy.masks import pack_bits, unpack_bits
-from supsup_deploy.models import masked_layers
-from supsup_deploy.normalization import load_norm_state, norm_state
 
 if TYPE_CHECKING:
     from supsup_deploy.train import TrainConfig
@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 RUN_FORMAT = "supsup-run"
 RUN_FORMAT_VERSION = 1
 RUN_FILE = "run.json"
-TASK_KINDS = ("mask", "alpha")
+TASK_KINDS = ("basis", "alpha")
+"""A task file's kind, as bundles spell it."""
+OLDER_KINDS = {"mask": "basis"}
+"""Kinds that older runs wrote, and what they mean now."""
 _PURPOSES = {"scores": 1, "shuffle": 2}
 
 
@@ -139,7 +142,7 @@ def prepare_run_dir(run_dir: Path, record: dict[str, Any], resume: bool) -> None
 @torch.no_grad()
 def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:
     """The tensors that define a trained task: packed masks or alpha table, and norm state."""
-    if kind == "mask":
+    if kind == "basis":
         tensors = {
             f"mask.{layer:03d}": pack_bits(mask) for layer, mask in enumerate(current_masks(model))
         }
@@ -152,20 +155,25 @@ def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tenso
 def read_task_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A finished task file's tensors and metadata (``kind``, ``task``, ``metrics``).
 
+    ``kind`` is one of :data:`TASK_KINDS` (an older run's ``mask`` reads as ``basis``); the
+    ``metrics`` are returned as the file recorded them.
+
     Raises:
         FormatError: the file is not a training task file.
     """
     tensors, metadata = load_safetensors(path)
-    if metadata.get("kind") not in TASK_KINDS or not isinstance(metadata.get("metrics"), dict):
+    kind = metadata.get("kind")
+    kind = OLDER_KINDS.get(kind, kind) if isinstance(kind, str) else kind
+    if kind not in TASK_KINDS or not isinstance(metadata.get("metrics"), dict):
         raise FormatError(f"{path}: not a supsup training task file")
-    return tensors, metadata
+    return tensors, {**metadata, "kind": kind}
 
 
 def read_task_masks(path: Path, model: nn.Module) -> list[torch.Tensor]:
-    """A finished mask task's per-layer bool masks, unpacked and shaped for ``model``."""
+    """A finished basis task's per-layer bool masks, unpacked and shaped for ``model``."""
     tensors, metadata = read_task_file(path)
-    if metadata["kind"] != "mask":
-        raise FormatError(f"{path}: expected a mask task, found {metadata['kind']}")
+    if metadata["kind"] != "basis":
+        raise FormatError(f"{path}: expected a basis task, found {metadata['kind']}")
     return _unpack_masks(path, tensors, model)
 
 
@@ -196,7 +204,7 @@ def load_task(
     path = task_path(Path(run_dir), index)
     tensors, metadata = read_task_file(path)
     device = model_device(model)
-    if metadata["kind"] == "mask":
+    if metadata["kind"] == "basis":
         masks = _unpack_masks(path, tensors, model)
         weights = [
             layer.backbone_weight(device) * mask.to(device)
@@ -217,7 +225,7 @@ def collect_metrics(run_dir: Path, num_tasks: int) -> list[dict[str, Any]]:
         path = task_path(run_dir, index)
         if path.exists():
             _, metadata = read_task_file(path)
-            results.append(metadata["metrics"])
+            results.append({**metadata["metrics"], "kind": metadata["kind"]})
     return results
 
 

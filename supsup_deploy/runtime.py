@@ -78,7 +78,7 @@ def load_images(paths: list[Path], bundle: Bundle) -> torch.Tensor:
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise FormatError(f"{path}: not a readable image ({error})") from None
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return datasets.normalise(torch.from_numpy(np.stack(arrays)), spec)
+    return datasets.preprocess_images(torch.from_numpy(np.stack(arrays)), spec)
 
 
 def dataset_split(
@@ -107,7 +107,7 @@ def dataset_split(
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     labels = lookup[dataset.labels]
     rows = torch.nonzero(labels >= 0).flatten()[:limit]
-    return datasets.normalise(dataset.images[rows], bundle.input), labels[rows]
+    return datasets.preprocess_images(dataset.images[rows], bundle.input), labels[rows]
 
 
 class Runner:

@@ -6,9 +6,10 @@ constant. Its inputs are the images and, as overridable initializers (graph inpu
 default value), one input per tensor of a task file under the task file's own name, dtype and
 shape (``alpha``, and ``norm.running_mean`` / ``norm.running_var`` for BatchNorm bundles). Each
 run builds every layer's value table from the alpha row exactly as
-:func:`supsup_deploy.masks.code_value_table` does (doubling in float32, times the constant, then
-the negated half), gathers the weights through the codes, and runs the network, so the weights
-are bit-exact to :meth:`Bundle.materialize` while the codes fit one plane (``|B| <= 15``).
+:func:`supsup_deploy.binary_masks.code_value_table` does (doubling in float32, times the
+constant, then the negated half), gathers the weights through the codes, and runs the
+network, so the weights are bit-exact to :meth:`Bundle.materialize` while the codes fit one
+plane (``|B| <= 15``).
 
 A task is then either fed as plain inputs (its safetensors tensors) or activated as an ONNX
 Runtime adapter (``tasks/<name>.onnx_adapter``, see :mod:`supsup_deploy.adapters`). The graph uses
@@ -34,10 +35,10 @@ from supsup_deploy import backbone
 from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
-from supsup_deploy.layers import WeightSource
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
 from supsup_deploy.onnx_runtime import onnx_session
+from supsup_deploy.weight_sources import WeightSource
 
 SHARED_FORMAT_VERSION = 1
 GRAPH_KIND = "shared"
@@ -88,7 +89,7 @@ def code_planes(num_basis: int) -> tuple[CodePlane, ...]:
 
 
 def plane_codes(codes: torch.Tensor, num_basis: int, plane: CodePlane) -> np.ndarray:
-    """One plane of a layer's int32 codes (:func:`supsup_deploy.masks.mask_codes` layout)."""
+    """One plane of a layer's int32 codes (:func:`supsup_deploy.binary_masks.mask_codes` layout)."""
     width = plane.stop - plane.start
     basis_bits = (codes >> plane.start) & ((1 << width) - 1)
     sign = (codes >> num_basis) & 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from supsup_deploy.binary_masks import check_density, check_num_basis
 from supsup_deploy.bundle import (
     BASIS_FILE,
     TASKS_FOLDER,
@@ -24,11 +25,10 @@ from supsup_deploy.bundle import (
     task_file_name,
 )
 from supsup_deploy.files import new_folder
-from supsup_deploy.layers import MaskedLayer
-from supsup_deploy.masking import load_alpha_table, use_alpha
-from supsup_deploy.masks import check_density, check_num_basis
+from supsup_deploy.masked_layers import MaskedLayer
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
+from supsup_deploy.weight_sources import load_alpha_table, use_alpha
 
 RESIDUAL_BRANCH_SCALE = 0.2
 STATISTICS_BATCH = 16

@@ -18,10 +18,10 @@ import torch
 
 from supsup_deploy.bundle import Bundle, _single_slot
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import AlphaMask
 from supsup_deploy.models import build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
 from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
+from supsup_deploy.weight_sources import AlphaMask
 
 DEFAULT_SHORTLIST = 5
 """Tasks the statistics method runs in full after the first-layer shortlist."""

@@ -25,19 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import check_num_basis, resolve_densities
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import (
     save_safetensors_atomic,
 )
-from supsup_deploy.masking import (
-    set_task,
-    use_alpha,
-    use_scores,
-)
-from supsup_deploy.masks import check_num_basis, resolve_densities
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry
-from supsup_deploy.normalization import task_norms
+from supsup_deploy.normalization import set_task, task_norms
 from supsup_deploy.runs import (
     collect_metrics,
     derive_seed,
@@ -48,9 +43,9 @@ from supsup_deploy.runs import (
     task_state,
     write_metrics,
 )
+from supsup_deploy.weight_sources import use_alpha, use_scores
 
 DISTRIBUTED_MODES = ("tasks", "data")
-SMALL_IMAGE_LIMIT = 64
 NORM_REFRESH_IMAGES = 2048
 
 
@@ -104,11 +99,11 @@ class TrainConfig:
 
     def model_config(self, spec: datasets.DatasetSpec) -> ModelConfig:
         """The architecture this run trains: one classifier output per class of a task."""
-        stem = "cifar" if spec.image_size < SMALL_IMAGE_LIMIT else "imagenet"
-        return get_model_entry(self.arch).config(
+        entry = get_model_entry(self.arch)
+        return entry.config(
             num_classes=self.classes_per_task,
             in_channels=spec.in_channels,
-            stem=stem,
+            stem=entry.family.stem_for_image_size(spec.image_size),
             width=self.width,
             seed=self.seed,
             norm=self.norm,
@@ -229,7 +224,7 @@ def train_run(
                 if path.exists() or not parallel.owns(index):
                     continue
                 splits = run_data.splits(index)
-                kind = "mask" if index < config.basis else "alpha"
+                kind = "basis" if index < config.basis else "alpha"
                 metrics = _train_task(
                     model, config, splits, index, kind, basis, device, parallel, reporter
                 )
@@ -282,7 +277,7 @@ def _train_task(
 ) -> dict[str, Any]:
     set_task(model, index)
     _reset_norm_slot(model, index)
-    if kind == "mask":
+    if kind == "basis":
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "scores", index))
         sources = use_scores(model, config.density, generator=generator)
         parameters = [source.scores for source in sources]

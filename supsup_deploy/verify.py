@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from supsup_deploy import backbone
+from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundle import Bundle, InputSpec, load_bundle
 from supsup_deploy.errors import SupsupError
 from supsup_deploy.export import TaskExporter, export_shared, probe_batch
-from supsup_deploy.masks import unpack_bits
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.report import compare_bundle_bytes
 from supsup_deploy.steps import StepTimer

@@ -6,7 +6,7 @@ Regenerate with ``python -m tests.architecture_appendix > docs/ARCHITECTURES.md`
 
 import torch
 
-from supsup_deploy.layers import MaskedLayer
+from supsup_deploy.masked_layers import MaskedLayer
 from supsup_deploy.models import build_model, get_model_entry, list_models
 from supsup_deploy.normalization import TaskBatchNorm2d
 

@@ -16,9 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli_runner import ROOT
+
 from supsup_deploy.locking import LOCK_FILE
 
-ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
 _DRIVER = """

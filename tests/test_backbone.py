@@ -6,8 +6,8 @@ import spec_reference
 import torch
 
 from supsup_deploy import backbone, get_model
-from supsup_deploy.masking import use_alpha, use_scores
 from supsup_deploy.models import masked_layers
+from supsup_deploy.weight_sources import use_alpha, use_scores
 
 
 def reference_negative(seed: int, layer_index: int, numel: int) -> np.ndarray:

@@ -2,22 +2,16 @@
 unusual but valid images (any mode, any size) are converted, not refused."""
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
 
 from supsup_deploy.bundle import InputSpec
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.synthetic import write_random_bundle
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def assert_one_line(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -2,12 +2,11 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SMALL_RUN
 from version_1 import read as read_version_1
 from version_1 import version_1_bundle
@@ -15,28 +14,17 @@ from version_1 import write as write_version_1
 
 from supsup_deploy.bundle import load_bundle, save_task
 from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
 from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def bundle_dir(small_run, tmp_path) -> Path:
     pack_run(small_run, tmp_path / "bundle")
     return tmp_path / "bundle"
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
 
 
 def test_bundle_runs_every_task_exactly_like_the_run(small_run, bundle_dir):
@@ -292,14 +280,12 @@ def test_equal_content_gives_equal_bytes(bundle_dir, tmp_path):
 
 def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     """Digits are an id, any other string a name; all-digit names are refused when written."""
-    from supsup_deploy import bundle as bundle_module
-    from supsup_deploy.bundle import InputSpec, check_task_name, save_task
-    from supsup_deploy.models import ModelConfig
-    from supsup_deploy.synthetic import write_random_bundle
+    from tiny_bundles import write_tiny_bundle
 
-    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
-    spec = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
-    path = write_random_bundle(tmp_path / "b", config, spec, num_basis=2, alpha_tasks=1)
+    from supsup_deploy import bundle as bundle_module
+    from supsup_deploy.bundle import check_task_name, save_task
+
+    path = write_tiny_bundle(tmp_path / "b")
     bundle = load_bundle(path)
     for key in (1, "1", "task_1"):
         assert bundle.task(key).index == 1
@@ -338,3 +324,27 @@ def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     shutil.copy(shipped, path / "tasks" / "5.2.safetensors")
     bundle = load_bundle(path)
     assert bundle.task("2").name == "task_2" and bundle.task(5).name == "2"
+
+
+def test_a_run_that_spelled_basis_tasks_mask_still_packs(small_run, bundle_dir, tmp_path):
+    """Runs written before the one spelling say kind "mask" (file and metrics) for basis tasks."""
+    old_run = tmp_path / "old_run"
+    shutil.copytree(small_run, old_run)
+    for index in range(SMALL_RUN["basis"]):
+        path = task_path(old_run, index)
+        tensors, metadata = load_safetensors(path)
+        assert metadata["kind"] == metadata["metrics"]["kind"] == "basis"
+        metrics = {**metadata["metrics"], "kind": "mask"}
+        save_safetensors_atomic(tensors, path, {**metadata, "kind": "mask", "metrics": metrics})
+    assert [row["kind"] for row in collect_metrics(old_run, 3)] == ["basis", "basis", "alpha"]
+    old = pack_run(old_run, tmp_path / "old")
+    new = load_bundle(bundle_dir)
+    assert (old.path / "basis.safetensors").read_bytes() == (
+        new.path / "basis.safetensors"
+    ).read_bytes()
+    assert [task.kind for task in old.tasks] == ["basis", "basis", "alpha"]
+    assert [task.metrics["kind"] for task in old.tasks] == ["mask", "mask", "alpha"]
+    for task in new.tasks:
+        old_tensors, new_tensors = old.task_tensors(task.index), new.task_tensors(task.index)
+        assert old_tensors.keys() == new_tensors.keys()
+        assert all(torch.equal(old_tensors[key], new_tensors[key]) for key in new_tensors)

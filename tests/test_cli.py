@@ -1,21 +1,11 @@
 """The installed ``supsup`` command, run as a user would run it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "300"},  # help tables unwrapped
-    )
+UNWRAPPED = {"COLUMNS": "300"}  # help tables on one line each
 
 
 def test_help_lists_commands():
@@ -24,14 +14,14 @@ def test_help_lists_commands():
     commands = {command.name for command in app.registered_commands}
     commands |= {group.name for group in app.registered_groups}
     assert {"models", "train", "pack", "export", "infer", "verify", "report"} <= commands
-    result = run_cli("--help")
+    result = run_cli("--help", env=UNWRAPPED)
     assert result.returncode == 0, result.stderr
     listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ")}
     assert commands <= listed, f"--help leaves out {sorted(commands - listed)}"
 
 
 def test_models_json():
-    result = run_cli("models", "--json")
+    result = run_cli("models", "--json", env=UNWRAPPED)
     assert result.returncode == 0, result.stderr
     rows = {row["arch"]: row for row in json.loads(result.stdout)}
     assert rows["gem_resnet18"]["masked_weights"] == 1_090_940
@@ -40,7 +30,7 @@ def test_models_json():
 
 @pytest.mark.parametrize("args", [("models", "--bogus"), ("no-such-command",)])
 def test_bad_usage_exits_non_zero_without_traceback(args):
-    result = run_cli(*args)
+    result = run_cli(*args, env=UNWRAPPED)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
 
@@ -67,7 +57,7 @@ def test_class_names_that_look_like_markup_print_verbatim(tmp_path):
         basis_sha256=bundle.basis_sha256,
         kind=info.kind,
     )
-    result = run_cli("inspect", str(tmp_path / "b"))
+    result = run_cli("inspect", str(tmp_path / "b"), env=UNWRAPPED)
     assert result.returncode == 0, result.stderr
     assert "[/x]" in result.stdout and "[bold]odd" in result.stdout
 
@@ -76,8 +66,8 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import bundle, data, export, mask_encoding, normalization, runtime, train
-    from supsup_deploy.models import config
+    from supsup_deploy import bundle, data, export, mask_compression, normalization, runtime, train
+    from supsup_deploy.models import resnet
     from supsup_deploy.task_inference_methods import METHODS
 
     library = {
@@ -86,11 +76,11 @@ def test_closed_sets_match_the_library():
         "Norm": normalization.NORM_KINDS,
         "DistributedMode": train.DISTRIBUTED_MODES,
         "NormDtype": tuple(bundle.FLOAT_DTYPES),
-        "MaskEncoding": mask_encoding.ENCODINGS,
+        "MaskEncoding": mask_compression.ENCODINGS,
         "Exporter": export.EXPORTERS,
         "Runtime": runtime.RUNTIMES,
         "TaskInferenceMethod": METHODS,
-        "Stem": config.STEMS,
+        "Stem": resnet.STEMS,
     }
     for name, values in library.items():
         assert get_args(getattr(_choices, name)) == tuple(values), name
@@ -107,7 +97,7 @@ def test_closed_sets_match_the_library():
     ],
 )
 def test_help_lists_the_choices(command, listed):
-    result = run_cli(*command, "--help")
+    result = run_cli(*command, "--help", env=UNWRAPPED)
     assert result.returncode == 0, result.stderr
     text = "".join(result.stdout.split())
     for choices in listed:
@@ -116,12 +106,12 @@ def test_help_lists_the_choices(command, listed):
 
 def test_every_computing_command_takes_device():
     for command in ("train", "export", "infer", "verify", "demo"):
-        result = run_cli(command, "--help")
+        result = run_cli(command, "--help", env=UNWRAPPED)
         assert "--device" in result.stdout and "cuda:N" in result.stdout, command
 
 
 def test_usage_errors_are_one_line():
-    result = run_cli("export", "--task", "7", "--onnx", "--bogus")
+    result = run_cli("export", "--task", "7", "--onnx", "--bogus", env=UNWRAPPED)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: No such option: --bogus")

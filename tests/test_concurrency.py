@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from killable import ROOT, TIMEOUT, Command, one_line_error, run_together, snapshot
 
 from supsup_deploy.bundle import load_bundle, save_task, task_file_name
@@ -205,11 +206,8 @@ def test_add_task_cli_takes_a_lock_timeout(shipped, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(shipped["base"], bundle)
     task_file = str(shipped["task_1"])
-    command = [sys.executable, "-m", "supsup_deploy", "add-task", str(bundle), task_file]
     with folder_lock(bundle):
-        result = subprocess.run(
-            [*command, "--lock-timeout", "0.3"], capture_output=True, text=True, cwd=ROOT
-        )
+        result = run_cli("add-task", str(bundle), task_file, "--lock-timeout", "0.3")
     assert result.returncode != 0 and one_line_error(result)
     assert "held this lock for over 0.3 s" in result.stderr
     assert snapshot(bundle) == snapshot(shipped["base"])

@@ -263,7 +263,7 @@ def test_task_splits_relabel_and_split(fashion: tuple[data.Dataset, data.Dataset
         assert set(pair.labels.tolist()) == {0, 1}
         original = source.labels[pair.source_indices]
         assert torch.equal(original, torch.tensor(task.classes)[pair.labels])
-        expected = data.normalise(source.images[pair.source_indices], train.spec)
+        expected = data.preprocess_images(source.images[pair.source_indices], train.spec)
         assert torch.equal(pair.images, expected)
     assert torch.bincount(splits.val.labels).tolist() == [600, 600]
     train_rows = set(splits.train.source_indices.tolist())

@@ -1,12 +1,11 @@
 """``supsup demo``: the main job end to end, in a tiny budget (the full budget is a slow test)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
 from supsup_deploy import demo
 from supsup_deploy.data import DEBIAN_FASHION_MNIST, load_dataset
@@ -94,12 +93,7 @@ def test_demo_never_overwrites_a_foreign_bundle(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_from_the_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", "demo", "--out", str(tmp_path / "demo"), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--json", timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert all(row["test_accuracy"] > 0.8 for row in summary["metrics"])

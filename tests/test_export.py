@@ -1,8 +1,6 @@
 """ONNX export with parity, and inference with both runtimes on a bundle packed from a real run."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runner import run_cli
 
 from supsup_deploy import export_targets
 from supsup_deploy.bundle import load_bundle
@@ -19,24 +18,12 @@ from supsup_deploy.export_targets import FP32_TOLERANCE
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.pack import pack_run
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def bundle_dir(small_run, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("export") / "bundle"
     pack_run(small_run, path)
     return path
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def test_export_all_traces_once_and_matches_torch(bundle_dir, tmp_path):

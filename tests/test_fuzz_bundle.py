@@ -40,6 +40,7 @@ from safetensors.torch import load, save
 from typer.testing import CliRunner
 
 from cli.main import app
+from supsup_deploy.binary_masks import MAX_BASIS
 from supsup_deploy.bundle import (
     MAX_MASKED_WEIGHTS,
     Bundle,
@@ -50,8 +51,7 @@ from supsup_deploy.bundle import (
     task_file_name,
 )
 from supsup_deploy.errors import FormatError, SupsupError
-from supsup_deploy.mask_encoding import decode_mask
-from supsup_deploy.masks import MAX_BASIS
+from supsup_deploy.mask_compression import decode_mask
 from supsup_deploy.models import ModelConfig, summarize_model
 from supsup_deploy.pack import pack_run
 

@@ -11,23 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_task_inference import fit_statistics, task_batch
+from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
-from supsup_deploy.bundle import InputSpec, load_bundle
+from supsup_deploy.binary_masks import unpack_bits
+from supsup_deploy.bundle import load_bundle
 from supsup_deploy.export import TaskExporter, check_parity, seeded_probe
-from supsup_deploy.masking import alpha_table, effective_weights, use_alpha
-from supsup_deploy.masks import unpack_bits
-from supsup_deploy.models import ModelConfig, build_model
-from supsup_deploy.synthetic import write_random_bundle
+from supsup_deploy.models import build_model
 from supsup_deploy.task_inference import TaskInferrer
-
-CONFIG = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
-INPUT = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
+from supsup_deploy.weight_sources import alpha_table, effective_weights, use_alpha
 
 
 @pytest.fixture(scope="module")
 def bundle_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu") / "bundle"
-    return write_random_bundle(path, CONFIG, INPUT, num_basis=3, alpha_tasks=3)
+    return write_tiny_bundle(path, num_basis=3, alpha_tasks=3)
 
 
 @pytest.mark.gpu
@@ -62,7 +59,7 @@ def test_an_alpha_training_step_on_cuda_matches_cpu(bundle_path):
     labels = torch.randint(0, 3, (8,), generator=generator)
     tables = []
     for device in ("cpu", "cuda"):
-        model = build_model(CONFIG).to(device).train()
+        model = build_model(TINY_CONFIG).to(device).train()
         sources = use_alpha(model, basis)
         optimizer = torch.optim.Adam([source.alpha for source in sources], lr=0.1)
         loss = F.cross_entropy(model(images.to(device)), labels.to(device))

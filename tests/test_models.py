@@ -8,10 +8,16 @@ import torchvision
 
 from supsup_deploy import ModelConfig, get_model, list_models, summarize_model
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import MaskedConv2d, MaskedLayer
-from supsup_deploy.masking import effective_weights, use_scores
-from supsup_deploy.models import MaskedModel, get_model_entry, masked_layers, task_norms
+from supsup_deploy.masked_layers import MaskedConv2d, MaskedLayer
+from supsup_deploy.models import (
+    MaskedModel,
+    build_model,
+    get_model_entry,
+    masked_layers,
+    task_norms,
+)
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
+from supsup_deploy.weight_sources import effective_weights, use_scores
 
 ALL_MODELS = list_models()
 TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]
@@ -141,8 +147,10 @@ def test_config_round_trip_and_validation():
     assert config.arch == "resnet50" and config.width == 0.5
     with pytest.raises(ConfigError, match="did you mean"):
         get_model("resnet-18")
-    with pytest.raises(ConfigError, match="stem"):
+    with pytest.raises(ConfigError, match="unknown stem 'tiny' for resnet18"):
         get_model("resnet18", stem="tiny")
+    with pytest.raises(ConfigError, match="unknown stem 'tiny' for resnet18"):
+        build_model(ModelConfig.from_dict({**config.to_dict(), "arch": "resnet18", "stem": "tiny"}))
     with pytest.raises(ConfigError, match="seed"):
         get_model("resnet18", seed=-1)
     with pytest.raises(ConfigError, match="bad option"):
@@ -170,15 +178,23 @@ def test_get_model_runs_as_built():
 
 
 def test_the_interface_is_enforced(monkeypatch):
-    from supsup_deploy.models import _api
+    from supsup_deploy.models import _api, resnet
 
     class NoPairs(MaskedModel):
         def residual_branch_ends(self):
             return []
 
     with pytest.raises(TypeError, match="conv_norm_pairs"):
-        NoPairs(ModelConfig(arch="resnet18"))
-    plain = _api.ModelEntry("plain_net", lambda config: torch.nn.Linear(1, 1), "test")
+        NoPairs(get_model_entry("resnet18").config())
+    plain = _api.ModelEntry("plain_net", lambda config: torch.nn.Linear(1, 1), resnet.RESNET)
     monkeypatch.setitem(_api._MODELS, "plain_net", plain)
     with pytest.raises(TypeError, match="must return a MaskedModel"):
         get_model("plain_net")
+
+
+@pytest.mark.parametrize(("size", "stem"), [(28, "cifar"), (32, "cifar"), (64, "imagenet")])
+def test_runs_pick_the_resnet_stem_for_their_image_size(size, stem):
+    from supsup_deploy.models import resnet
+
+    entry = get_model_entry("gem_resnet18")
+    assert entry.family is resnet.RESNET and entry.family.stem_for_image_size(size) == stem

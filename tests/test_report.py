@@ -4,10 +4,9 @@ import csv
 import io
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 from supsup_deploy.models import get_model_entry, list_models, summarize_model
 from supsup_deploy.pack import pack_run
@@ -23,12 +22,6 @@ from supsup_deploy.report import (
 )
 
 TORCHVISION_NAMES = [name for name in list_models() if get_model_entry(name).torchvision_name]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.parametrize("arch", TORCHVISION_NAMES)
@@ -160,14 +153,9 @@ def test_storage_page_in_docs_is_current():
 
 @pytest.fixture(scope="module")
 def random_bundle(tmp_path_factory):
-    from supsup_deploy.bundle import InputSpec
-    from supsup_deploy.models import ModelConfig
-    from supsup_deploy.synthetic import write_random_bundle
+    from tiny_bundles import write_tiny_bundle
 
-    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
-    spec = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
-    folder = tmp_path_factory.mktemp("storage") / "bundle"
-    return write_random_bundle(folder, config, spec, num_basis=2, alpha_tasks=1, density=0.3)
+    return write_tiny_bundle(tmp_path_factory.mktemp("storage") / "bundle", density=0.3)
 
 
 def test_storage_of_the_users_bundle(random_bundle, tmp_path):

@@ -1,16 +1,14 @@
 """The shared graph: one ONNX graph for every task, each task fed as inputs or as an adapter."""
 
 import re
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
+from cli_runner import run_cli
 
 from supsup_deploy.adapters import adapter_bytes, load_adapter
 from supsup_deploy.bundle import InputSpec, load_bundle, save_task, task_file_name
@@ -27,7 +25,6 @@ from supsup_deploy.shared_graph import (
 )
 from supsup_deploy.synthetic import write_random_bundle
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = 16
 
 
@@ -325,16 +322,6 @@ def _task_inputs(model):
 
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     return json.loads(metadata["supsup.task_inputs"])
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def test_cli_export_shared_infer_and_adapter(trained_bundles, tmp_path):

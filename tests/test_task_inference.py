@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from cli_runner import run_cli
+from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
 from supsup_deploy.bundle import (
     BASIS_FILE,
@@ -21,7 +22,7 @@ from supsup_deploy.bundle import (
     task_file_name,
 )
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.models import ModelConfig, get_model_entry, list_models, masked_layers
+from supsup_deploy.models import get_model_entry, list_models, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runtime import dataset_split
@@ -34,18 +35,13 @@ from supsup_deploy.task_inference_methods import (
     statistics_divergence,
 )
 
-CONFIG = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25)
-INPUT = InputSpec(size=12, channels=1, mean=(0.5,), std=(0.25,))
-
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """Random bundles with 2 basis masks and 1 or 8 alpha tasks (3 and 10 tasks)."""
     root = tmp_path_factory.mktemp("task_inference")
     return {
-        alpha_tasks: write_random_bundle(
-            root / f"tasks{alpha_tasks}", CONFIG, INPUT, num_basis=2, alpha_tasks=alpha_tasks
-        )
+        alpha_tasks: write_tiny_bundle(root / f"tasks{alpha_tasks}", alpha_tasks=alpha_tasks)
         for alpha_tasks in (1, 8)
     }
 
@@ -120,8 +116,7 @@ def test_rejects_no_steps(bundles):
 
 def test_auto_picks_statistics_for_batch_norm_and_information_for_group_norm(bundles, tmp_path):
     assert TaskInferrer(load_bundle(bundles[1])).method == "statistics"
-    group = replace(CONFIG, norm="group")
-    path = write_random_bundle(tmp_path / "group", group, INPUT, num_basis=2, alpha_tasks=1)
+    path = write_tiny_bundle(tmp_path / "group", config=replace(TINY_CONFIG, norm="group"))
     assert TaskInferrer(load_bundle(path)).method == "information"
     with pytest.raises(ConfigError, match="no per-task statistics"):
         TaskInferrer(load_bundle(path), method="statistics")
@@ -268,13 +263,7 @@ def run_infer_auto(
         for row in rows.tolist():
             pixels = test.images[row][0].numpy().astype("uint8")
             Image.fromarray(pixels).save(folder / f"{prefix}_{row:05d}.png")
-    command = [sys.executable, "-m", "supsup_deploy", "infer", str(bundle.path), str(folder)]
-    return subprocess.run(
-        [*command, "--task", "auto"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli("infer", str(bundle.path), str(folder), "--task", "auto")
 
 
 class FixedLogits(torch.nn.Module):

@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import ROOT, run_cli
 from conftest import SMALL_RUN
+from tiny_bundles import TINY_CONFIG
 
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
 from supsup_deploy.errors import ConfigError
@@ -41,7 +44,6 @@ CLI_SMALL = [
     "--batch-size",
     "32",
 ]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def files_of(run_dir: Path) -> dict[str, bytes]:
@@ -50,18 +52,6 @@ def files_of(run_dir: Path) -> dict[str, bytes]:
         for path in sorted(run_dir.rglob("*"))
         if path.is_file()
     }
-
-
-def run_cli(*args, env=None, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        **kwargs,
-    )
 
 
 @pytest.fixture
@@ -77,7 +67,7 @@ def test_run_directory_contents(reference_run):
     assert len(record["seeds"]["scores"]) == 3
     assert record["model"]["num_classes"] == 2 and record["model"]["in_channels"] == 1
     metrics = json.loads((reference_run / "metrics.json").read_text())
-    assert [row["kind"] for row in metrics] == ["mask", "mask", "alpha"]
+    assert [row["kind"] for row in metrics] == ["basis", "basis", "alpha"]
     for row in metrics:
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert row["state_bytes"] > 0 and len(row["class_names"]) == 2
@@ -191,9 +181,7 @@ def _torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_two_process_task_mode_matches_one_process(tmp_path):
     # torchrun gives each process one thread; thread count changes float summation order.
     single = tmp_path / "single"
-    result = run_cli(
-        "train", "--out", str(single), *CLI_SMALL, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = run_cli("train", "--out", str(single), *CLI_SMALL, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     result = _torchrun(tmp_path / "pair", "--distributed", "tasks")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -233,13 +221,12 @@ def assert_task_files_reproduce_accuracy(run_dir: Path) -> None:
 def test_refresh_norm_statistics_fills_the_slot_it_is_given():
     """Slot 2 is refreshed while slot 0 is selected: slot 2 gets the statistics slot 0 would
     have got, every other slot is untouched, and slot 0 is selected again afterwards."""
-    from supsup_deploy.masking import set_task, use_fixed
-    from supsup_deploy.models import ModelConfig, build_model, masked_layers
-    from supsup_deploy.normalization import TaskBatchNorm2d
+    from supsup_deploy.models import build_model, masked_layers
+    from supsup_deploy.normalization import TaskBatchNorm2d, set_task
     from supsup_deploy.train import refresh_norm_statistics
+    from supsup_deploy.weight_sources import use_fixed
 
-    config = ModelConfig(arch="gem_resnet18", num_classes=3, in_channels=1, width=0.25, num_tasks=3)
-    model = build_model(config)
+    model = build_model(replace(TINY_CONFIG, num_tasks=3))
     generator = torch.Generator().manual_seed(0)
     use_fixed(
         model,

@@ -7,31 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from cli_runner import ROOT, run_cli
 from conftest import SMALL_RUN
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_FLAGS = [
     part
     for name, value in SMALL_RUN.items()
     for part in (f"--{name.replace('_', '-')}", str(value))
 ]
-
-
-def supsup(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m supsup_deploy ARGS`` in ``cwd``, with this checkout's package importable."""
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=environment,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def workdir(tmp_path_factory):
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
     folder = tmp_path_factory.mktemp("user")
-    result = supsup(folder, "train", *TINY_FLAGS, "--json")
+    result = run_cli("train", *TINY_FLAGS, "--json", cwd=folder)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["device"] == "cpu"
     return folder
@@ -52,10 +38,10 @@ def test_no_path_chain(workdir):
 
     run = json.loads((workdir / "artifacts/run/run.json").read_text())
     assert run["device"] == "cpu"
-    result = supsup(workdir, "pack")
+    result = run_cli("pack", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert (workdir / "artifacts/bundle/basis.safetensors").is_file()
-    result = supsup(workdir, "export", "--task", "2", "--onnx", "--json")
+    result = run_cli("export", "--task", "2", "--onnx", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     [report] = json.loads(result.stdout)
     graph = workdir / "artifacts/onnx/task_2.onnx"
@@ -64,7 +50,7 @@ def test_no_path_chain(workdir):
     test = load_dataset("fashion-mnist", split="test")
     Image.fromarray(test.images[0, 0].numpy()).save(workdir / "photo.png")
     for extra in ([], ["--onnx", str(graph)]):
-        result = supsup(workdir, "infer", "--task", "2", "photo.png", *extra, "--json")
+        result = run_cli("infer", "--task", "2", "photo.png", *extra, "--json", cwd=workdir)
         assert result.returncode == 0, result.stderr
         output = json.loads(result.stdout)
         assert output["device"] == "cpu" and output["task"] == 2
@@ -73,36 +59,36 @@ def test_no_path_chain(workdir):
 
 
 def test_export_replaces_its_own_graph_and_foreign_files_only_with_force(workdir):
-    assert supsup(workdir, "pack").returncode in (0, 2)  # packed by the chain test or here
+    assert run_cli("pack", cwd=workdir).returncode in (0, 2)  # packed by the chain test or here
     notes = workdir / "notes.onnx"
     notes.write_text("my notes")
-    result = supsup(workdir, "export", "--task", "0", "--out", str(notes))
+    result = run_cli("export", "--task", "0", "--out", str(notes), cwd=workdir)
     assert result.returncode == 2 and "--force" in result.stderr
     assert notes.read_text() == "my notes"
     for _ in range(2):  # the second run replaces the graph the first one wrote
-        result = supsup(workdir, "export", "--task", "0", "--out", "mine.onnx")
+        result = run_cli("export", "--task", "0", "--out", "mine.onnx", cwd=workdir)
         assert result.returncode == 0, result.stderr
-    result = supsup(workdir, "export", "--task", "0", "--out", str(notes), "--force")
+    result = run_cli("export", "--task", "0", "--out", str(notes), "--force", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert notes.read_bytes() == (workdir / "mine.onnx").read_bytes()
 
 
 def test_resume_takes_settings_from_run_json(workdir):
-    result = supsup(workdir, "train", "--resume", "--json")
+    result = run_cli("train", "--resume", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["tasks"]) == SMALL_RUN["num_tasks"]
-    result = supsup(workdir, "train", "--resume", "--epochs", "3")
+    result = run_cli("train", "--resume", "--epochs", "3", cwd=workdir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: cannot resume artifacts/run with different settings: --epochs 3 (run.json: 1); "
         "leave these flags out to resume with the recorded ones"
     ]
-    result = supsup(workdir, "train", "--resume", "--epochs", "1", "--json")
+    result = run_cli("train", "--resume", "--epochs", "1", "--json", cwd=workdir)
     assert result.returncode == 0, result.stderr
 
 
 def test_run_folder_where_a_bundle_is_expected(workdir):
-    result = supsup(workdir, "infer", "artifacts/run", "--task", "0", "photo.png")
+    result = run_cli("infer", "artifacts/run", "--task", "0", "photo.png", cwd=workdir)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: artifacts/run is a training run: pack it first (supsup pack artifacts/run)"
@@ -133,14 +119,14 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     assert process.returncode in (130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr
     assert "Resume with: supsup train --resume --out run" in stderr
-    result = supsup(tmp_path, "train", "--resume", "--out", "run", "--json")
+    result = run_cli("train", "--resume", "--out", "run", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["tasks"]) == SMALL_RUN["num_tasks"]
 
 
 def test_missing_default_bundle_says_what_to_do(tmp_path):
     for command in (("infer", "--task", "0", "photo.png"), ("export", "--task", "0", "--onnx")):
-        result = supsup(tmp_path, *command)
+        result = run_cli(*command, cwd=tmp_path)
         assert result.returncode == 2
         assert result.stderr.strip() == (
             "error: no bundle at artifacts/bundle: train and pack one (supsup train, then supsup "

@@ -1,20 +1,13 @@
 """``supsup verify``: every check runs for real and a failing one fails the command."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 from supsup_deploy import report
 from supsup_deploy.pack import pack_run
 from supsup_deploy.verify import verify_architecture, verify_bundle
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "supsup_deploy", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def test_quick_verify_passes():

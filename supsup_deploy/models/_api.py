@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import FixedWeight, MaskedLayer, masked_layers
+from supsup_deploy.masked_layers import MaskedLayer, masked_layers
 from supsup_deploy.models.config import ModelConfig
-from supsup_deploy.models.interface import MaskedModel
+from supsup_deploy.models.interface import MaskedModel, ModelFamily
+from supsup_deploy.weight_sources import FixedWeight
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,15 @@ class ModelEntry:
 
     name: str
     builder: Callable[[ModelConfig], MaskedModel]
-    family: str
+    family: ModelFamily
     defaults: dict[str, Any] = field(default_factory=dict)
     torchvision_name: str | None = None
     description: str = ""
 
     def config(self, **overrides: Any) -> ModelConfig:
         """This entry's default configuration with ``overrides`` applied."""
-        return _make_config(self.name, {**self.defaults, **overrides})
+        values = {"stem": self.family.default_stem, **self.defaults, **overrides}
+        return _make_config(self, values)
 
     @property
     def summary(self) -> ModelSummary:
@@ -83,14 +85,14 @@ _MODELS: dict[str, ModelEntry] = {}
 
 def register_model(
     *,
-    family: str,
+    family: ModelFamily,
     torchvision_name: str | None = None,
     **defaults: Any,
 ) -> Callable[[Callable[[ModelConfig], MaskedModel]], Callable[[ModelConfig], MaskedModel]]:
     """Register a builder under its function name.
 
     Args:
-        family: architecture family (e.g. ``"resnet"``).
+        family: the architecture's family (its stems).
         torchvision_name: the torchvision model with the same weight shapes, if any.
         **defaults: ModelConfig fields that differ from the dataclass defaults for this entry.
 
@@ -113,7 +115,7 @@ def register_model(
 
 def list_models(family: str | None = None) -> list[str]:
     """Registered architecture names, sorted, optionally of one family."""
-    return sorted(name for name, entry in _MODELS.items() if family in (None, entry.family))
+    return sorted(name for name, entry in _MODELS.items() if family in (None, entry.family.name))
 
 
 def get_model_entry(name: str) -> ModelEntry:
@@ -139,8 +141,8 @@ def get_model(name: str, *, weights: str | None = "backbone", **options: Any) ->
         weights: ``"backbone"`` (default): every masked layer runs the dense signed-constant
             backbone (every weight kept), so the model runs as built; None: no weight source
             (nothing allocated for the weights; the forward pass refuses until one is attached).
-            Either way :mod:`supsup_deploy.masking` attaches another (scores to train, an alpha
-            combination, a task's materialised weights).
+            Either way :mod:`supsup_deploy.weight_sources` attaches another (scores to train,
+            an alpha combination, a task's materialised weights).
         **options: ModelConfig fields (``num_classes``, ``in_channels``, ``stem``, ``width``,
             ``seed``, ``norm``, ``norm_groups``, ``num_tasks``); the entry's defaults fill the rest.
 
@@ -167,10 +169,12 @@ def build_model(config: ModelConfig) -> MaskedModel:
     """Build the model a :class:`ModelConfig` describes.
 
     Raises:
-        ConfigError: the architecture is not registered.
+        ConfigError: the architecture is not registered, or its family has no such stem.
         TypeError: its builder does not return a :class:`MaskedModel` of this config.
     """
-    model = get_model_entry(config.arch).builder(config)
+    entry = get_model_entry(config.arch)
+    _check_stem(entry, config)
+    model = entry.builder(config)
     if not isinstance(model, MaskedModel) or model.config != config:
         raise TypeError(f"the builder of {config.arch} must return a MaskedModel of its config")
     assign_layer_indices(model, config.seed)
@@ -220,8 +224,16 @@ def _summarize(config: ModelConfig) -> ModelSummary:
     )
 
 
-def _make_config(name: str, values: dict[str, Any]) -> ModelConfig:
+def _make_config(entry: ModelEntry, values: dict[str, Any]) -> ModelConfig:
     try:
-        return ModelConfig(arch=name, **values)
+        config = ModelConfig(arch=entry.name, **values)
     except TypeError as error:
-        raise ConfigError(f"bad option for {name}: {error}") from None
+        raise ConfigError(f"bad option for {entry.name}: {error}") from None
+    _check_stem(entry, config)
+    return config
+
+
+def _check_stem(entry: ModelEntry, config: ModelConfig) -> None:
+    stems = entry.family.stems
+    if config.stem not in stems:
+        raise ConfigError(f"unknown stem {config.stem!r} for {entry.name}: expected one of {stems}")

@@ -9,10 +9,8 @@ from typing import Any
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.normalization import NORM_KINDS
 
-STEMS = ("imagenet", "cifar")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Everything that defines an architecture and its backbone; a bundle stores exactly this.
 
@@ -20,7 +18,8 @@ class ModelConfig:
         arch: registered architecture name.
         num_classes: classifier outputs.
         in_channels: input image channels.
-        stem: ``"imagenet"`` (7x7 stride-2 conv and max-pool) or ``"cifar"`` (3x3 stride-1 conv).
+        stem: the input stem, one of the architecture family's ``stems`` (the ResNets':
+            ``supsup_deploy.models.resnet.STEMS``); the registry checks it.
         width: channel multiplier.
         seed: backbone seed, in ``[0, 2**32)``.
         norm: ``"batch"`` (per-task running statistics) or ``"group"`` (statistic-free).
@@ -31,7 +30,7 @@ class ModelConfig:
     arch: str
     num_classes: int = 1000
     in_channels: int = 3
-    stem: str = "imagenet"
+    stem: str
     width: float = 1.0
     seed: int = 0
     norm: str = "batch"
@@ -42,7 +41,6 @@ class ModelConfig:
         checks = [
             (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
             (self.in_channels >= 1, f"in_channels must be at least 1, got {self.in_channels}"),
-            (self.stem in STEMS, f"unknown stem {self.stem!r}: expected one of {STEMS}"),
             (0 < self.width <= 64, f"width must be in (0, 64], got {self.width}"),
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (self.norm in NORM_KINDS, f"unknown norm {self.norm!r}: expected one of {NORM_KINDS}"),

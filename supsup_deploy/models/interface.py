@@ -1,4 +1,5 @@
-"""``MaskedModel``: the interface every registered architecture implements.
+"""``MaskedModel``: the interface every registered architecture implements; ``ModelFamily``:
+what the architectures of one family share.
 
 Masks, exports and synthetic bundles reach a model only through these methods, so a new
 architecture (a builder registered with :func:`supsup_deploy.models.register_model`) works
@@ -8,12 +9,33 @@ everywhere once it subclasses :class:`MaskedModel` and implements the two abstra
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
-from supsup_deploy.layers import MaskedLayer, masked_layers
+from supsup_deploy.masked_layers import MaskedLayer, masked_layers
 from supsup_deploy.models.config import ModelConfig
 from supsup_deploy.normalization import NormLayer, TaskBatchNorm2d, norm_layers, task_norms
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """The input stems a family's builders accept (``ModelConfig.stem`` names one of them).
+
+    Attributes:
+        name: the family's name (e.g. ``"resnet"``), as ``list_models(family=...)`` takes it.
+        stems: the stem names its builders know; the first is the default.
+        stem_for_image_size: the stem a run on square images of this side trains with.
+    """
+
+    name: str
+    stems: tuple[str, ...]
+    stem_for_image_size: Callable[[int], str]
+
+    @property
+    def default_stem(self) -> str:
+        return self.stems[0]
 
 
 class MaskedModel(nn.Module, metaclass=abc.ABCMeta):

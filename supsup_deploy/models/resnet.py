@@ -11,11 +11,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supsup_deploy.layers import MaskedConv2d, MaskedLayer, MaskedLinear
+from supsup_deploy.masked_layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from supsup_deploy.models._api import register_model
 from supsup_deploy.models.config import ModelConfig
-from supsup_deploy.models.interface import MaskedModel
+from supsup_deploy.models.interface import MaskedModel, ModelFamily
 from supsup_deploy.normalization import NormLayer, make_norm
+
+STEMS = ("imagenet", "cifar")
+"""``"imagenet"``: a 7x7 stride-2 conv and a stride-2 max-pool; ``"cifar"``: a 3x3 stride-1 conv."""
+SMALL_IMAGE_LIMIT = 64
+"""Images narrower than this train with the ``"cifar"`` stem, which keeps their resolution."""
+
+
+def stem_for_image_size(size: int) -> str:
+    """The stem for square images of side ``size``."""
+    return "cifar" if size < SMALL_IMAGE_LIMIT else "imagenet"
+
+
+RESNET = ModelFamily("resnet", STEMS, stem_for_image_size)
 
 
 @dataclass(frozen=True)
@@ -199,56 +212,56 @@ class MaskedResNet(MaskedModel):
         return self.fc(out.flatten(1))
 
 
-@register_model(family="resnet", stem="cifar", num_classes=5)
+@register_model(family=RESNET, stem="cifar", num_classes=5)
 def gem_resnet18(config: ModelConfig) -> MaskedResNet:
     """SupSup's narrow CIFAR ResNet-18: channels 20/40/80/160, masked 1x1-conv classifier."""
     layout = ResNetLayout("basic", (2, 2, 2, 2), base_channels=20, classifier="conv")
     return MaskedResNet(layout, config)
 
 
-@register_model(family="resnet", torchvision_name="resnet18")
+@register_model(family=RESNET, torchvision_name="resnet18")
 def resnet18(config: ModelConfig) -> MaskedResNet:
     """ResNet-18 (BasicBlock [2, 2, 2, 2])."""
     return MaskedResNet(ResNetLayout("basic", (2, 2, 2, 2)), config)
 
 
-@register_model(family="resnet", torchvision_name="resnet34")
+@register_model(family=RESNET, torchvision_name="resnet34")
 def resnet34(config: ModelConfig) -> MaskedResNet:
     """ResNet-34 (BasicBlock [3, 4, 6, 3])."""
     return MaskedResNet(ResNetLayout("basic", (3, 4, 6, 3)), config)
 
 
-@register_model(family="resnet", torchvision_name="resnet50")
+@register_model(family=RESNET, torchvision_name="resnet50")
 def resnet50(config: ModelConfig) -> MaskedResNet:
     """ResNet-50 (Bottleneck [3, 4, 6, 3])."""
     return MaskedResNet(ResNetLayout("bottleneck", (3, 4, 6, 3)), config)
 
 
-@register_model(family="resnet", torchvision_name="resnet101")
+@register_model(family=RESNET, torchvision_name="resnet101")
 def resnet101(config: ModelConfig) -> MaskedResNet:
     """ResNet-101 (Bottleneck [3, 4, 23, 3])."""
     return MaskedResNet(ResNetLayout("bottleneck", (3, 4, 23, 3)), config)
 
 
-@register_model(family="resnet", torchvision_name="resnet152")
+@register_model(family=RESNET, torchvision_name="resnet152")
 def resnet152(config: ModelConfig) -> MaskedResNet:
     """ResNet-152 (Bottleneck [3, 8, 36, 3])."""
     return MaskedResNet(ResNetLayout("bottleneck", (3, 8, 36, 3)), config)
 
 
-@register_model(family="resnet", torchvision_name="wide_resnet50_2")
+@register_model(family=RESNET, torchvision_name="wide_resnet50_2")
 def wide_resnet50_2(config: ModelConfig) -> MaskedResNet:
     """Wide ResNet-50-2 (Bottleneck [3, 4, 6, 3], inner width doubled)."""
     return MaskedResNet(ResNetLayout("bottleneck", (3, 4, 6, 3), width_per_group=128), config)
 
 
-@register_model(family="resnet", torchvision_name="wide_resnet101_2")
+@register_model(family=RESNET, torchvision_name="wide_resnet101_2")
 def wide_resnet101_2(config: ModelConfig) -> MaskedResNet:
     """Wide ResNet-101-2 (Bottleneck [3, 4, 23, 3], inner width doubled)."""
     return MaskedResNet(ResNetLayout("bottleneck", (3, 4, 23, 3), width_per_group=128), config)
 
 
-@register_model(family="resnet")
+@register_model(family=RESNET)
 def preact_resnet200(config: ModelConfig) -> MaskedResNet:
     """Pre-activation ResNet-200 (pre-activation Bottleneck [3, 24, 36, 3])."""
     return MaskedResNet(ResNetLayout("preact_bottleneck", (3, 24, 36, 3)), config)

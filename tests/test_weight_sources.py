@@ -6,19 +6,19 @@ import torch.nn.functional as F
 
 from supsup_deploy import get_model
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.layers import AlphaMask, MaskedConv2d
-from supsup_deploy.masking import (
+from supsup_deploy.masked_layers import MaskedConv2d
+from supsup_deploy.models import assign_layer_indices, masked_layers
+from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d, set_task
+from supsup_deploy.weight_sources import (
+    AlphaMask,
     alpha_table,
     current_masks,
     effective_weights,
     load_alpha_table,
-    set_task,
     use_alpha,
     use_fixed,
     use_scores,
 )
-from supsup_deploy.models import assign_layer_indices, masked_layers
-from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 
 
 def _indexed_conv(in_channels=3, out_channels=4, kernel=3, seed=1):
@@ -61,7 +61,7 @@ def test_alpha_gradcheck():
 
 
 def _weight_for(conv, alpha):
-    from supsup_deploy.layers import _AlphaWeight
+    from supsup_deploy.weight_sources import _AlphaWeight
 
     codes = conv.source.codes
     return _AlphaWeight.apply(alpha, codes, conv.weight_constant).view(conv.weight_shape)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.mask_encoding import ENCODINGS, decode_mask, encode_mask
+from supsup_deploy.mask_compression import ENCODINGS, decode_mask, encode_mask
 
 
 @settings(max_examples=150, deadline=None)

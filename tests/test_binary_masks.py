@@ -4,8 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supsup_deploy.errors import ConfigError
-from supsup_deploy.masks import (
+from supsup_deploy.binary_masks import (
     code_bit_matrix,
     codes_from_packed,
     er_density,
@@ -16,6 +15,7 @@ from supsup_deploy.masks import (
     topk_mask,
     unpack_bits,
 )
+from supsup_deploy.errors import ConfigError
 
 
 @settings(max_examples=60, deadline=None)
