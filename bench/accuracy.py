@@ -18,8 +18,8 @@ Options for the alpha tasks (``product``: what ``supsup pack`` writes today):
   task at run time (transductive: needs a batch of the task's data when deployed);
 - ``bn_calibrated_int8``: no statistics stored; computed under the task's alpha from a shared
   calibration pool (32 training images of each basis task, stored once per bundle);
-- ``bn_calibrated_classes_int8``: as above from the pool images of the task's own classes (needs
-  tasks whose classes the basis tasks saw);
+- ``bn_calibrated_classes_int8``: as above from the pool images of the task's own classes (the
+  whole pool when the basis tasks saw none of them, as on ``split``);
 - ``group_fp32`` / ``group_fp16`` (product): GroupNorm (4 groups), nothing stored per task;
 - ``group_int8``: GroupNorm with the alpha table as int8 with one fp16 scale per layer.
 
@@ -146,7 +146,9 @@ def evaluate_options(config: TrainConfig, run_dir: Path) -> dict[str, list[float
     accuracies: dict[str, list[float]] = {option: [] for option in options}
     for index in range(config.basis, config.num_tasks):
         splits = run_data.splits(index)
-        own_classes = torch.tensor(splits.task.classes)
+        pool_of_own_classes = pool[torch.isin(pool_classes, torch.tensor(splits.task.classes))]
+        if not len(pool_of_own_classes):
+            pool_of_own_classes = pool
         for option in options:
             tensors = load_task(model, run_dir, index, basis)
             alpha = tensors["alpha"]
@@ -162,7 +164,7 @@ def evaluate_options(config: TrainConfig, run_dir: Path) -> dict[str, list[float
             calibration = {
                 "bn_recalibrated_int8": splits.val.images[:RECALIBRATION_IMAGES],
                 "bn_calibrated_int8": pool,
-                "bn_calibrated_classes_int8": pool[torch.isin(pool_classes, own_classes)],
+                "bn_calibrated_classes_int8": pool_of_own_classes,
             }.get(option)
             if calibration is not None:
                 refresh_norm_statistics(model, index, calibration, config.batch_size, "cpu")
