@@ -343,8 +343,5 @@ def test_a_run_that_spelled_basis_tasks_mask_still_packs(small_run, bundle_dir, 
         new.path / "basis.safetensors"
     ).read_bytes()
     assert [task.kind for task in old.tasks] == ["basis", "basis", "alpha"]
-    assert [task.metrics["kind"] for task in old.tasks] == ["mask", "mask", "alpha"]
-    for task in new.tasks:
-        old_tensors, new_tensors = old.task_tensors(task.index), new.task_tensors(task.index)
-        assert old_tensors.keys() == new_tensors.keys()
-        assert all(torch.equal(old_tensors[key], new_tensors[key]) for key in new_tensors)
+    for task in old.tasks:  # packed files keep no kind in their metrics: the same bytes
+        assert task.path.read_bytes() == new.task(task.index).path.read_bytes()
