@@ -7,20 +7,18 @@ from pathlib import Path
 
 import torch
 
-from supsup_deploy.bundle import (
+from supsup_deploy.bundles.format import (
     BASIS_FILE,
-    FLOAT_DTYPES,
     TASKS_FOLDER,
-    Bundle,
     InputSpec,
     check_task_name,
-    load_bundle,
-    save_basis,
-    save_task,
+    float_dtype,
     task_file_name,
 )
+from supsup_deploy.bundles.reader import Bundle, load_bundle
+from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import atomic_write_bytes, new_folder, remove_scratch_files
+from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
@@ -36,9 +34,10 @@ def pack_run(
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
 
-    The bundle is assembled in a temporary folder beside ``out`` (named ``.<out>.*.tmp``) and
-    renamed into place, so ``out`` either does not exist or holds a complete bundle, even if the
-    process is killed; the folder gets the usual permissions (the umask's), not the temporary's.
+    The bundle is written by :func:`~supsup_deploy.bundles.writer.save_bundle`: assembled in a
+    temporary folder beside ``out`` (named ``.<out>.*.tmp``) and renamed into place, so ``out``
+    either does not exist or holds a complete bundle, even if the process is killed; the folder
+    gets the usual permissions (the umask's), not the temporary's.
 
     Args:
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
@@ -53,8 +52,7 @@ def pack_run(
         >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
     """
     run_dir, out = Path(run_dir), Path(out)
-    if norm_dtype not in FLOAT_DTYPES:
-        raise ConfigError(f"unknown norm dtype {norm_dtype!r}: use float32 or float16")
+    stored_dtype = float_dtype(norm_dtype)
     if out.exists():
         raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
     record = read_run_record(run_dir)
@@ -70,19 +68,20 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
-    with new_folder(out) as staging:
-        extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
-        basis_sha256 = save_basis(
-            staging / BASIS_FILE,
-            model_config,
-            basis,
-            input_spec,
-            encoding=mask_encoding,
-            extra=extra,
-        )
-        for index in range(config.num_tasks):
-            if task_path(run_dir, index).exists():
-                _pack_task(run_dir, index, config, staging, basis_sha256, FLOAT_DTYPES[norm_dtype])
+    tasks = (
+        _task_data(run_dir, index, config, stored_dtype)
+        for index in range(config.num_tasks)
+        if task_path(run_dir, index).exists()
+    )
+    save_bundle(
+        out,
+        model_config=model_config,
+        basis_masks=basis,
+        input_spec=input_spec,
+        tasks=tasks,
+        encoding=mask_encoding,
+        extra={"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]},
+    )
     return load_bundle(out)
 
 
@@ -93,14 +92,8 @@ def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:
     return read_task_masks(path, model)
 
 
-def _pack_task(
-    run_dir: Path,
-    index: int,
-    config: TrainConfig,
-    staging: Path,
-    basis_sha256: str,
-    norm_dtype: torch.dtype,
-) -> None:
+def _task_data(run_dir: Path, index: int, config: TrainConfig, norm_dtype: torch.dtype) -> TaskData:
+    """A finished task of the run as a bundle task: a basis task's mask as a one-hot table."""
     tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
     if metadata["kind"] == "mask":
@@ -114,15 +107,12 @@ def _pack_task(
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
     }
-    name = str(metrics["name"])
-    save_task(
-        staging / TASKS_FOLDER / task_file_name(index, name),
+    return TaskData(
         index=index,
-        name=name,
+        name=str(metrics["name"]),
         alpha=alpha,
         norm_state=norm_state,
         class_names=metrics["class_names"],
-        basis_sha256=basis_sha256,
         kind=kind,
         extra={"metrics": metrics},
     )

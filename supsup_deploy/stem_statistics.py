@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.layers import MaskedConv2d
 from supsup_deploy.masks import code_value_table
 from supsup_deploy.models import masked_layers

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from supsup_deploy import backbone
-from supsup_deploy.bundle import Bundle, InputSpec, load_bundle
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.errors import SupsupError
 from supsup_deploy.export import TaskExporter, export_shared, probe_batch
 from supsup_deploy.masks import unpack_bits

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from test_task_inference import fit_statistics, task_batch
 
-from supsup_deploy.bundle import InputSpec, load_bundle
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.export import TaskExporter, check_parity, seeded_probe
 from supsup_deploy.masking import alpha_table, effective_weights, use_alpha
 from supsup_deploy.masks import unpack_bits

@@ -160,7 +160,7 @@ def test_storage_page_in_docs_is_current():
 
 @pytest.fixture(scope="module")
 def random_bundle(tmp_path_factory):
-    from supsup_deploy.bundle import InputSpec
+    from supsup_deploy.bundles.format import InputSpec
     from supsup_deploy.models import ModelConfig
     from supsup_deploy.synthetic import write_random_bundle
 
@@ -171,7 +171,7 @@ def random_bundle(tmp_path_factory):
 
 
 def test_storage_of_the_users_bundle(random_bundle, tmp_path):
-    from supsup_deploy.bundle import load_bundle
+    from supsup_deploy.bundles.reader import load_bundle
 
     bundle = load_bundle(random_bundle)
     on_disk = bundle.basis_path.stat().st_size + sum(i.path.stat().st_size for i in bundle.tasks)
