@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from supsup_deploy.bundles.format import (
-    BASIS_FILE,
     TASKS_FOLDER,
     InputSpec,
     check_task_name,
@@ -16,6 +15,7 @@ from supsup_deploy.bundles.format import (
     task_file_name,
 )
 from supsup_deploy.bundles.reader import Bundle, load_bundle
+from supsup_deploy.bundles.validation import check_bundle_folder
 from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
@@ -142,8 +142,7 @@ def add_task(
         LockError: another process held the bundle's lock for ``lock_timeout`` seconds.
     """
     bundle_path, task_file = Path(bundle_path), Path(task_file)
-    if not (bundle_path / BASIS_FILE).is_file():
-        raise FormatError(f"{bundle_path}: not a bundle (no {BASIS_FILE})")
+    check_bundle_folder(bundle_path)
     try:
         data = task_file.read_bytes()
     except OSError as error:

@@ -27,6 +27,7 @@ from supsup_deploy.bundles.format import (
     task_file_name,
 )
 from supsup_deploy.bundles.validation import (
+    check_bundle_folder,
     check_listed_task,
     list_task_files,
     read_basis,
@@ -34,7 +35,7 @@ from supsup_deploy.bundles.validation import (
     read_version_1_tasks,
 )
 from supsup_deploy.bundles.weights import TaskWeights
-from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.errors import ConfigError
 from supsup_deploy.masking import use_fixed
 from supsup_deploy.masks import code_value_table, codes_from_packed
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
@@ -62,8 +63,7 @@ def load_bundle(path: str | Path) -> Bundle:
         >>> model = bundle.model(bundle.tasks[0].index)
     """
     path = Path(path)
-    if not (path / BASIS_FILE).is_file():
-        raise FormatError(f"{path}: not a bundle (no {BASIS_FILE})")
+    check_bundle_folder(path)
     return Bundle(path)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from supsup_deploy.bundles.format import (
+    BASIS_FILE,
     BASIS_FORMAT,
     CONTENT_HASH_KEY,
     FLOAT_DTYPES,
@@ -63,6 +64,12 @@ def model_summary(config: ModelConfig) -> ModelSummary:
     """The layers of the architecture a model config builds (no weight is allocated)."""
     options = config.to_dict()
     return summarize_model(options.pop("arch"), **options)
+
+
+def check_bundle_folder(path: Path) -> None:
+    """A bundle is a folder holding a basis file."""
+    if not (path / BASIS_FILE).is_file():
+        raise FormatError(f"{path}: not a bundle (no {BASIS_FILE})")
 
 
 # --- every file -------------------------------------------------------------------------------
