@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supsup_deploy.bundle import InputSpec
+from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.synthetic import write_random_bundle
 

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bench._common import machine_info, print_table, write_result
-from supsup_deploy.bundle import TASK_FORMAT, content_sha256
+from supsup_deploy.bundles.format import TASK_FORMAT, content_sha256
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import load_norm_state

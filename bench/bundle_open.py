@@ -38,17 +38,17 @@ import torch
 from safetensors.torch import save
 
 from bench._common import machine_info, print_table, write_result
-from supsup_deploy.bundle import (
+from supsup_deploy.bundles.format import (
     BASIS_FILE,
     CONTENT_HASH_KEY,
     TASK_FORMAT,
     TASKS_FOLDER,
     InputSpec,
     content_sha256,
-    save_basis,
     task_file_name,
     tensors_sha256,
 )
+from supsup_deploy.bundles.writer import save_basis
 from supsup_deploy.files import METADATA_KEY, metadata_text
 from supsup_deploy.models import get_model_entry, summarize_model
 
@@ -58,7 +58,7 @@ GOAL_OPEN_SECONDS = 1.0
 MEASURE = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.report import bundle_report
 
 path, first, second = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

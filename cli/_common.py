@@ -71,7 +71,8 @@ def use_device(name: str) -> str:
 
 def open_bundle(path: Path):
     """Load a bundle; a training run or a missing default bundle gets a line saying what to do."""
-    from supsup_deploy.bundle import BASIS_FILE, load_bundle
+    from supsup_deploy.bundles.format import BASIS_FILE
+    from supsup_deploy.bundles.reader import load_bundle
     from supsup_deploy.errors import ConfigError
 
     if (path / "run.json").is_file() and not (path / BASIS_FILE).exists():
@@ -86,6 +87,6 @@ def open_bundle(path: Path):
 
 def is_bundle_or_run(path: Path) -> bool:
     """Whether a folder is a bundle or a training run (rather than a folder of images)."""
-    from supsup_deploy.bundle import BASIS_FILE
+    from supsup_deploy.bundles.format import BASIS_FILE
 
     return path.is_dir() and ((path / BASIS_FILE).is_file() or (path / "run.json").is_file())

@@ -93,7 +93,7 @@ def storage_command(
         if value is not None
     }
     if bundle is not None:
-        from supsup_deploy.bundle import load_bundle
+        from supsup_deploy.bundles.reader import load_bundle
 
         if arch:
             raise ConfigError("--bundle reports on that bundle's architecture: drop --arch")

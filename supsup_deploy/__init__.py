@@ -3,7 +3,9 @@
 The backbone is regenerated from (architecture, seed); tasks are bit masks or tiny alpha tables.
 """
 
-from supsup_deploy.bundle import Bundle, load_bundle
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.reader import Bundle, load_bundle
+from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.errors import ConfigError, DatasetNotFoundError, FormatError, SupsupError
 from supsup_deploy.models import (
     ModelConfig,
@@ -22,14 +24,17 @@ __all__ = [
     "ConfigError",
     "DatasetNotFoundError",
     "FormatError",
+    "InputSpec",
     "ModelConfig",
     "ModelSummary",
     "SupsupError",
+    "TaskData",
     "__version__",
     "build_model",
     "get_model",
     "list_models",
     "load_bundle",
     "register_model",
+    "save_bundle",
     "summarize_model",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from supsup_deploy.bundle import Bundle, load_bundle
+from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import FormatError
 from supsup_deploy.files import atomic_write_bytes, atomic_write_json

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, SupsupError
 from supsup_deploy.export_targets import export_target

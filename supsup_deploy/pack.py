@@ -7,20 +7,18 @@ from pathlib import Path
 
 import torch
 
-from supsup_deploy.bundle import (
-    BASIS_FILE,
-    FLOAT_DTYPES,
+from supsup_deploy.bundles.format import (
     TASKS_FOLDER,
-    Bundle,
     InputSpec,
     check_task_name,
-    load_bundle,
-    save_basis,
-    save_task,
+    float_dtype,
     task_file_name,
 )
+from supsup_deploy.bundles.reader import Bundle, load_bundle
+from supsup_deploy.bundles.validation import check_bundle_folder
+from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import atomic_write_bytes, new_folder, remove_scratch_files
+from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
@@ -40,9 +38,10 @@ def pack_run(
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
 
-    The bundle is assembled in a temporary folder beside ``out`` (named ``.<out>.*.tmp``) and
-    renamed into place, so ``out`` either does not exist or holds a complete bundle, even if the
-    process is killed; the folder gets the usual permissions (the umask's), not the temporary's.
+    The bundle is written by :func:`~supsup_deploy.bundles.writer.save_bundle`: assembled in a
+    temporary folder beside ``out`` (named ``.<out>.*.tmp``) and renamed into place, so ``out``
+    either does not exist or holds a complete bundle, even if the process is killed; the folder
+    gets the usual permissions (the umask's), not the temporary's.
 
     Args:
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
@@ -59,9 +58,7 @@ def pack_run(
         >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
     """
     run_dir, out = Path(run_dir), Path(out)
-    for option, value in (("norm", norm_dtype), ("alpha", alpha_dtype)):
-        if value not in FLOAT_DTYPES:
-            raise ConfigError(f"unknown {option} dtype {value!r}: use float32 or float16")
+    stored_dtypes = float_dtype(norm_dtype), float_dtype(alpha_dtype, what="alpha")
     if out.exists():
         raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
     record = read_run_record(run_dir)
@@ -77,27 +74,20 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
-    with new_folder(out) as staging:
-        extra = {"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]}
-        basis_sha256 = save_basis(
-            staging / BASIS_FILE,
-            model_config,
-            basis,
-            input_spec,
-            encoding=mask_encoding,
-            extra=extra,
-        )
-        for index in range(config.num_tasks):
-            if task_path(run_dir, index).exists():
-                _pack_task(
-                    run_dir,
-                    index,
-                    config,
-                    staging,
-                    basis_sha256,
-                    FLOAT_DTYPES[norm_dtype],
-                    FLOAT_DTYPES[alpha_dtype],
-                )
+    tasks = (
+        _task_data(run_dir, index, config, *stored_dtypes)
+        for index in range(config.num_tasks)
+        if task_path(run_dir, index).exists()
+    )
+    save_bundle(
+        out,
+        model_config=model_config,
+        basis_masks=basis,
+        input_spec=input_spec,
+        tasks=tasks,
+        encoding=mask_encoding,
+        extra={"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]},
+    )
     return load_bundle(out)
 
 
@@ -108,15 +98,14 @@ def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:
     return read_task_masks(path, model)
 
 
-def _pack_task(
+def _task_data(
     run_dir: Path,
     index: int,
     config: TrainConfig,
-    staging: Path,
-    basis_sha256: str,
     norm_dtype: torch.dtype,
     alpha_dtype: torch.dtype,
-) -> None:
+) -> TaskData:
+    """A finished task of the run as a bundle task: a basis task's mask as a one-hot table."""
     tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
     kind = metadata["kind"]
@@ -129,15 +118,12 @@ def _pack_task(
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
     }
-    name = str(metrics["name"])
-    save_task(
-        staging / TASKS_FOLDER / task_file_name(index, name),
+    return TaskData(
         index=index,
-        name=name,
+        name=str(metrics["name"]),
         alpha=alpha,
         norm_state=norm_state,
         class_names=metrics["class_names"],
-        basis_sha256=basis_sha256,
         kind=kind,
         extra={"metrics": {key: metrics[key] for key in PACKED_METRICS if key in metrics}},
     )
@@ -167,8 +153,7 @@ def add_task(
         LockError: another process held the bundle's lock for ``lock_timeout`` seconds.
     """
     bundle_path, task_file = Path(bundle_path), Path(task_file)
-    if not (bundle_path / BASIS_FILE).is_file():
-        raise FormatError(f"{bundle_path}: not a bundle (no {BASIS_FILE})")
+    check_bundle_folder(bundle_path)
     try:
         data = task_file.read_bytes()
     except OSError as error:

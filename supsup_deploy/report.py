@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
-from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
+from supsup_deploy.bundles.format import FLOAT_DTYPES, float_dtype
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
 from supsup_deploy.mask_compression import encode_mask
@@ -122,8 +123,7 @@ class StorageSettings:
         if self.num_tasks < 1:
             raise ConfigError(f"--tasks must be at least 1, got {self.num_tasks}")
         check_density(self.density)
-        if self.norm_dtype not in FLOAT_DTYPES:
-            raise ConfigError(f"unknown norm dtype {self.norm_dtype!r}: use float32 or float16")
+        float_dtype(self.norm_dtype)
         if self.input_size < 1:
             raise ConfigError(f"--input-size must be positive, got {self.input_size}")
 
@@ -224,7 +224,7 @@ def norm_bytes_per_task(summary: ModelSummary, norm_dtype: str = "float32") -> i
     """Bytes of one task's normalisation statistics (running mean and variance)."""
     if summary.config.norm != "batch":
         return 0
-    return 2 * summary.norm_channels * FLOAT_DTYPES[norm_dtype].itemsize
+    return 2 * summary.norm_channels * float_dtype(norm_dtype).itemsize
 
 
 def storage_row(arch: str, settings: StorageSettings | None = None, **options: Any) -> StorageRow:

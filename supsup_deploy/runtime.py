@@ -12,7 +12,8 @@ import torch
 
 from supsup_deploy import data as datasets
 from supsup_deploy.adapters import load_adapter
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundles.reader import Bundle
+from supsup_deploy.bundles.weights import ImageTransform
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
@@ -60,25 +61,23 @@ def collect_image_paths(paths: list[str | Path]) -> list[Path]:
 
 
 def load_images(paths: list[Path], bundle: Bundle) -> torch.Tensor:
-    """Read images, convert to the bundle's channels and size, and normalise them.
+    """Read images and preprocess them for the bundle's models
+    (:class:`~supsup_deploy.bundles.weights.ImageTransform`: channels, size, normalisation).
 
     Raises:
         FormatError: a file is not a readable image (the message names it).
     """
     from PIL import Image, UnidentifiedImageError
 
-    spec = bundle.input
-    mode = "L" if spec.channels == 1 else "RGB"
-    arrays = []
+    transform = ImageTransform(bundle.input)
+    images = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = image.convert(mode).resize((spec.size, spec.size), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.uint8)
+                images.append(transform.pixels(image))
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise FormatError(f"{path}: not a readable image ({error})") from None
-        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return datasets.preprocess_images(torch.from_numpy(np.stack(arrays)), spec)
+    return transform(torch.stack(images))
 
 
 def dataset_split(

@@ -32,7 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from supsup_deploy import backbone
-from supsup_deploy.bundle import FLOAT_DTYPES, Bundle
+from supsup_deploy.bundles.format import FLOAT_DTYPES
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
@@ -111,7 +112,7 @@ class TaskInput:
 def task_inputs(bundle: Bundle) -> tuple[TaskInput, ...]:
     """The graph's task inputs: every task tensor of the bundle, float16 only where every
     installed task stores it in float16 (a float16 task feeds a float32 input exactly)."""
-    expected = bundle._expected_task_tensors()
+    expected = bundle.task_tensor_shapes
     inputs = []
     for name in sorted(expected):
         dtypes = {bundle.task_tensors(info.index)[name].dtype for info in bundle.tasks}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy.binary_masks import code_value_table
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.masked_layers import MaskedConv2d
 from supsup_deploy.models import masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, task_norms

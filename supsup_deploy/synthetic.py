@@ -16,15 +16,8 @@ from pathlib import Path
 import torch
 
 from supsup_deploy.binary_masks import check_density, check_num_basis
-from supsup_deploy.bundle import (
-    BASIS_FILE,
-    TASKS_FOLDER,
-    InputSpec,
-    save_basis,
-    save_task,
-    task_file_name,
-)
-from supsup_deploy.files import new_folder
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.masked_layers import MaskedLayer
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state
@@ -85,24 +78,25 @@ def write_random_bundle(
     use_alpha(model, basis)
     for norm in model.task_norms():
         norm.momentum = 1.0  # the statistics of one batch, replacing the slot's
-    with new_folder(out) as staging:
-        digest = save_basis(staging / BASIS_FILE, model.config, basis, input_spec)
+
+    def tasks():
         for index, alpha in enumerate(tables):
             scaled, statistics = _plausible_task(model, alpha, input_spec, seed)
             # A basis task must run its basis mask exactly: one whose residual branches had to
             # be scaled through its alpha table (no norm after them) is an alpha task.
             one_hot = basis_tasks and index < num_basis and torch.equal(scaled, alpha)
-            kind, alpha = ("basis" if one_hot else "alpha"), scaled
-            save_task(
-                staging / TASKS_FOLDER / task_file_name(index, f"task_{index}"),
+            yield TaskData(
                 index=index,
                 name=f"task_{index}",
-                alpha=alpha,
+                alpha=scaled,
                 norm_state=statistics,
                 class_names=[f"class_{i}" for i in range(config.num_classes)],
-                basis_sha256=digest,
-                kind=kind,
+                kind="basis" if one_hot else "alpha",
             )
+
+    save_bundle(
+        out, model_config=model.config, basis_masks=basis, input_spec=input_spec, tasks=tasks()
+    )
     return out
 
 

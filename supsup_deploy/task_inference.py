@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from supsup_deploy.bundle import Bundle
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.task_inference_methods import (
     DEFAULT_SHORTLIST,

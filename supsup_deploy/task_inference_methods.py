@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from supsup_deploy.bundle import Bundle, _single_slot
+from supsup_deploy.bundles.reader import Bundle, single_task_config
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
@@ -145,7 +145,7 @@ class OneShotMethod(InferenceMethod):
         if options.normalize_alpha:
             tables = tables / tables.norm(dim=2, keepdim=True).clamp_min(1e-12)
         self.tables = tables.to(device)
-        self.model = build_model(_single_slot(bundle.config)).to(device)
+        self.model = build_model(single_task_config(bundle.config)).to(device)
         for layer, codes in zip(masked_layers(self.model), bundle.codes(device), strict=True):
             layer.set_source(AlphaMask(layer, codes, bundle.num_basis))
         for norm in self.model.task_norms():

@@ -20,7 +20,8 @@ import torch
 
 from supsup_deploy import backbone
 from supsup_deploy.binary_masks import unpack_bits
-from supsup_deploy.bundle import Bundle, InputSpec, load_bundle
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.errors import SupsupError
 from supsup_deploy.export import TaskExporter, export_shared, probe_batch
 from supsup_deploy.models import get_model_entry

@@ -9,7 +9,7 @@ import torch
 from cli_runner import run_cli
 from PIL import Image
 
-from supsup_deploy.bundle import InputSpec
+from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.synthetic import write_random_bundle
 

@@ -12,7 +12,8 @@ from version_1 import read as read_version_1
 from version_1 import version_1_bundle
 from version_1 import write as write_version_1
 
-from supsup_deploy.bundle import load_bundle, save_task
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.models import build_model
@@ -282,8 +283,9 @@ def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     """Digits are an id, any other string a name; all-digit names are refused when written."""
     from tiny_bundles import write_tiny_bundle
 
-    from supsup_deploy import bundle as bundle_module
-    from supsup_deploy.bundle import check_task_name, save_task
+    from supsup_deploy.bundles import writer
+    from supsup_deploy.bundles.format import check_task_name
+    from supsup_deploy.bundles.writer import save_task
 
     path = write_tiny_bundle(tmp_path / "b")
     bundle = load_bundle(path)
@@ -301,7 +303,7 @@ def test_a_task_is_named_by_id_or_by_name_never_both(tmp_path, monkeypatch):
     # A file named "2" with id 5, written past the check (as an older writer could): add-task
     # refuses it in one line and leaves the bundle as it was.
     task = bundle.task(1)
-    monkeypatch.setattr(bundle_module, "check_task_name", lambda name: None)
+    monkeypatch.setattr(writer, "check_task_name", lambda name: None)
     shipped = tmp_path / "2.safetensors"
     save_task(
         shipped,

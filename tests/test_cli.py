@@ -37,7 +37,8 @@ def test_bad_usage_exits_non_zero_without_traceback(args):
 
 def test_class_names_that_look_like_markup_print_verbatim(tmp_path):
     from supsup_deploy import load_bundle
-    from supsup_deploy.bundle import InputSpec, save_task
+    from supsup_deploy.bundles.format import InputSpec
+    from supsup_deploy.bundles.writer import save_task
     from supsup_deploy.models import get_model_entry
     from supsup_deploy.synthetic import write_random_bundle
 
@@ -66,7 +67,8 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import bundle, data, export, mask_compression, normalization, runtime, train
+    from supsup_deploy import data, export, mask_compression, normalization, runtime, train
+    from supsup_deploy.bundles.format import FLOAT_DTYPES
     from supsup_deploy.models import resnet
     from supsup_deploy.task_inference_methods import METHODS
 
@@ -75,7 +77,7 @@ def test_closed_sets_match_the_library():
         "Protocol": data.PROTOCOLS,
         "Norm": normalization.NORM_KINDS,
         "DistributedMode": train.DISTRIBUTED_MODES,
-        "NormDtype": tuple(bundle.FLOAT_DTYPES),
+        "FloatDtype": tuple(FLOAT_DTYPES),
         "MaskEncoding": mask_compression.ENCODINGS,
         "Exporter": export.EXPORTERS,
         "Runtime": runtime.RUNTIMES,

@@ -14,7 +14,9 @@ import pytest
 from cli_runner import run_cli
 from killable import ROOT, TIMEOUT, Command, one_line_error, run_together, snapshot
 
-from supsup_deploy.bundle import load_bundle, save_task, task_file_name
+from supsup_deploy.bundles.format import task_file_name
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.locking import LockError, folder_lock
 from supsup_deploy.pack import add_task, pack_run
 
@@ -23,7 +25,7 @@ FAST_READERS, SLOW_READERS = 2, 6
 ALL_TASKS = ["task_0", "task_1", "task_2"]
 READER = """
 import json, sys, time
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import FormatError
 
 def state(path):

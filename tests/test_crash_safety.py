@@ -20,7 +20,7 @@ import pytest
 from conftest import SMALL_RUN
 from killable import ONE_THREAD, ROOT, TIMEOUT, Command, is_leftover, run_killed, snapshot
 
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.export import TaskExporter, probe_batch
 from supsup_deploy.files import new_folder

@@ -11,7 +11,7 @@ import torch
 from cli_runner import run_cli
 
 from supsup_deploy import export_targets
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.export import ParityError, TaskExporter
 from supsup_deploy.export_targets import FP32_TOLERANCE

@@ -17,7 +17,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from supsup_deploy import get_model
-from supsup_deploy.bundle import InputSpec, load_bundle, save_basis, save_task
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_basis, save_task
 from supsup_deploy.errors import FormatError
 from supsup_deploy.mask_compression import decode_mask, encode_mask
 from supsup_deploy.models import list_models, masked_layers, summarize_model

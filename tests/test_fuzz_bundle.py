@@ -41,15 +41,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from supsup_deploy.binary_masks import MAX_BASIS
-from supsup_deploy.bundle import (
-    MAX_MASKED_WEIGHTS,
-    Bundle,
-    InputSpec,
-    load_bundle,
-    save_basis,
-    save_task,
-    task_file_name,
-)
+from supsup_deploy.bundles.format import InputSpec, task_file_name
+from supsup_deploy.bundles.reader import Bundle, load_bundle
+from supsup_deploy.bundles.validation import MAX_MASKED_WEIGHTS
+from supsup_deploy.bundles.writer import save_basis, save_task
 from supsup_deploy.errors import FormatError, SupsupError
 from supsup_deploy.mask_compression import decode_mask
 from supsup_deploy.models import ModelConfig, summarize_model

@@ -14,7 +14,7 @@ from test_task_inference import fit_statistics, task_batch
 from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
 from supsup_deploy.binary_masks import unpack_bits
-from supsup_deploy.bundle import load_bundle
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.export import TaskExporter, check_parity, seeded_probe
 from supsup_deploy.models import build_model
 from supsup_deploy.task_inference import TaskInferrer

@@ -159,7 +159,7 @@ def random_bundle(tmp_path_factory):
 
 
 def test_storage_of_the_users_bundle(random_bundle, tmp_path):
-    from supsup_deploy.bundle import load_bundle
+    from supsup_deploy.bundles.reader import load_bundle
 
     bundle = load_bundle(random_bundle)
     on_disk = bundle.basis_path.stat().st_size + sum(i.path.stat().st_size for i in bundle.tasks)

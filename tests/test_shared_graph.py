@@ -11,7 +11,9 @@ import torch
 from cli_runner import run_cli
 
 from supsup_deploy.adapters import adapter_bytes, load_adapter
-from supsup_deploy.bundle import InputSpec, load_bundle, save_task, task_file_name
+from supsup_deploy.bundles.format import InputSpec, task_file_name
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.errors import FormatError
 from supsup_deploy.export import ParityError, export_adapter, export_shared
 from supsup_deploy.models import get_model_entry

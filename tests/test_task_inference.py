@@ -12,15 +12,15 @@ import torch
 from cli_runner import run_cli
 from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
-from supsup_deploy.bundle import (
+from supsup_deploy.bundles.format import (
     BASIS_FILE,
     TASKS_FOLDER,
     InputSpec,
     file_sha256,
-    load_bundle,
-    save_task,
     task_file_name,
 )
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import get_model_entry, list_models, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, norm_state

@@ -28,7 +28,7 @@ def test_wrong_byte_prediction_fails(tmp_path, monkeypatch):
 
 
 def test_wrong_materialised_weights_fail(tmp_path, monkeypatch):
-    from supsup_deploy.bundle import Bundle
+    from supsup_deploy.bundles.reader import Bundle
 
     original = Bundle.materialize
 

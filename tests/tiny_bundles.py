@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from supsup_deploy.bundle import InputSpec
+from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.models import ModelConfig
 from supsup_deploy.synthetic import write_random_bundle
 

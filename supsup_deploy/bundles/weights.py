@@ -1,0 +1,127 @@
+"""One task of a bundle as a torchvision-``Weights``-like object: class names, input transform,
+model.
+
+``bundle.weights(task)`` gives a :class:`TaskWeights`; its :meth:`~TaskWeights.transforms` turn
+images into what the model takes, exactly as ``supsup infer`` and
+:meth:`~supsup_deploy.bundles.reader.Bundle.predict` convert image files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from supsup_deploy import data as datasets
+from supsup_deploy.bundles.format import InputSpec
+from supsup_deploy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from supsup_deploy.bundles.reader import Bundle
+    from supsup_deploy.models import MaskedModel
+
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+"""PIL image modes of uint8 tensors by channel count (tensors to resize go through PIL)."""
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A bundle's input preprocessing as a callable: images in, the model's float input out.
+
+    PIL images are converted to the bundle's channels (``L`` or ``RGB``) and resized to its
+    size (bilinear), then scaled to ``(pixel / 255 - mean) / std`` per channel.
+
+    Attributes:
+        input: the bundle's input spec.
+    """
+
+    input: InputSpec
+
+    def __call__(self, images: Image | Sequence[Image] | torch.Tensor) -> torch.Tensor:
+        """Preprocess one image or a batch.
+
+        Args:
+            images: a PIL image or a uint8 tensor ``[C, H, W]``; or a batch: a sequence of PIL
+                images or a uint8 tensor ``[N, C, H, W]``. Tensors of another size or channel
+                count (1, 3 or 4) are converted through PIL like image files.
+
+        Returns:
+            float32 ``[C, size, size]`` for one image, ``[N, C, size, size]`` for a batch.
+
+        Raises:
+            ConfigError: a tensor that is not uint8 images.
+        """
+        from PIL import Image
+
+        if isinstance(images, Image.Image):
+            return self(self.pixels(images))
+        if not isinstance(images, torch.Tensor):
+            return self(torch.stack([self.pixels(image) for image in images]))
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise ConfigError(
+                f"images must be uint8 [C, H, W] or [N, C, H, W], got {images.dtype} "
+                f"{list(images.shape)}"
+            )
+        batch = images if images.dim() == 4 else images[None]
+        spec = self.input
+        if tuple(batch.shape[1:]) != (spec.channels, spec.size, spec.size):
+            batch = torch.stack([self.pixels(_tensor_image(image)) for image in batch])
+        normalised = datasets.preprocess_images(batch, spec)
+        return normalised if images.dim() == 4 else normalised[0]
+
+    def pixels(self, image: Image) -> torch.Tensor:
+        """A PIL image converted to the bundle's channels and size: uint8 ``[C, size, size]``."""
+        from PIL import Image
+
+        size = self.input.size
+        mode = "L" if self.input.channels == 1 else "RGB"
+        array = np.array(image.convert(mode).resize((size, size), Image.BILINEAR), np.uint8)
+        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+def _tensor_image(image: torch.Tensor) -> Image:
+    """A uint8 ``[C, H, W]`` tensor as a PIL image."""
+    from PIL import Image
+
+    channels = image.shape[0]
+    if channels not in PIL_MODES:
+        raise ConfigError(f"images with {channels} channels: use 1, 3 or 4")
+    array = image.numpy()
+    array = array[0] if channels == 1 else array.transpose(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(array), PIL_MODES[channels])
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskWeights:
+    """One installed task: what it predicts, what input it takes and how to build its model.
+
+    The bundle's answer to torchvision's ``Weights``: ``class_names`` is torchvision's
+    ``meta["categories"]``, :meth:`transforms` its ``transforms()``, :meth:`model` the builder.
+    Get one from :meth:`~supsup_deploy.bundles.reader.Bundle.weights`.
+
+    Attributes:
+        bundle: the opened bundle the task belongs to.
+        task: task id.
+        name: task name.
+        class_names: one per classifier output.
+        input: the input spec the task was trained with.
+    """
+
+    bundle: Bundle = field(repr=False, compare=False)
+    task: int
+    name: str
+    class_names: tuple[str, ...]
+    input: InputSpec
+
+    def transforms(self) -> ImageTransform:
+        """The callable that turns uint8 or PIL images into this task's model input."""
+        return ImageTransform(self.input)
+
+    def model(self, *, device: torch.device | str = "cpu") -> MaskedModel:
+        """The task's eval-mode model, its weights materialised (:meth:`Bundle.model`)."""
+        return self.bundle.model(self.task, device=device)

@@ -1,0 +1,220 @@
+"""Writing bundles: :func:`save_bundle` for a whole bundle, :func:`save_basis` and
+:func:`save_task` for its single files (every file written atomically, format 2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supsup_deploy.binary_masks import check_num_basis, pack_bits
+from supsup_deploy.bundles.format import (
+    BASIS_FILE,
+    BASIS_FORMAT,
+    FORMAT_VERSION,
+    SIGN_HASH,
+    TASK_FORMAT,
+    TASKS_FOLDER,
+    InputSpec,
+    check_task_name,
+    file_sha256,
+    save_sealed,
+    task_file_name,
+)
+from supsup_deploy.bundles.validation import model_summary
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.files import new_folder
+from supsup_deploy.mask_compression import ENCODINGS, encode_mask
+from supsup_deploy.models import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskData:
+    """One task of a bundle in memory, as :func:`save_bundle` and :func:`save_task` write it.
+
+    Attributes:
+        index: task id, unique within the bundle.
+        name: task name (letters, digits, ``_.-``; also its file name).
+        alpha: ``[num_layers, |B|]`` table, float32 or float16.
+        norm_state: ``norm.running_mean`` / ``norm.running_var`` (empty for statistic-free norms).
+        class_names: one per classifier output.
+        kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
+        extra: more JSON metadata (e.g. training metrics).
+    """
+
+    index: int
+    name: str
+    alpha: torch.Tensor
+    norm_state: dict[str, torch.Tensor]
+    class_names: list[str] | tuple[str, ...]
+    kind: str = "alpha"
+    extra: dict[str, Any] | None = None
+
+
+def save_bundle(
+    out: str | Path,
+    *,
+    model_config: ModelConfig,
+    basis_masks: list[list[torch.Tensor]],
+    input_spec: InputSpec,
+    tasks: Iterable[TaskData],
+    encoding: str = "packed",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a new bundle folder: its basis file and one file per task.
+
+    The bundle is assembled in a scratch folder beside ``out`` and renamed into place
+    (:func:`~supsup_deploy.files.new_folder`), so ``out`` either does not exist or holds a
+    complete bundle, even if the process is killed.
+
+    Args:
+        out: the bundle folder to create; it must not exist yet.
+        model_config: the architecture and backbone seed.
+        basis_masks: ``|B|`` mask sets, one bool mask per masked layer each.
+        input_spec: input preprocessing the tasks were trained with.
+        tasks: the tasks to install, each written as it is taken (a generator may build them
+            one at a time).
+        encoding: how masks are stored: ``"packed"``, ``"rice"`` or ``"sparse"``.
+        extra: more JSON metadata for the basis file (e.g. the training dataset's name).
+
+    Returns:
+        ``out``, which :func:`~supsup_deploy.bundles.reader.load_bundle` opens.
+
+    Example:
+        >>> save_bundle("b", model_config=model.config, basis_masks=[masks_a, masks_b],
+        ...             input_spec=spec, tasks=[TaskData(index=0, name="t0", alpha=table,
+        ...             norm_state={}, class_names=["a", "b"])])
+        >>> load_bundle("b").task("t0").class_names
+        ('a', 'b')
+    """
+    out = Path(out)
+    with new_folder(out) as staging:
+        basis_sha256 = save_basis(
+            staging / BASIS_FILE,
+            model_config,
+            basis_masks,
+            input_spec,
+            encoding=encoding,
+            extra=extra,
+        )
+        for task in tasks:
+            save_task(
+                staging / TASKS_FOLDER / task_file_name(task.index, task.name),
+                index=task.index,
+                name=task.name,
+                alpha=task.alpha,
+                norm_state=task.norm_state,
+                class_names=task.class_names,
+                basis_sha256=basis_sha256,
+                kind=task.kind,
+                extra=task.extra,
+            )
+    return out
+
+
+def save_basis(
+    path: str | Path,
+    model_config: ModelConfig,
+    basis_masks: list[list[torch.Tensor]],
+    input_spec: InputSpec,
+    *,
+    encoding: str = "packed",
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a basis file and return its SHA-256.
+
+    Args:
+        path: file to write (atomically).
+        model_config: the architecture and backbone seed.
+        basis_masks: ``|B|`` mask sets, one bool mask per masked layer each.
+        input_spec: input preprocessing the tasks were trained with.
+        encoding: how masks are stored: ``"packed"`` (1 bit per weight), ``"rice"`` or
+            ``"sparse"`` (compressed; see :mod:`supsup_deploy.mask_compression`).
+        extra: more JSON metadata (e.g. where the masks came from).
+
+    Returns:
+        The file's SHA-256, which every task file of the bundle records.
+
+    Example:
+        >>> save_basis("b/basis.safetensors", model.config, [masks_a, masks_b], spec)
+    """
+    summary = model_summary(model_config)
+    num_basis = len(basis_masks)
+    check_num_basis(num_basis)
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"unknown mask encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+    tensors = {}
+    for layer, shape in enumerate(summary.weight_shapes):
+        numel = math.prod(shape)
+        rows = []
+        for number, mask_set in enumerate(basis_masks):
+            if len(mask_set) != summary.masked_layers or mask_set[layer].numel() != numel:
+                raise ConfigError(f"basis mask {number} does not fit {model_config.arch}")
+            rows.append(pack_bits(mask_set[layer].cpu()))
+        if encoding == "packed":
+            tensors[f"mask.{layer:03d}"] = torch.stack(rows)
+            continue
+        streams = [encode_mask(row.numpy(), numel, encoding) for row in rows]
+        blob = bytearray(b"".join(streams))
+        tensors[f"mask.{layer:03d}"] = torch.frombuffer(blob, dtype=torch.uint8)
+        tensors[f"mask_sizes.{layer:03d}"] = torch.tensor([len(item) for item in streams])
+    metadata = {
+        "format": BASIS_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sign_hash": SIGN_HASH,
+        "model": model_config.to_dict(),
+        "num_basis": num_basis,
+        "mask_encoding": encoding,
+        "layers": [
+            {"name": name, "shape": list(shape)}
+            for name, shape in zip(summary.layer_names, summary.weight_shapes, strict=True)
+        ],
+        "norm_channels": summary.norm_channels,
+        "input": input_spec.to_dict(),
+        **({"extra": extra} if extra else {}),
+    }
+    save_sealed(path, tensors, metadata)
+    return file_sha256(Path(path))
+
+
+def save_task(
+    path: str | Path,
+    *,
+    index: int,
+    name: str,
+    alpha: torch.Tensor,
+    norm_state: dict[str, torch.Tensor],
+    class_names: list[str] | tuple[str, ...],
+    basis_sha256: str,
+    kind: str = "alpha",
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write one task file (atomically), e.g. a task shipped on its own for ``supsup add-task``.
+
+    Args:
+        path: file to write; inside a bundle it is ``tasks/`` +
+            :func:`~supsup_deploy.bundles.format.task_file_name`.
+        index, name, alpha, norm_state, class_names, kind, extra: as :class:`TaskData`.
+        basis_sha256: SHA-256 of the basis file this task belongs to.
+
+    Example:
+        >>> save_task("b/tasks/3.t3.safetensors", index=3, name="t3", alpha=table,
+        ...           norm_state={}, class_names=["a", "b"], basis_sha256=digest)
+    """
+    check_task_name(name)
+    tensors = {"alpha": alpha, **norm_state}
+    metadata = {
+        "format": TASK_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "index": int(index),
+        "name": name,
+        "kind": kind,
+        "class_names": list(class_names),
+        "basis_sha256": basis_sha256,
+        **({"extra": extra} if extra else {}),
+    }
+    save_sealed(path, tensors, metadata)
