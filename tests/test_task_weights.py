@@ -18,7 +18,7 @@ from supsup_deploy.models import ModelConfig, build_model, masked_layers
 from supsup_deploy.synthetic import write_random_bundle
 
 CONFIG = ModelConfig(
-    arch="gem_resnet18", num_classes=4, in_channels=3, stem="cifar", width=0.25, seed=3
+    arch="gem_resnet18", num_classes=4, in_channels=3, stem="imagenet", width=0.25, seed=3
 )
 SPEC = InputSpec(size=12, channels=3, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
 
