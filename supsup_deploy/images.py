@@ -81,9 +81,9 @@ def open_image(path: str | Path) -> Image.Image:
         ) from None
     except UnidentifiedImageError:
         raise FormatError(f"{path}: not an image (Pillow cannot identify it)") from None
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read ({error.strerror or _one_line(error)})") from None
     except _DECODE_ERRORS as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise FormatError(f"{path}: cannot read ({error.strerror})") from None
         raise FormatError(f"{path}: not a readable image ({_one_line(error)})") from None
 
 
