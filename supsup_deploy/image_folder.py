@@ -323,6 +323,9 @@ def _inspect_headers(paths: list[Path], progress: Callable[[int], None] | None) 
 def default_num_workers(count: int) -> int:
     """Worker processes used to decode ``count`` images when none is asked for.
 
+    Args:
+        count: the number of images to decode.
+
     Returns:
         ``min(2, os.cpu_count())`` when ``count`` exceeds :data:`WORKER_THRESHOLD`, else 0
         (decode in the calling process: starting workers costs more than a few images).
