@@ -34,6 +34,7 @@ from ._common import (
     use_device,
     wide_console,
 )
+from .learn import learn_command
 from .reports import report_app
 from .verify import verify_command
 
@@ -125,6 +126,28 @@ def train_command(
         str | None,
         typer.Option(help="Folder with the dataset files (default: the system's copy or cache)."),
     ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --dataset: your image folder, one subfolder per class (optionally "
+            "under train/, val/, test/; else validation and test are carved from it, seeded). "
+            "Mean and std are computed from its training images.",
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Draw the tasks from these class ids only, comma-separated (1,3,5)."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="With --data: input size; images are resized (shorter side) and centre-cropped "
+            "(default: their size when all are square and alike, else 32).",
+        ),
+    ] = None,
+    test_fraction: Annotated[
+        float, typer.Option(help="With --data and no test/: share of each class for testing.")
+    ] = 0.1,
     arch: Annotated[str, typer.Option(help="Architecture (see `supsup models`).")] = "gem_resnet18",
     width: Annotated[float, typer.Option(help="Channel width multiplier.")] = 1.0,
     protocol: Annotated[
@@ -180,7 +203,7 @@ def train_command(
         bool, typer.Option("--json", help="Print the device and per-task metrics as JSON.")
     ] = False,
 ) -> None:
-    """Train basis masks (SupSup) and then alpha tasks over them on real data.
+    """Train basis masks (SupSup) and then alpha tasks over them on real data or your images.
 
     The first --basis tasks are learned as edge-popup masks over the seeded random backbone;
     every later task learns only an alpha table over those masks. Writes run.json, one
@@ -223,7 +246,9 @@ def train_command(
         print_json({"device": device, "tasks": results})
         return
     print_metrics_table(
-        results, title=f"{out}: {config.dataset}, {config.arch}, {config.protocol} ({device})"
+        results,
+        title=f"{out}: {config.data or config.dataset}, {config.arch}, {config.protocol} "
+        f"({device})",
     )
 
 
@@ -236,19 +261,21 @@ def _train_config(context: typer.Context, out: Path, resume: bool):
 
     names = [field.name for field in dataclasses.fields(TrainConfig)]
     settings = {name: context.params[name] for name in names}
-    if not (resume and (out / "run.json").is_file()):
-        return TrainConfig(**settings)
-    stored = read_run_record(out)["config"]
-    given = [
+    given = {
         name
         for name in names
         if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
-        and settings[name] != stored.get(name)
-    ]
-    if given:
+    }
+    if settings["data"] is not None and given & {"dataset", "data_root"}:
+        raise ConfigError("--data FOLDER is the dataset: leave out --dataset and --data-root")
+    if not (resume and (out / "run.json").is_file()):
+        return TrainConfig(**settings)
+    stored = read_run_record(out)["config"]
+    changed = [name for name in names if name in given and settings[name] != stored.get(name)]
+    if changed:
         differences = ", ".join(
             f"--{name.replace('_', '-')} {settings[name]} (run.json: {stored.get(name)})"
-            for name in given
+            for name in changed
         )
         raise ConfigError(
             f"cannot resume {out} with different settings: {differences}; leave these flags "
@@ -948,6 +975,7 @@ def print_bundle_storage(storage: dict) -> None:
 
 
 app.add_typer(report_app, name="report")
+app.command("learn")(learn_command)
 app.command("verify")(verify_command)
 
 

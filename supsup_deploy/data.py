@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -379,6 +380,43 @@ def make_tasks(
     return [TaskSpec(i, classes[i], f"task_{i}", protocol, seed) for i in range(num_tasks)]
 
 
+def parse_classes(text: str | None, spec: DatasetSpec) -> tuple[int, ...]:
+    """The dataset classes a run draws its tasks from: ``"1,3,5"`` (class ids), or all of them.
+
+    Args:
+        text: comma-separated class ids as typed after ``--classes``, or None for every class.
+        spec: the dataset's spec.
+
+    Returns:
+        The class ids, in the order given.
+
+    Raises:
+        ConfigError: an id that is not a number in range, a repeated id, or fewer than 2 ids.
+    """
+    if text is None:
+        return tuple(range(spec.num_classes))
+    items = [item.strip() for item in text.split(",")]
+    _require(
+        all(item.isascii() and item.isdigit() for item in items),
+        f"--classes takes comma-separated class ids such as 1,3,5; got {text!r}",
+    )
+    classes = tuple(int(item) for item in items)
+    _require(
+        all(0 <= c < spec.num_classes for c in classes),
+        f"--classes {text}: {spec.name} has classes 0..{spec.num_classes - 1}",
+    )
+    _require(len(set(classes)) == len(classes), f"--classes {text}: a class is repeated")
+    _require(len(classes) >= 2, f"--classes {text}: give at least 2 classes")
+    return classes
+
+
+def tasks_over_classes(tasks: Sequence[TaskSpec], classes: Sequence[int]) -> list[TaskSpec]:
+    """Tasks drawn over positions ``0..len(classes)-1`` mapped to those dataset class ids."""
+    return [
+        dataclasses.replace(task, classes=tuple(classes[c] for c in task.classes)) for task in tasks
+    ]
+
+
 def protocol_record(tasks: Sequence[TaskSpec]) -> dict:
     """Returns a JSON-serialisable record of a task sequence's protocol, seed and classes."""
     _require(
@@ -387,6 +425,18 @@ def protocol_record(tasks: Sequence[TaskSpec]) -> dict:
     )
     tasks_json = [{"index": t.index, "name": t.name, "classes": list(t.classes)} for t in tasks]
     return {"protocol": tasks[0].protocol, "seed": tasks[0].seed, "tasks": tasks_json}
+
+
+class LabelledImages(Protocol):
+    """One split of a task as training reads it: normalised float32 images and task labels,
+    batch by batch (in memory, :class:`TensorPair`, or streamed from files,
+    :class:`~supsup_deploy.image_folder.ImageFolderSplit`)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, *, batch_size: int, shuffle: bool, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -400,14 +450,22 @@ class TensorPair:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def batches(
+        self, *, batch_size: int, shuffle: bool, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches covering every sample once (:func:`iterate_batches`)."""
+        return iterate_batches(
+            self.images, self.labels, batch_size=batch_size, shuffle=shuffle, generator=generator
+        )
+
 
 @dataclass(frozen=True)
 class TaskSplits:
-    """A task's training, validation (carved from the training split) and test data."""
+    """A task's training, validation and test data."""
 
-    train: TensorPair
-    val: TensorPair
-    test: TensorPair
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
     task: TaskSpec
 
 

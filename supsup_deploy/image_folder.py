@@ -37,11 +37,13 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from supsup_deploy.data import preprocess_images
+from supsup_deploy.data import DatasetSpec, TaskSpec, TaskSplits, preprocess_images
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.images import IMAGE_SUFFIXES, open_image, read_pixels
 
 SPLIT_NAMES = ("train", "val", "test")
+FOLDER_DATASET = "image-folder"
+"""The dataset name a run (and the bundle packed from it) records for an image folder."""
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 """Pillow modes read as 1 channel; a folder with an image of any other mode is read as RGB."""
 DEFAULT_IMAGE_SIZE = 32
@@ -89,6 +91,70 @@ class ImageFolderData:
     seed: int
     val_fraction: float
     test_fraction: float
+
+    def task_splits(
+        self,
+        task: TaskSpec,
+        *,
+        channels: int,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        max_train_samples: int | None = None,
+        max_test_samples: int | None = None,
+        seed: int = 0,
+        num_workers: int | None = None,
+    ) -> TaskSplits:
+        """One task's splits: the samples of its classes, relabelled ``0..k-1`` in the task's
+        class order, streamed as the given input spec.
+
+        The caps draw as :func:`supsup_deploy.data.task_splits` does: a training subset from
+        ``default_rng([seed, task.index, 0])``, a test subset from
+        ``default_rng([seed, task.index, 1])``, each kept in split order.
+
+        Args:
+            task: the task; its classes are labels of this folder.
+            channels: 1 or 3, the model's input channels.
+            size: the model's input side.
+            mean: per-channel mean of pixels / 255 to normalise with.
+            std: per-channel standard deviation of pixels / 255.
+            max_train_samples: cap on training images, or None.
+            max_test_samples: cap on test images, or None.
+            seed: seed of the caps.
+            num_workers: decoding worker processes; None for :func:`default_num_workers`.
+
+        Returns:
+            The task's training, validation and test splits.
+        """
+        lookup = {original: label for label, original in enumerate(task.classes)}
+        chosen = {
+            split: [
+                FolderSample(sample.path, lookup[sample.label])
+                for sample in samples
+                if sample.label in lookup
+            ]
+            for split, samples in self.splits.items()
+        }
+        for split, cap, stream in (("train", max_train_samples, 0), ("test", max_test_samples, 1)):
+            samples = chosen[split]
+            if cap is not None and len(samples) > cap:
+                rng = np.random.default_rng([seed, task.index, stream])
+                chosen[split] = [
+                    samples[row] for row in sorted(rng.choice(len(samples), cap, replace=False))
+                ]
+        settings = {
+            "channels": channels,
+            "size": size,
+            "mean": mean,
+            "std": std,
+            "num_workers": num_workers,
+        }
+        return TaskSplits(
+            train=ImageFolderSplit(chosen["train"], **settings),
+            val=ImageFolderSplit(chosen["val"], **settings),
+            test=ImageFolderSplit(chosen["test"], **settings),
+            task=task,
+        )
 
     def record(self) -> dict:
         """A JSON-serialisable record of the scan, with a hash that pins the exact split.
@@ -529,3 +595,19 @@ def compute_mean_std(
     mean = totals / count
     std = (squares / count - mean.square()).clamp(min=0.0).sqrt().clamp(min=MIN_STD)
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def folder_dataset_spec(
+    folder: ImageFolderData, *, size: int, mean: Sequence[float], std: Sequence[float]
+) -> DatasetSpec:
+    """What a model trained on a scanned folder takes: its classes and channels, ``size``
+    (resize and centre crop) and the given normalisation."""
+    return DatasetSpec(
+        name=FOLDER_DATASET,
+        num_classes=len(folder.class_names),
+        in_channels=folder.channels,
+        image_size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+        class_names=folder.class_names,
+    )

@@ -160,12 +160,14 @@ def add_task(
         raise FormatError(f"{task_file}: cannot read ({error.strerror})") from None
     with folder_lock(bundle_path, timeout=lock_timeout):
         bundle = load_bundle(bundle_path)
-        _install(bundle, task_file, data)
+        install_task_file(bundle, task_file, data)
         return load_bundle(bundle_path)
 
 
-def _install(bundle: Bundle, task_file: Path, data: bytes) -> None:
+def install_task_file(bundle: Bundle, task_file: Path, data: bytes) -> None:
     """Check a task file's bytes against a bundle and link them in under the task's name.
+
+    The caller holds the bundle's lock (:func:`~supsup_deploy.locking.folder_lock`).
 
     Args:
         bundle: the bundle as loaded under its lock.

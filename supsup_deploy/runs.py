@@ -63,10 +63,18 @@ def task_path(run_dir: str | Path, task: int) -> Path:
 
 
 def run_record(
-    config: TrainConfig, spec: datasets.DatasetSpec, tasks: list[datasets.TaskSpec]
+    config: TrainConfig,
+    spec: datasets.DatasetSpec,
+    tasks: list[datasets.TaskSpec],
+    *,
+    data_split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``run.json`` record of a run: settings, model, dataset, task protocol and seeds."""
-    return {
+    """The ``run.json`` record of a run: settings, model, dataset, task protocol and seeds.
+
+    ``data_split`` is an image folder's record of which file went to which split
+    (:meth:`~supsup_deploy.image_folder.ImageFolderData.record`).
+    """
+    record = {
         "format": RUN_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
         "config": config.to_dict(),
@@ -90,6 +98,9 @@ def run_record(
             "shuffle": [derive_seed(config.seed, "shuffle", t) for t in range(config.num_tasks)],
         },
     }
+    if data_split is not None:
+        record["data_split"] = data_split
+    return record
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.bundles.weights import ImageTransform
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.images import IMAGE_SUFFIXES, read_pixels
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RUNTIMES = ("torch", "onnx")
 
 
@@ -67,17 +67,9 @@ def load_images(paths: list[Path], bundle: Bundle) -> torch.Tensor:
     Raises:
         FormatError: a file is not a readable image (the message names it).
     """
-    from PIL import Image, UnidentifiedImageError
-
-    transform = ImageTransform(bundle.input)
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(transform.pixels(image))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise FormatError(f"{path}: not a readable image ({error})") from None
-    return transform(torch.stack(images))
+    spec = bundle.input
+    images = [read_pixels(path, channels=spec.channels, size=spec.size) for path in paths]
+    return ImageTransform(spec)(torch.stack(images))
 
 
 def dataset_split(
@@ -231,9 +223,11 @@ class Runner:
         labels: torch.Tensor | None = None,
         batch_size: int = 256,
     ) -> list[Prediction]:
-        """Class, class name and probability for every image under ``task``."""
+        """Class, class name and probability for every image under ``task`` (over the task's
+        own classes: a task with k class names uses the first k outputs)."""
         info = self.bundle.task(task)
-        probabilities = self.logits(info.index, images, batch_size).softmax(dim=1)
+        logits = self.logits(info.index, images, batch_size)[:, : len(info.class_names)]
+        probabilities = logits.softmax(dim=1)
         best, classes = probabilities.max(dim=1)
         return [
             Prediction(

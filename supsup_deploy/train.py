@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,12 @@ from supsup_deploy import data as datasets
 from supsup_deploy.binary_masks import check_num_basis, resolve_densities
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.files import (
-    save_safetensors_atomic,
+from supsup_deploy.files import save_safetensors_atomic
+from supsup_deploy.image_folder import (
+    ImageFolderData,
+    compute_mean_std,
+    folder_dataset_spec,
+    scan_image_folder,
 )
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry
 from supsup_deploy.normalization import set_task, task_norms
@@ -47,6 +52,30 @@ from supsup_deploy.weight_sources import use_alpha, use_scores
 
 DISTRIBUTED_MODES = ("tasks", "data")
 NORM_REFRESH_IMAGES = 2048
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskRecipe:
+    """How one task is trained: a run's settings for each task, or ``supsup learn``'s.
+
+    Attributes:
+        epochs: passes over the task's training images; the epoch with the best validation
+            accuracy is kept.
+        batch_size: images per step.
+        lr: Adam learning rate of a basis task's mask scores.
+        alpha_lr: Adam learning rate of an alpha task's table.
+        weight_decay: Adam weight decay.
+        density: fraction of weights a basis mask keeps, or ``er:SCALE``.
+        seed: seeds the scores' initialisation and the batch order, with the task's index.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha_lr: float
+    weight_decay: float
+    density: str
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -72,6 +101,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    classes: str | None = None
+    data: str | None = None
+    image_size: int | None = None
+    test_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         checks = [
@@ -85,6 +118,18 @@ class TrainConfig:
                 1 <= self.basis <= self.num_tasks,
                 f"--basis must be in 1..--num-tasks ({self.num_tasks}), got {self.basis}",
             ),
+            (
+                self.image_size is None or self.data is not None,
+                "--image-size sets the input size of an image folder: give --data FOLDER too",
+            ),
+            (
+                self.image_size is None or 8 <= self.image_size <= 1024,
+                f"--image-size must be in 8..1024, got {self.image_size}",
+            ),
+            (
+                0.0 <= self.test_fraction < 1.0,
+                f"--test-fraction must be in [0, 1), got {self.test_fraction}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,6 +141,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def recipe(self) -> TaskRecipe:
+        """How each task of the run is trained."""
+        return TaskRecipe(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            alpha_lr=self.alpha_lr,
+            weight_decay=self.weight_decay,
+            density=self.density,
+            seed=self.seed,
+        )
 
     def model_config(self, spec: datasets.DatasetSpec) -> ModelConfig:
         """The architecture this run trains: one classifier output per class of a task."""
@@ -113,38 +171,79 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunData:
-    """A run's datasets and task sequence, and each task's splits, as its config defines them."""
+    """A run's data and task sequence, and each task's splits, as its config defines them.
+
+    A built-in dataset is held in memory (``train`` and ``test``); an image folder (``--data``)
+    is listed (``folder``) and its images are decoded batch by batch while training.
+    """
 
     config: TrainConfig
-    train: datasets.Dataset
-    test: datasets.Dataset
+    spec: datasets.DatasetSpec
     tasks: list[datasets.TaskSpec]
+    train: datasets.Dataset | None = None
+    test: datasets.Dataset | None = None
+    folder: ImageFolderData | None = None
 
     @classmethod
     def load(cls, config: TrainConfig) -> RunData:
-        """Load the config's dataset (both splits) and build its task sequence."""
+        """Load the config's data (both splits of a dataset, or an image folder's listing and
+        statistics) and build its task sequence."""
+        if config.data is not None:
+            return cls._load_folder(config)
         train = datasets.load_dataset(config.dataset, split="train", data_root=config.data_root)
         test = datasets.load_dataset(config.dataset, split="test", data_root=config.data_root)
+        tasks = cls._tasks(config, train.spec)
+        return cls(config, train.spec, tasks, train=train, test=test)
+
+    @classmethod
+    def _load_folder(cls, config: TrainConfig) -> RunData:
+        folder = scan_image_folder(
+            config.data,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+        size = config.image_size or folder.image_size
+        draft = folder_dataset_spec(folder, size=size, mean=(0.0,), std=(1.0,))
+        tasks = cls._tasks(config, draft)
+        used = {c for task in tasks for c in task.classes}
+        samples = [sample for sample in folder.splits["train"] if sample.label in used]
+        mean, std = compute_mean_std(samples, channels=folder.channels, size=size, seed=config.seed)
+        spec = folder_dataset_spec(folder, size=size, mean=mean, std=std)
+        return cls(config, spec, tasks, folder=folder)
+
+    @staticmethod
+    def _tasks(config: TrainConfig, spec: datasets.DatasetSpec) -> list[datasets.TaskSpec]:
+        classes = datasets.parse_classes(config.classes, spec)
         tasks = datasets.make_tasks(
             protocol=config.protocol,
-            num_classes=train.spec.num_classes,
+            num_classes=len(classes),
             classes_per_task=config.classes_per_task,
             num_tasks=config.num_tasks,
             seed=config.seed,
         )
-        return cls(config, train, test, tasks)
+        return datasets.tasks_over_classes(tasks, classes)
 
     def splits(self, index: int) -> datasets.TaskSplits:
-        """Task ``index``'s training, validation and test tensors."""
+        """Task ``index``'s training, validation and test data."""
         config = self.config
+        caps = {
+            "max_train_samples": config.max_train_samples,
+            "max_test_samples": config.max_test_samples,
+            "seed": config.seed,
+        }
+        if self.folder is not None:
+            spec = self.spec
+            return self.folder.task_splits(
+                self.tasks[index],
+                channels=spec.in_channels,
+                size=spec.image_size,
+                mean=spec.mean,
+                std=spec.std,
+                **caps,
+            )
         return datasets.task_splits(
-            self.train,
-            self.test,
-            self.tasks[index],
-            val_fraction=config.val_fraction,
-            max_train_samples=config.max_train_samples,
-            max_test_samples=config.max_test_samples,
-            seed=config.seed,
+            self.train, self.test, self.tasks[index], val_fraction=config.val_fraction, **caps
         )
 
 
@@ -209,8 +308,9 @@ def train_run(
     try:
         device = _resolve_device(device, parallel)
         run_data = RunData.load(config)
-        spec, tasks = run_data.train.spec, run_data.tasks
-        record = {**run_record(config, spec, tasks), "device": device}
+        spec, tasks = run_data.spec, run_data.tasks
+        data_split = run_data.folder.record() if run_data.folder is not None else None
+        record = {**run_record(config, spec, tasks, data_split=data_split), "device": device}
         if parallel.rank == 0:
             prepare_run_dir(run_dir, record, resume)
         parallel.barrier()
@@ -225,8 +325,16 @@ def train_run(
                     continue
                 splits = run_data.splits(index)
                 kind = "basis" if index < config.basis else "alpha"
-                metrics = _train_task(
-                    model, config, splits, index, kind, basis, device, parallel, reporter
+                metrics = train_task(
+                    model,
+                    config.recipe,
+                    splits,
+                    index=index,
+                    kind=kind,
+                    basis=basis,
+                    device=device,
+                    parallel=parallel,
+                    reporter=reporter,
                 )
                 tensors = task_state(model, index, kind)
                 metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -264,57 +372,76 @@ def _resolve_device(device: str, parallel: _Distributed) -> str:
     return device
 
 
-def _train_task(
+def train_task(
     model: nn.Module,
-    config: TrainConfig,
+    recipe: TaskRecipe,
     splits: datasets.TaskSplits,
+    *,
     index: int,
     kind: str,
     basis: list[list[torch.Tensor]],
     device: str,
-    parallel: _Distributed,
-    reporter: Reporter,
+    slot: int | None = None,
+    outputs: int | None = None,
+    parallel: _Distributed | None = None,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    set_task(model, index)
-    _reset_norm_slot(model, index)
+    """Train one task in ``model`` and leave the model holding its best epoch.
+
+    Args:
+        model: built with at least ``slot + 1`` norm slots.
+        recipe: epochs, batch size, learning rates, density and seed.
+        splits: the task's training, validation and test data.
+        index: the task's id (its seeds derive from it) as the metrics record it.
+        kind: ``"basis"`` (edge-popup mask scores) or ``"alpha"`` (a table over ``basis``).
+        basis: the basis mask sets (for alpha tasks).
+        device: where to train.
+        slot: the norm statistics slot the task uses (default ``index``).
+        outputs: train and evaluate on the first ``outputs`` classifier outputs only (a task
+            with fewer classes than the model has outputs); default every output.
+        parallel: the distributed setting (default one process).
+        reporter: progress events.
+
+    Returns:
+        The task's metrics (validation accuracy of the best epoch, test accuracy, sizes).
+    """
+    slot = index if slot is None else slot
+    parallel = parallel or _Distributed("tasks", 0, 1)
+    reporter = reporter or Reporter()
+    set_task(model, slot)
+    _reset_norm_slot(model, slot)
     if kind == "basis":
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, "scores", index))
-        sources = use_scores(model, config.density, generator=generator)
+        generator = torch.Generator().manual_seed(derive_seed(recipe.seed, "scores", index))
+        sources = use_scores(model, recipe.density, generator=generator)
         parameters = [source.scores for source in sources]
-        lr = config.lr
+        lr = recipe.lr
     else:
         sources = use_alpha(model, basis)
         parameters = [source.alpha for source in sources]
-        lr = config.alpha_lr
+        lr = recipe.alpha_lr
     trainer: nn.Module = model
     if parallel.active and parallel.mode == "data":
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         trainer = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=recipe.weight_decay)
     train = splits.train
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, steps_per_epoch * config.epochs)
+        optimizer, T_max=max(1, steps_per_epoch * recipe.epochs)
     )
-    shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index))
-    reporter.task_started(index, kind, steps_per_epoch * config.epochs)
+    shuffle = torch.Generator().manual_seed(derive_seed(recipe.seed, "shuffle", index))
+    reporter.task_started(index, kind, steps_per_epoch * recipe.epochs)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     train_loss = float("nan")
-    for epoch in range(config.epochs):
+    for epoch in range(recipe.epochs):
         trainer.train()
         total, count = 0.0, 0
-        batches = datasets.iterate_batches(
-            train.images,
-            train.labels,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=shuffle,
-        )
+        batches = train.batches(batch_size=recipe.batch_size, shuffle=True, generator=shuffle)
         for images, labels in batches:
             images, labels = _shard(images, labels, parallel)
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(trainer(images), labels)
+            loss = F.cross_entropy(trainer(images)[:, :outputs], labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -322,8 +449,8 @@ def _train_task(
             count += len(labels)
             reporter.step()
         train_loss = total / max(count, 1)
-        refresh_norm_statistics(model, index, train.images, config.batch_size, device)
-        val_accuracy = evaluate(model, splits.val, device, config.batch_size)
+        refresh_norm_statistics(model, slot, train, recipe.batch_size, device)
+        val_accuracy = evaluate(model, splits.val, device, recipe.batch_size, outputs=outputs)
         reporter.epoch_finished(
             index, epoch, {"train_loss": train_loss, "val_accuracy": val_accuracy}
         )
@@ -332,13 +459,13 @@ def _train_task(
             best = (val_accuracy, epoch, state)
     assert best is not None
     model.load_state_dict(best[2])
-    test_accuracy = evaluate(model, splits.test, device, config.batch_size)
+    test_accuracy = evaluate(model, splits.test, device, recipe.batch_size, outputs=outputs)
     return {
         "task": index,
         "name": splits.task.name,
         "kind": kind,
         "classes": [int(c) for c in splits.task.classes],
-        "epochs": config.epochs,
+        "epochs": recipe.epochs,
         "best_epoch": best[1],
         "train_loss": train_loss,
         "val_accuracy": best[0],
@@ -366,7 +493,11 @@ def _reset_norm_slot(model: nn.Module, task: int) -> None:
 
 @torch.no_grad()
 def refresh_norm_statistics(
-    model: nn.Module, task: int, images: torch.Tensor, batch_size: int, device: str
+    model: nn.Module,
+    task: int,
+    images: torch.Tensor | datasets.LabelledImages,
+    batch_size: int,
+    device: str,
 ) -> None:
     """Recompute slot ``task``'s running statistics under the current weights.
 
@@ -374,6 +505,13 @@ def refresh_norm_statistics(
     few steps or a high learning rate); this replaces them by the plain average of the batch
     statistics of up to ``NORM_REFRESH_IMAGES`` training images, in their stored order. The norm
     layers' selected slot is ``task`` meanwhile and is restored afterwards; no other slot changes.
+
+    Args:
+        model: the model whose norm layers to refresh.
+        task: the norm slot.
+        images: normalised images, as a tensor or a split read batch by batch.
+        batch_size: images per forward pass.
+        device: where the model runs.
     """
     norms = task_norms(model)
     if not norms:
@@ -383,28 +521,55 @@ def refresh_norm_statistics(
     saved = [(module.momentum, module.task) for module in norms]
     for module in norms:
         module.set_task(task)
-    images = images[:NORM_REFRESH_IMAGES]
     try:
-        for number, start in enumerate(range(0, len(images), batch_size), start=1):
+        for number, batch in enumerate(_first_images(images, batch_size), start=1):
             for module in norms:
                 module.momentum = 1.0 / number
-            model(images[start : start + batch_size].to(device))
+            model(batch.to(device))
     finally:
         for module, (momentum, slot) in zip(norms, saved, strict=True):
             module.momentum, module.task = momentum, slot
         model.train(was_training)
 
 
+def _first_images(
+    images: torch.Tensor | datasets.LabelledImages, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """The first ``NORM_REFRESH_IMAGES`` images in stored order, ``batch_size`` at a time."""
+    if isinstance(images, torch.Tensor):
+        images = images[:NORM_REFRESH_IMAGES]
+        yield from (
+            images[start : start + batch_size] for start in range(0, len(images), batch_size)
+        )
+        return
+    remaining = NORM_REFRESH_IMAGES
+    for batch, _ in images.batches(batch_size=batch_size, shuffle=False, generator=None):
+        yield batch[:remaining]
+        remaining -= len(batch)
+        if remaining <= 0:
+            return
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, pair: datasets.TensorPair, device: str, batch_size: int) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on a task's tensors; NaN when empty."""
+def evaluate(
+    model: nn.Module,
+    pair: datasets.LabelledImages,
+    device: str,
+    batch_size: int,
+    *,
+    outputs: int | None = None,
+) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on a task's data; NaN when empty.
+
+    ``outputs`` limits the prediction to the first classifier outputs (the task's classes).
+    """
     if len(pair) == 0:
         return float("nan")
     model.eval()
     correct = 0
-    for images, labels in datasets.iterate_batches(
-        pair.images, pair.labels, batch_size=max(batch_size, 256), shuffle=False, generator=None
+    for images, labels in pair.batches(
+        batch_size=max(batch_size, 256), shuffle=False, generator=None
     ):
-        predictions = model(images.to(device)).argmax(dim=1).cpu()
+        predictions = model(images.to(device))[:, :outputs].argmax(dim=1).cpu()
         correct += int((predictions == labels).sum())
     return correct / len(pair)

@@ -264,6 +264,32 @@ class Bundle:
         load_norm_state(model, 0, tensors)
         model.bundle_task = self.task(task).index
 
+    def learn(self, data: str | Path | None = None, *, name: str, **settings: Any) -> TaskInfo:
+        """Teach the bundle a new task from your images and install it (``supsup learn``).
+
+        Args:
+            data: an image folder, one subfolder per class (optionally under ``train/``,
+                ``val/``, ``test/``).
+            name: the new task's name.
+            settings: :func:`supsup_deploy.learn.learn_task`'s keyword arguments (``epochs``,
+                ``seed``, ``device``, ``dataset`` and ``classes`` instead of ``data``, ...).
+
+        Returns:
+            The installed task (the next free id); this object lists it from now on.
+
+        Example:
+            >>> task = bundle.learn("my_photos", name="shoes", epochs=3)
+            >>> bundle.predict(["my_photos/test"], task=task.name)
+        """
+        from supsup_deploy.learn import install_learned_task, learn_task
+
+        learned = learn_task(self, data, name=name, **settings)
+        index = install_learned_task(self.path, learned).index
+        self._names = list_task_files(self._task_folder)
+        self._ids = {task_name: number for number, task_name in self._names.items()}
+        self.__dict__.pop("task_entries", None)
+        return self.task(index)
+
     def predict(
         self,
         images: torch.Tensor | list[str | Path],

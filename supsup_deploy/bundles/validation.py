@@ -462,9 +462,10 @@ def read_task(
     class_names = metadata.get("class_names")
     if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
         raise FormatError(f"{file}: class names must be a list of strings")
-    if len(class_names) != header.config.num_classes:
+    if not 2 <= len(class_names) <= header.config.num_classes:
         raise FormatError(
-            f"{file}: {len(class_names)} class names for {header.config.num_classes} outputs"
+            f"{file}: {len(class_names)} class names for {header.config.num_classes} outputs "
+            "(a task has 2 classes up to one per output)"
         )
     _check_task_tensors(file, tensors, header.task_tensor_shapes())
     if kind == "basis":

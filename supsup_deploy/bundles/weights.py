@@ -18,6 +18,7 @@ import torch
 from supsup_deploy import data as datasets
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.errors import ConfigError
+from supsup_deploy.images import to_pixels
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -33,8 +34,9 @@ PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 class ImageTransform:
     """A bundle's input preprocessing as a callable: images in, the model's float input out.
 
-    PIL images are converted to the bundle's channels (``L`` or ``RGB``) and resized to its
-    size (bilinear), then scaled to ``(pixel / 255 - mean) / std`` per channel.
+    PIL images are converted to the bundle's channels (``L`` or ``RGB``, from any mode), resized
+    so the shorter side is the bundle's size (bilinear) and centre-cropped
+    (:mod:`supsup_deploy.images`), then scaled to ``(pixel / 255 - mean) / std`` per channel.
 
     Attributes:
         input: the bundle's input spec.
@@ -75,13 +77,9 @@ class ImageTransform:
         return normalised if images.dim() == 4 else normalised[0]
 
     def pixels(self, image: Image) -> torch.Tensor:
-        """A PIL image converted to the bundle's channels and size: uint8 ``[C, size, size]``."""
-        from PIL import Image
-
-        size = self.input.size
-        mode = "L" if self.input.channels == 1 else "RGB"
-        array = np.array(image.convert(mode).resize((size, size), Image.BILINEAR), np.uint8)
-        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        """A PIL image converted to the bundle's channels and size: uint8 ``[C, size, size]``
+        (:func:`supsup_deploy.images.to_pixels`: any mode, shorter side resized, centre crop)."""
+        return to_pixels(image, channels=self.input.channels, size=self.input.size)
 
 
 def _tensor_image(image: torch.Tensor) -> Image:

@@ -1,0 +1,412 @@
+"""Teaching a shipped bundle a new task: one alpha table over its basis masks, from your images.
+
+:func:`learn_task` trains the table (and, for a BatchNorm bundle, the task's normalisation
+statistics) on an image folder or on classes of a built-in dataset, keeping the epoch with the
+best validation accuracy. :func:`install_learned_task` gives it the next free task id and links
+its file into the bundle under the bundle's lock, as ``supsup add-task`` does;
+:meth:`LearnedTask.save` writes the file only. Nothing in the bundle changes until the install,
+so an interrupted or failed run leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import unpack_bits
+from supsup_deploy.bundles.format import (
+    FORMAT_VERSION,
+    TASKS_FOLDER,
+    TaskInfo,
+    check_task_name,
+    float_dtype,
+    task_file_name,
+)
+from supsup_deploy.bundles.reader import Bundle, load_bundle, single_task_config
+from supsup_deploy.bundles.writer import save_task
+from supsup_deploy.devices import resolve_device
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.image_folder import ImageFolderData, scan_image_folder
+from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
+from supsup_deploy.models import build_model
+from supsup_deploy.normalization import norm_state
+from supsup_deploy.pack import install_task_file
+from supsup_deploy.train import Reporter, TaskRecipe, train_task
+from supsup_deploy.weight_sources import alpha_table
+
+LEARN_RECIPE = TaskRecipe(
+    epochs=5, batch_size=64, lr=1e-3, alpha_lr=0.1, weight_decay=1e-4, density="0.5", seed=0
+)
+"""``supsup learn``'s defaults: the alpha settings ``supsup train`` uses for its alpha tasks."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedTask:
+    """A task learned over a bundle's basis, not yet written or installed.
+
+    Attributes:
+        name: the task's name.
+        alpha: ``[num_layers, |B|]`` table, in the dtype it will be stored in.
+        norm_state: normalisation statistics (empty for a statistic-free norm).
+        class_names: one per class, in label order; the task uses the first
+            ``len(class_names)`` classifier outputs.
+        metrics: validation accuracy of the best epoch, test accuracy (None without a test
+            split), sizes and timing.
+        data: where the images came from and how they were split (seeded), as recorded.
+        stored_metrics: the metrics the task file keeps.
+    """
+
+    name: str
+    alpha: torch.Tensor
+    norm_state: dict[str, torch.Tensor]
+    class_names: tuple[str, ...]
+    metrics: dict[str, Any]
+    data: dict[str, Any]
+    stored_metrics: dict[str, Any]
+
+    def save(self, path: str | Path, *, index: int, bundle: Bundle) -> Path:
+        """Write the task file for ``bundle`` (atomically), e.g. to ship it or ``add-task`` it.
+
+        Args:
+            path: the file to write.
+            index: the task id the file declares.
+            bundle: the bundle whose basis the task was learned over.
+
+        Returns:
+            ``path``.
+        """
+        save_task(
+            path,
+            index=index,
+            name=self.name,
+            alpha=self.alpha,
+            norm_state=self.norm_state,
+            class_names=self.class_names,
+            basis_sha256=bundle.basis_sha256,
+            kind="alpha",
+            extra={"metrics": self.stored_metrics},
+        )
+        return Path(path)
+
+
+def check_learnable(bundle: Bundle, name: str, *, install: bool) -> None:
+    """Refuse, before any training, what would make the result impossible to write.
+
+    Args:
+        bundle: the bundle to learn over.
+        name: the new task's name.
+        install: whether the task will be installed into the bundle (else only written).
+
+    Raises:
+        ConfigError: a bad or taken name, a bundle of another format version, or (to install)
+            a bundle that is read-only.
+    """
+    check_task_name(name)
+    if bundle.format_version != FORMAT_VERSION:
+        raise ConfigError(
+            f"{bundle.path} is a format {bundle.format_version} bundle: learn writes format "
+            f"{FORMAT_VERSION} task files; pack the run again with this version"
+        )
+    taken = bundle.clashing_task(-1, name)
+    if taken is not None:
+        raise ConfigError(
+            f"task name {name!r} is taken in {bundle.path} (task {taken.index}); choose another"
+        )
+    if install:
+        folder = bundle.path / TASKS_FOLDER
+        _check_writable(folder if folder.exists() else bundle.path)
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder marked read-only (no write bit at all, which root is held to as well)."""
+    mode = folder.stat().st_mode
+    if not os.access(folder, os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{folder} is read-only: the new task cannot be installed there")
+
+
+def learn_task(
+    bundle: Bundle,
+    data: str | Path | None = None,
+    *,
+    name: str,
+    dataset: str | None = None,
+    classes: str | None = None,
+    data_root: str | None = None,
+    epochs: int = LEARN_RECIPE.epochs,
+    batch_size: int = LEARN_RECIPE.batch_size,
+    alpha_lr: float = LEARN_RECIPE.alpha_lr,
+    weight_decay: float = LEARN_RECIPE.weight_decay,
+    seed: int = LEARN_RECIPE.seed,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train_samples: int | None = None,
+    alpha_dtype: str | None = None,
+    norm_dtype: str | None = None,
+    device: str = "cpu",
+    num_workers: int | None = None,
+    folder: ImageFolderData | None = None,
+    reporter: Reporter | None = None,
+) -> LearnedTask:
+    """Train a new alpha task over a bundle's basis masks.
+
+    Args:
+        bundle: the bundle to learn over (not changed).
+        data: an image folder, one subfolder per class (optionally under ``train/``, ``val/``,
+            ``test/``); or None with ``dataset``.
+        name: the new task's name.
+        dataset: instead of ``data``, a built-in dataset (its training split, with validation
+            carved from it, and its test split).
+        classes: with ``dataset``: comma-separated class ids (``"1,3,5"``).
+        data_root: with ``dataset``: the folder holding its files.
+        epochs: passes over the training images; the best by validation accuracy is kept.
+        batch_size: images per step.
+        alpha_lr: Adam learning rate of the table (cosine schedule).
+        weight_decay: Adam weight decay.
+        seed: seeds the split of a folder without ``val/``/``test/``, the training subset and
+            the batch order: the same images and seed give the same task file, byte for byte.
+        val_fraction: share of each class held out for validation when the data has no split.
+        test_fraction: share of each class held out for testing, for a folder without ``test/``.
+        max_train_samples: cap on training images (a seeded subset), or None.
+        alpha_dtype: ``"float32"`` or ``"float16"``; default the dtype of the bundle's alpha
+            tasks.
+        norm_dtype: likewise for the normalisation statistics.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        num_workers: processes decoding a folder's images (default: the folder loader's).
+        folder: an already scanned ``data`` folder (the CLI scans it first, to refuse bad input
+            before loading anything else).
+        reporter: progress events.
+
+    Returns:
+        The learned task, to :meth:`~LearnedTask.save` or :func:`install_learned_task`.
+
+    Raises:
+        ConfigError: bad settings, or more classes than the bundle has outputs.
+        FormatError: an image or dataset file that cannot be read (named).
+    """
+    check_learnable(bundle, name, install=False)
+    recipe = _recipe(epochs, batch_size, alpha_lr, weight_decay, seed)
+    outputs = bundle.config.num_classes
+    stored = (
+        float_dtype(alpha_dtype or _stored_dtype(bundle, "alpha"), what="alpha"),
+        float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean")),
+    )
+    if (data is None) == (dataset is None):
+        raise ConfigError("give the images: an image folder (--data) or --dataset with --classes")
+    if data is not None:
+        folder = folder or scan_image_folder(
+            data,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=recipe.seed,
+        )
+        splits, record = _folder_splits(
+            bundle, folder, name, recipe, max_train_samples, num_workers
+        )
+    else:
+        splits, record = _dataset_splits(
+            bundle, dataset, classes, name, data_root, recipe, val_fraction, max_train_samples
+        )
+    device = resolve_device(device)
+    model = build_model(single_task_config(bundle.config)).to(device)
+    metrics = train_task(
+        model,
+        recipe,
+        splits,
+        index=0,
+        kind="alpha",
+        basis=basis_masks(bundle),
+        device=device,
+        slot=0,
+        outputs=len(record["class_names"]) if len(record["class_names"]) < outputs else None,
+        reporter=reporter,
+    )
+    test_accuracy = metrics["test_accuracy"]
+    metrics["test_accuracy"] = None if math.isnan(test_accuracy) else test_accuracy
+    alpha = alpha_table(model).float().cpu().to(stored[0])
+    norms = {key: value.cpu().to(stored[1]) for key, value in norm_state(model, 0).items()}
+    stored_metrics = {"test_accuracy": metrics["test_accuracy"]}
+    if record.get("dataset") is not None and record["dataset"] == bundle.dataset:
+        stored_metrics["classes"] = record["classes"]
+    metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in [alpha, *norms.values()])
+    metrics["name"] = name
+    return LearnedTask(
+        name=name,
+        alpha=alpha,
+        norm_state=norms,
+        class_names=tuple(record["class_names"]),
+        metrics=metrics,
+        data=record,
+        stored_metrics=stored_metrics,
+    )
+
+
+def _recipe(
+    epochs: int, batch_size: int, alpha_lr: float, weight_decay: float, seed: int
+) -> TaskRecipe:
+    checks = [
+        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (alpha_lr > 0, f"--alpha-lr must be positive, got {alpha_lr}"),
+        (weight_decay >= 0, f"--weight-decay must not be negative, got {weight_decay}"),
+        (seed >= 0, f"--seed must not be negative, got {seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return dataclasses.replace(
+        LEARN_RECIPE,
+        epochs=epochs,
+        batch_size=batch_size,
+        alpha_lr=alpha_lr,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
+
+
+def basis_masks(bundle: Bundle) -> list[list[torch.Tensor]]:
+    """The bundle's basis masks unpacked: ``|B|`` sets of one bool mask per masked layer."""
+    masks: list[list[torch.Tensor]] = [[] for _ in range(bundle.num_basis)]
+    for layer, shape in enumerate(bundle.summary.weight_shapes):
+        packed = bundle.packed_basis(layer)
+        for number in range(bundle.num_basis):
+            masks[number].append(unpack_bits(packed[number], math.prod(shape)).view(shape))
+    return masks
+
+
+def _stored_dtype(bundle: Bundle, tensor: str) -> str:
+    """The dtype the bundle's newest alpha task stores ``tensor`` in (float32 if none does)."""
+    for entry in reversed(bundle.task_entries):
+        info = bundle.task(entry.index)
+        tensors = bundle.task_tensors(entry.index)
+        if tensor in tensors and (tensor != "alpha" or info.kind == "alpha"):
+            return str(tensors[tensor].dtype).removeprefix("torch.")
+    return "float32"
+
+
+def _folder_splits(
+    bundle: Bundle,
+    folder: ImageFolderData,
+    name: str,
+    recipe: TaskRecipe,
+    max_train_samples: int | None,
+    num_workers: int | None,
+) -> tuple[datasets.TaskSplits, dict[str, Any]]:
+    """A scanned folder's splits, decoded to the bundle's input spec as they are read."""
+    outputs = bundle.config.num_classes
+    if len(folder.class_names) > outputs:
+        raise ConfigError(
+            f"{folder.root} has {len(folder.class_names)} classes but the bundle's tasks have "
+            f"{outputs} outputs: use at most {outputs} classes"
+        )
+    spec = bundle.input
+    task = datasets.TaskSpec(0, tuple(range(len(folder.class_names))), name)
+    splits = folder.task_splits(
+        task,
+        channels=spec.channels,
+        size=spec.size,
+        mean=spec.mean,
+        std=spec.std,
+        max_train_samples=max_train_samples,
+        seed=recipe.seed,
+        num_workers=num_workers,
+    )
+    record = {"source": "folder", "class_names": list(folder.class_names), **folder.record()}
+    return splits, record
+
+
+def _dataset_splits(
+    bundle: Bundle,
+    dataset: str,
+    classes: str | None,
+    name: str,
+    data_root: str | None,
+    recipe: TaskRecipe,
+    val_fraction: float,
+    max_train_samples: int | None,
+) -> tuple[datasets.TaskSplits, dict[str, Any]]:
+    """Classes of a built-in dataset as one task, normalised as the bundle's inputs are."""
+    spec = datasets.get_dataset_spec(dataset)
+    wanted = datasets.parse_classes(classes, spec)
+    outputs = bundle.config.num_classes
+    if len(wanted) > outputs:
+        raise ConfigError(
+            f"--classes gives {len(wanted)} classes but the bundle's tasks have {outputs} "
+            f"outputs: use at most {outputs}"
+        )
+    shape = (spec.in_channels, spec.image_size)
+    if shape != (bundle.input.channels, bundle.input.size):
+        raise ConfigError(
+            f"{spec.name} images are {spec.in_channels}x{spec.image_size}x{spec.image_size} but "
+            f"the bundle takes {bundle.input.channels}x{bundle.input.size}x{bundle.input.size}: "
+            "write them as an image folder (--data), which converts them"
+        )
+    train, test = (
+        datasets.load_dataset(dataset, split=split, data_root=data_root)
+        for split in ("train", "test")
+    )
+    as_bundle = dataclasses.replace(train.spec, mean=bundle.input.mean, std=bundle.input.std)
+    task = datasets.TaskSpec(0, wanted, name, seed=recipe.seed)
+    splits = datasets.task_splits(
+        dataclasses.replace(train, spec=as_bundle),
+        dataclasses.replace(test, spec=as_bundle),
+        task,
+        val_fraction=val_fraction,
+        max_train_samples=max_train_samples,
+        seed=recipe.seed,
+    )
+    record = {
+        "source": "dataset",
+        "dataset": train.spec.name,
+        "classes": list(wanted),
+        "class_names": list(task.class_names(train.spec)),
+        "seed": recipe.seed,
+        "val_fraction": val_fraction,
+    }
+    return splits, record
+
+
+def next_task_id(bundle: Bundle) -> int:
+    """The id a new task gets: one more than the largest installed id (0 in an empty bundle)."""
+    return max((entry.index for entry in bundle.task_entries), default=-1) + 1
+
+
+def install_learned_task(
+    bundle_path: str | Path, learned: LearnedTask, *, lock_timeout: float = LOCK_TIMEOUT
+) -> TaskInfo:
+    """Install a learned task into its bundle under the next free task id.
+
+    Holds the bundle's lock from choosing the id to linking the file in, so concurrent
+    ``learn`` and ``add-task`` runs take turns (:func:`~supsup_deploy.pack.install_task_file`).
+
+    Args:
+        bundle_path: the bundle folder the task was learned over.
+        learned: the task.
+        lock_timeout: seconds to wait while another process changes the bundle.
+
+    Returns:
+        The installed task, read back from the bundle.
+
+    Raises:
+        ConfigError: the name was taken meanwhile, or the bundle is read-only.
+        LockError: another process held the bundle's lock for ``lock_timeout`` seconds.
+    """
+    bundle_path = Path(bundle_path)
+    with folder_lock(bundle_path, timeout=lock_timeout):
+        bundle = load_bundle(bundle_path)
+        check_learnable(bundle, learned.name, install=True)
+        index = next_task_id(bundle)
+        with tempfile.TemporaryDirectory(prefix="supsup-learn-") as scratch:
+            file = learned.save(
+                Path(scratch) / task_file_name(index, learned.name), index=index, bundle=bundle
+            )
+            install_task_file(bundle, file, file.read_bytes())
+    return load_bundle(bundle_path).task(index)
