@@ -17,10 +17,14 @@ supsup train*, as an alpha task of the run (its own seeded rows, same budget). S
 
 Each row records test accuracy, wall time, validation accuracy after every epoch with its time,
 the steps until validation accuracy first reaches 95% of its final value, and training
-throughput (images per second over the epochs). Goals (issue 20): the new task in at most 1/3
-of the time the dedicated mask needs to reach the same validation accuracy; folder accuracy
-within 0.5 points of IDX and its throughput at least 0.8 of IDX's; the learned task file the
-size of a packed task with the same dtypes.
+throughput (training images per second of training steps, their batches' loading and decoding
+included, the epochs' evaluations not). The time ratio compares the new task's time to
+its best epoch (the one ``learn`` keeps; also recorded with every epoch) with the time the
+dedicated mask needs to first reach that validation accuracy (None if it never does).
+
+Goals (issue 20): the new task in at most 1/3 of the time the dedicated mask needs to
+reach the same validation accuracy; folder accuracy within 0.5 points of IDX and its throughput
+at least 0.8 of IDX's; the learned task file the size of a packed task with the same dtypes.
 """
 
 from __future__ import annotations
@@ -52,21 +56,28 @@ TO_FINAL = 0.95
 
 
 class CurveReporter(Reporter):
-    """Records each task's wall-clock start, steps and validation accuracy after every epoch."""
+    """Records each task's wall-clock start, steps, the seconds spent in training steps (batch
+    loading included, the epochs' evaluations not) and validation accuracy after every epoch."""
 
     def __init__(self) -> None:
         self.curves: dict[int, dict[str, Any]] = {}
         self.current: dict[str, Any] = {}
+        self.last = 0.0
 
     def task_started(self, task: int, kind: str, total_steps: int) -> None:
-        self.current = {"start": time.perf_counter(), "steps": 0, "epochs": []}
+        self.last = time.perf_counter()
+        self.current = {"start": self.last, "steps": 0, "train_seconds": 0.0, "epochs": []}
         self.curves[task] = self.current
 
     def step(self) -> None:
+        now = time.perf_counter()
         self.current["steps"] += 1
+        self.current["train_seconds"] += now - self.last
+        self.last = now
 
     def epoch_finished(self, task: int, epoch: int, metrics: dict[str, float]) -> None:
-        elapsed = time.perf_counter() - self.current["start"]
+        self.last = time.perf_counter()
+        elapsed = self.last - self.current["start"]
         self.current["epochs"].append(
             {"seconds": elapsed, "steps": self.current["steps"], "val": metrics["val_accuracy"]}
         )
@@ -77,12 +88,14 @@ def curve_summary(curve: dict[str, Any], train_images: int) -> dict[str, Any]:
     epochs = curve["epochs"]
     final = max(epoch["val"] for epoch in epochs)
     first = next(epoch for epoch in epochs if epoch["val"] >= TO_FINAL * final)
+    best = next(epoch for epoch in epochs if epoch["val"] == final)
     return {
         "val_curve": epochs,
         "best_val": final,
+        "seconds_to_best": best["seconds"],
         "steps_to_95_percent": first["steps"],
         "seconds_to_95_percent": first["seconds"],
-        "train_images_per_second": train_images * len(epochs) / epochs[-1]["seconds"],
+        "train_images_per_second": train_images * len(epochs) / curve["train_seconds"],
     }
 
 
@@ -197,10 +210,16 @@ def main() -> None:
     dedicated_reach = seconds_to_reach(rows["dedicated mask"]["val_curve"], folder["best_val"])
     goals = {
         "time_ratio_to_dedicated": {
-            "learn_seconds": folder["wall_seconds"],
+            "learn_seconds_to_best_epoch": folder["seconds_to_best"],
+            "learn_seconds_all_epochs": folder["wall_seconds"],
             "dedicated_seconds_to_same_val": dedicated_reach,
             "dedicated_reached": dedicated_reach is not None,
-            "ratio": None if dedicated_reach is None else folder["wall_seconds"] / dedicated_reach,
+            "ratio": None
+            if dedicated_reach is None
+            else folder["seconds_to_best"] / dedicated_reach,
+            "ratio_all_epochs": (
+                None if dedicated_reach is None else folder["wall_seconds"] / dedicated_reach
+            ),
             "goal": GOAL_TIME_RATIO,
         },
         "folder_vs_idx_accuracy_points": {

@@ -110,7 +110,10 @@ class ImageFolderData:
 
         The caps draw as :func:`supsup_deploy.data.task_splits` does: a training subset from
         ``default_rng([seed, task.index, 0])``, a test subset from
-        ``default_rng([seed, task.index, 1])``, each kept in split order.
+        ``default_rng([seed, task.index, 1])``, each kept in split order. The training images
+        are then put in the order of ``default_rng([seed, task.index, 2]).permutation``, so that
+        what reads them in order (the refresh of normalisation statistics) sees the classes
+        mixed, as in a dataset's own order, not one class after another.
 
         Args:
             task: the task; its classes are labels of this folder.
@@ -142,6 +145,8 @@ class ImageFolderData:
                 chosen[split] = [
                     samples[row] for row in sorted(rng.choice(len(samples), cap, replace=False))
                 ]
+        mixed = np.random.default_rng([seed, task.index, 2]).permutation(len(chosen["train"]))
+        chosen["train"] = [chosen["train"][row] for row in mixed]
         settings = {
             "channels": channels,
             "size": size,
