@@ -411,3 +411,25 @@ def test_fashion_mnist_pngs_stream_back_to_the_idx_pixels(tmp_path):
     images, labels = next(split.batches(batch_size=20, shuffle=False, generator=None))
     assert labels.tolist() == [0] * 10 + [1] * 10
     assert torch.equal(images, datasets.preprocess_images(dataset.images[rows], spec))
+
+
+def test_task_splits_relabel_cap_and_mix_the_training_classes(tmp_path):
+    from supsup_deploy.data import TaskSpec
+
+    _write_class_folders(tmp_path, {"a": 20, "b": 20, "c": 20})
+    data = scan_image_folder(tmp_path, val_fraction=0.0, test_fraction=0.0)
+    task = TaskSpec(4, (2, 0), "t")
+    settings = {"channels": 3, "size": 8, "mean": (0.5,) * 3, "std": (0.25,) * 3, "seed": 1}
+    splits = data.task_splits(task, max_train_samples=30, **settings)
+    labels = [sample.label for sample in splits.train.samples]
+    assert len(labels) == 30 and set(labels) == {0, 1}
+    # Read in order (as the statistics refresh reads it), the classes come mixed, not sorted.
+    assert labels != sorted(labels) and labels != sorted(labels, reverse=True)
+    first_class = {
+        sample.path.relative_to(tmp_path).parts[0]
+        for sample in splits.train.samples
+        if sample.label == 0
+    }
+    assert first_class == {"c"}
+    again = data.task_splits(task, max_train_samples=30, **settings)
+    assert again.train.samples == splits.train.samples
