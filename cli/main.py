@@ -327,6 +327,9 @@ def pack_command(
             "(bitarray's sc_encode).",
         ),
     ] = "packed",
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing bundle at --out (never another folder).")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the bundle summary as JSON.")
     ] = False,
@@ -338,7 +341,12 @@ def pack_command(
     from supsup_deploy.pack import pack_run
 
     bundle = pack_run(
-        run_dir, out, norm_dtype=norm_dtype, alpha_dtype=alpha_dtype, mask_encoding=mask_encoding
+        run_dir,
+        out,
+        norm_dtype=norm_dtype,
+        alpha_dtype=alpha_dtype,
+        mask_encoding=mask_encoding,
+        force=force,
     )
     _print_bundle(bundle, as_json)
 
@@ -429,13 +437,17 @@ def export_command(
     ] = False,
     adapter: Annotated[
         Path | None,
-        typer.Option(help="With --task: write the task's adapter for a shared graph to this file."),
+        typer.Option(
+            help="With --task: write the task's adapter for a shared graph to this file.",
+            callback=not_an_option,
+        ),
     ] = None,
     graph: Annotated[
         Path | None,
         typer.Option(
             help="With --adapter: the shared graph it is for (default: model.onnx in the folder "
-            "above the adapter's)."
+            "above the adapter's).",
+            callback=not_an_option,
         ),
     ] = None,
 ) -> None:
@@ -448,7 +460,8 @@ def export_command(
     is replaced only if supsup-deploy wrote it (or with --force).
     """
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.export import TaskExporter, check_output_path, probe_batch
+    from supsup_deploy.export import TaskExporter, probe_batch
+    from supsup_deploy.outputs import FOLDER, GRAPH, check_output
 
     from ._progress import progress_bar
 
@@ -460,7 +473,16 @@ def export_command(
     if shared or adapter is not None:
         folder = out or DEFAULT_ONNX / "shared"
         _export_shared(
-            open_bundle(bundle_path), shared, task, adapter, graph, folder, fp16, opset, as_json
+            open_bundle(bundle_path),
+            shared,
+            task,
+            adapter,
+            graph,
+            folder,
+            fp16,
+            opset,
+            as_json,
+            force,
         )
         return
     if all_tasks == (task is not None):
@@ -468,14 +490,13 @@ def export_command(
     bundle = open_bundle(bundle_path)
     if all_tasks:
         folder = out or DEFAULT_ONNX
-        if folder.is_file():
-            raise ConfigError(f"{folder}: is a file; --all writes one graph per task into a folder")
+        check_output(folder, FOLDER)
         targets = [(info.index, folder / f"{info.name}.onnx") for info in bundle.tasks]
     else:
         info = bundle.task(task)
         targets = [(info.index, out or DEFAULT_ONNX / f"{info.name}.onnx")]
     for _, path in targets:
-        check_output_path(path, force=force)
+        check_output(path, GRAPH, force=force)
     device = use_device(device)
     exporter_ = TaskExporter(bundle, opset=opset, exporter=exporter, fp16=fp16, device=device)
     probe, probe_name = probe_batch(bundle)
@@ -496,7 +517,9 @@ def export_command(
         )
 
 
-def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json) -> None:
+def _export_shared(
+    bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json, force
+) -> None:
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
@@ -508,14 +531,14 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, a
     if shared:
         if task is not None or adapter is not None:
             raise ConfigError("--shared exports every task: leave out --task and --adapter")
-        reports = export_shared(bundle, out_dir, opset=opset)
+        reports = export_shared(bundle, out_dir, opset=opset, force=force)
     else:
         if task is None:
             raise ConfigError("--adapter needs --task NAME (the task to write)")
         graph = graph or adapter.parent.parent / MODEL_FILE
         if not graph.is_file():
             raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
-        reports = [export_adapter(bundle, task, adapter, graph=graph)]
+        reports = [export_adapter(bundle, task, adapter, graph=graph, force=force)]
     if as_json:
         print_json([report.to_dict() for report in reports])
         return
@@ -567,7 +590,9 @@ def infer_command(
         str | None,
         typer.Option(help="Instead of images: the task's images of this split (e.g. test)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many dataset images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many dataset images.")
+    ] = None,
     data_root: Annotated[
         str | None, typer.Option(help="Dataset folder for --dataset-split.")
     ] = None,
@@ -646,6 +671,8 @@ def infer_command(
 
 def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) -> None:
     """Refuse option combinations ``infer`` cannot run, each with one line."""
+    import os
+
     from supsup_deploy.errors import ConfigError
 
     if task is None:
@@ -657,6 +684,14 @@ def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) 
         )
     if onnx is not None and runtime == "torch":
         raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
+    if onnx is not None and onnx.is_dir():
+        raise ConfigError(
+            f"--onnx {onnx}: is a folder; give a graph file (for a shared graph's folder: "
+            f"--onnx {onnx / 'model.onnx'})"
+        )
+    missing = next((path for path in paths if not os.path.lexists(path)), None)
+    if missing is not None:
+        raise ConfigError(f"{missing}: no such bundle folder, image or image folder")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
 
