@@ -819,12 +819,23 @@ def _print_bundle(bundle, as_json: bool) -> None:
         f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
         f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
         f"norm {model['norm']}\n"
-        f"basis: {report['num_basis']} masks, {report['basis_file_bytes']:,} bytes "
+        f"basis: {report['num_basis']} masks at density {report['basis_density']:.3f}, "
+        f"{report['mask_encoding']} encoding, {report['basis_file_bytes']:,} bytes "
         f"({report['basis_bits_per_weight']:.3f} bits per weight), "
         f"sha256 {report['basis_sha256'][:16]}"
     )
     table = Table(title=f"{len(report['tasks'])} tasks")
-    for column in ("id", "name", "kind", "classes", "file bytes", "state bytes", "test acc"):
+    columns = (
+        "id",
+        "name",
+        "kind",
+        "classes",
+        "alpha/norm",
+        "file bytes",
+        "state bytes",
+        "test acc",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if "bytes" in column or column == "id" else "left")
     for task in report["tasks"]:
         accuracy = task.get("test_accuracy")
@@ -833,6 +844,7 @@ def _print_bundle(bundle, as_json: bool) -> None:
             task["name"],
             task["kind"],
             ", ".join(task["class_names"]),
+            "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"]))),
             f"{task['file_bytes']:,}",
             f"{task['state_bytes']:,}",
             "" if accuracy is None else f"{accuracy:.4f}",

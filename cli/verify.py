@@ -72,13 +72,21 @@ def verify_command(
         archs = archs[:1]
     device = use_device(device)
     results = []
+
+    def announce(arch: str, step: str) -> None:
+        typer.echo(f"verify {arch}: {step}", err=True)
+
     with progress_bar("verify", len(archs)) as advance:
         for name in archs:
             if bundle is not None:
                 with tempfile.TemporaryDirectory(prefix="supsup-verify-") as folder:
-                    results.append(verify_bundle(bundle, work_dir or folder, device=device))
+                    results.append(
+                        verify_bundle(bundle, work_dir or folder, progress=announce, device=device)
+                    )
             else:
-                results += verify_all([name], run_dir=run, work_dir=work_dir, device=device)
+                results += verify_all(
+                    [name], run_dir=run, work_dir=work_dir, progress=announce, device=device
+                )
             advance(1)
     if as_json:
         print_json([result.to_dict() for result in results])
