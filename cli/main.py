@@ -524,6 +524,7 @@ def _export_shared(
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
     from supsup_deploy.export_targets import export_target
+    from supsup_deploy.outputs import ADAPTER, check_output
     from supsup_deploy.shared_graph import MODEL_FILE
 
     target = export_target("shared" if shared else "adapter")
@@ -535,6 +536,7 @@ def _export_shared(
     else:
         if task is None:
             raise ConfigError("--adapter needs --task NAME (the task to write)")
+        check_output(adapter, ADAPTER, force=force)
         graph = graph or adapter.parent.parent / MODEL_FILE
         if not graph.is_file():
             raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")

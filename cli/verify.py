@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ._common import DEVICE_HELP, one_line_errors, open_bundle, print_json, use_device, wide_console
+from ._common import (
+    DEVICE_HELP,
+    not_an_option,
+    one_line_errors,
+    open_bundle,
+    print_json,
+    use_device,
+    wide_console,
+)
 
 
 @one_line_errors
@@ -21,16 +29,24 @@ def verify_command(
     ] = False,
     bundle: Annotated[
         Path | None,
-        typer.Option(help="Verify this bundle (from a trained run) instead, with accuracy parity."),
+        typer.Option(
+            help="Verify this bundle (from a trained run) instead, with accuracy parity.",
+            callback=not_an_option,
+        ),
     ] = None,
     run: Annotated[
         Path | None,
-        typer.Option(help="Pack this finished training run as the basis instead of random masks."),
+        typer.Option(
+            help="Pack this finished training run as the basis instead of random masks.",
+            callback=not_an_option,
+        ),
     ] = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Keep bundles and ONNX graphs here (default: a temporary folder)."
+            "--out",
+            help="Keep bundles and ONNX graphs here (default: a temporary folder).",
+            callback=not_an_option,
         ),
     ] = None,
     device: Annotated[

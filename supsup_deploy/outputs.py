@@ -5,7 +5,7 @@ shared graph's folder.
   file where a folder goes) is refused.
 - An existing file is replaced when supsup-deploy wrote it, as the file's own metadata says (an
   ONNX graph's ``supsup.*`` properties; an adapter's shared-graph format version and task
-  tensors), or with ``force``.
+  tensors; a plot's PNG software tag), or with ``force``.
 - An existing bundle folder is replaced only with ``force``, and only when it is a bundle (or
   empty): it may hold tasks installed since. Run folders and the shared graph's folder are written
   into, never replaced: a folder of other files is refused as a run folder.
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supsup_deploy.errors import ConfigError, SupsupError
+
+PLOT_SOFTWARE = "supsup-deploy"
+"""The software tag of every PNG plot this package writes."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,16 @@ def _our_adapter(path: Path) -> bool:
     return adapter.get_model_version() == SHARED_FORMAT_VERSION and "alpha" in names
 
 
+def _our_plot(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == PLOT_SOFTWARE
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
 def _empty(path: Path) -> bool:
     return not any(path.iterdir())
 
@@ -97,6 +110,7 @@ def _our_run(path: Path) -> bool:
 
 GRAPH = Output("an ONNX graph", _our_graph)
 ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
+PLOT = Output("a plot", _our_plot)
 BUNDLE = Output("a bundle", _our_bundle, folder=True)
 RUN = Output("a training run", _our_run, folder=True, replaced=False)
 FOLDER = Output("a folder", lambda path: True, folder=True, replaced=False)
@@ -107,8 +121,8 @@ def check_output(path: str | Path, output: Output, *, force: bool = False) -> No
 
     Args:
         path: where the command writes.
-        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`BUNDLE`,
-            :data:`RUN` or :data:`FOLDER`).
+        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT`,
+            :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
         force: the command's ``--force``.
 
     Raises:

@@ -31,6 +31,7 @@ from supsup_deploy.models import (
     list_models,
     summarize_model,
 )
+from supsup_deploy.outputs import PLOT_SOFTWARE
 
 SCHEMES = ("dense_fp32", "supsup_bitmask", "supsup_csc_int16", "alpha_fp32", "alpha_fp16")
 SCHEME_LABELS = {
@@ -549,11 +550,11 @@ def headless_pyplot():
 
 
 def save_figure(figure, path: str | Path) -> Path:
-    """Write a figure as PNG atomically (no software tag, so the same figure gives the same
-    bytes) and close it."""
+    """Write a figure as PNG atomically and close it; its software tag names this package (no
+    version, so the same figure gives the same bytes)."""
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    figure.savefig(buffer, format="png", metadata={"Software": PLOT_SOFTWARE})
     headless_pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
