@@ -650,8 +650,10 @@ def infer_command(
         return
     inferrer = _task_inferrer(bundle, runner, **inference) if task == "auto" else None
     images, names, labels = _infer_inputs(bundle, paths, task, dataset_split, limit, data_root)
+    guess = None
     if inferrer is not None:
-        task = _guess_task(inferrer, images)
+        guess = _guess_task(inferrer, images)
+        task = str(guess.task)
     info = bundle.task(task)
     predictions = _predict_in_batches(runner, info.index, images, names, labels, batch_size)
     accuracy = None
@@ -663,11 +665,14 @@ def infer_command(
                 "runtime": runner.provider,
                 "device": runner.device,
                 "task": info.index,
+                "task_guess": None if guess is None else _guess_summary(guess),
                 "accuracy": accuracy,
                 "predictions": [p.to_dict() for p in predictions],
             }
         )
         return
+    if guess is not None and guess.unsure:
+        print(f"warning: {_unsure_line(guess)}")
     _print_predictions(predictions, accuracy, runner)
 
 
@@ -708,7 +713,7 @@ def _task_inferrer(bundle, runner, *, method: str, steps: int, shortlist: int):
     )
 
 
-def _guess_task(inferrer, images) -> str:
+def _guess_task(inferrer, images):
     """The inferred task of the whole batch, printed with its margin on stderr."""
     from supsup_deploy.errors import ConfigError
 
@@ -716,7 +721,29 @@ def _guess_task(inferrer, images) -> str:
         raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
     guess = inferrer.infer(images)
     _print_task_guess(guess)
-    return str(guess.task)
+    return guess
+
+
+def _guess_summary(guess) -> dict:
+    """``--task auto`` in ``--json``: the guess, its runner-up and whether it is unsure."""
+    return {
+        "method": guess.method,
+        "task": guess.task,
+        "runner_up": guess.runner_up,
+        "margin": guess.margin,
+        "relative_margin": guess.relative_margin,
+        "unsure": guess.unsure,
+        "mixed": guess.mixed,
+    }
+
+
+def _unsure_line(guess) -> str:
+    """What an unsure guess means for the predictions, and what to do."""
+    return (
+        f"task auto is unsure: task {guess.task} beat task {guess.runner_up} by "
+        f"{guess.relative_margin:.1%} of its score; the predictions below may use the wrong "
+        f"task (their probabilities do not say so): give --task, or more images of the task"
+    )
 
 
 def _predict_in_batches(runner, task: int, images, names, labels, batch_size: int) -> list:

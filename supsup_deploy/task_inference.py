@@ -62,6 +62,10 @@ from supsup_deploy.task_inference_methods import (
     resolve_method,
 )
 
+UNSURE_MARGIN = 0.1
+"""A guess is unsure when the runner-up's score is within this share of its own size of the
+guess's score (a relative margin below 10%)."""
+
 
 @dataclass(frozen=True)
 class TaskGuess:
@@ -87,6 +91,18 @@ class TaskGuess:
     margin: float | None = None
     mixed: bool = False
     half_tasks: tuple[int, ...] = ()
+
+    @property
+    def relative_margin(self) -> float | None:
+        """The margin as a share of the runner-up's score's size (None without a runner-up)."""
+        if self.runner_up is None or self.margin is None:
+            return None
+        return self.margin / max(abs(self.scores[self.runner_up]), 1e-12)
+
+    @property
+    def unsure(self) -> bool:
+        """Whether the runner-up came close (:data:`UNSURE_MARGIN`): the guess may be wrong."""
+        return self.relative_margin is not None and self.relative_margin < UNSURE_MARGIN
 
 
 class TaskInferrer:

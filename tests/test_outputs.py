@@ -10,13 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from cli_runner import run_cli_in_process
 from PIL import Image
 from tiny_bundles import TINY_INPUT, write_tiny_bundle
 
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.errors import ConfigError
 from supsup_deploy.export import export_shared
 from supsup_deploy.locking import LOCK_FILE
 from supsup_deploy.runs import RUN_FILE, RUN_FORMAT, RUN_FORMAT_VERSION
@@ -218,29 +216,3 @@ def test_every_path_argument_that_does_not_fit_is_one_line(made, tmp_path, args,
     assert_one_line(result, fragment.format(made=made))
     assert files(made) == before
     assert list(tmp_path.iterdir()) == []
-
-
-def test_predict_converts_uint8_and_refuses_unnormalised_floats(made):
-    bundle = load_bundle(made / "bundle")
-    pixels = torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8)
-    converted = bundle.weights(2).transforms()(pixels)
-    expected = [p.class_index for p in bundle.predict(converted, task=2)]
-    assert [p.class_index for p in bundle.predict(pixels, task=2)] == expected
-    for images, fragment in (
-        (converted.clamp(0, 1), "[0, 1]"),
-        (converted * 255, "outside what normalisation gives"),
-        (converted.double()[:, :, :5], "normalised float [N, 1, 12, 12]"),
-    ):
-        with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
-            bundle.predict(images, task=2)
-
-
-def test_inspect_shows_encoding_density_and_dtypes(made):
-    result = run_cli_in_process("inspect", str(made / "bundle"), "--json")
-    report = json.loads(result.stdout)
-    assert report["mask_encoding"] == "packed" and 0 < report["basis_density"] < 1
-    assert {(task["alpha_dtype"], task["norm_dtype"]) for task in report["tasks"]} == {
-        ("float32", "float32")
-    }
-    text = run_cli_in_process("inspect", str(made / "bundle")).stdout
-    assert "packed encoding" in text and "density" in text
