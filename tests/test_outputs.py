@@ -82,6 +82,11 @@ OVERWRITES = {
         ("shared/tasks/task_1.onnx_adapter",),
         "--force",
     ),
+    "export --shared where tasks is a file": (
+        ("export", "{made}/bundle", "--shared", "--out", "{tmp}/p5"),
+        ("p5/tasks",),
+        "is a file, not a folder",
+    ),
     "export --adapter": (
         ("export", "{made}/bundle", "--task", "2", "--adapter", "{tmp}/notes.txt", "--graph",
          "{made}/shared/model.onnx"),
