@@ -67,3 +67,16 @@ def test_an_unsure_task_guess_is_loud_on_stdout_and_in_json(made, monkeypatch):
     assert result.stdout.startswith("warning: task auto is unsure") and "--task" in result.stdout
     output = json.loads(run_cli_in_process(*args, "--json").stdout)
     assert output["task_guess"]["unsure"] and output["task_guess"]["task"] == output["task"]
+
+
+def test_verify_announces_each_step(made, monkeypatch):
+    from supsup_deploy import verify
+
+    def steps_only(bundle, work_dir, *, progress, device):
+        for step in ("load", "export"):
+            progress("tiny", step)
+        return verify.VerifyResult(arch="tiny", source=str(bundle), device=device, bytes_ok=True)
+
+    monkeypatch.setattr(verify, "verify_bundle", steps_only)
+    result = run_cli_in_process("verify", "--bundle", str(made / "bundle"), "--device", "cpu")
+    assert result.stderr.splitlines()[:2] == ["verify tiny: load", "verify tiny: export"]
