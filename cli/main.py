@@ -678,8 +678,6 @@ def infer_command(
 
 def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) -> None:
     """Refuse option combinations ``infer`` cannot run, each with one line."""
-    import os
-
     from supsup_deploy.errors import ConfigError
 
     if task is None:
@@ -696,9 +694,6 @@ def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) 
             f"--onnx {onnx}: is a folder; give a graph file (for a shared graph's folder: "
             f"--onnx {onnx / 'model.onnx'})"
         )
-    missing = next((path for path in paths if not os.path.lexists(path)), None)
-    if missing is not None:
-        raise ConfigError(f"{missing}: no such bundle folder, image or image folder")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
 
