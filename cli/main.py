@@ -727,6 +727,7 @@ def _guess_summary(guess) -> dict:
         "runner_up": guess.runner_up,
         "margin": guess.margin,
         "relative_margin": guess.relative_margin,
+        "images": guess.images,
         "unsure": guess.unsure,
         "mixed": guess.mixed,
     }
@@ -734,10 +735,13 @@ def _guess_summary(guess) -> dict:
 
 def _unsure_line(guess) -> str:
     """What an unsure guess means for the predictions, and what to do."""
+    from supsup_deploy.task_inference import SURE_IMAGES
+
     return (
         f"task auto is unsure: task {guess.task} beat task {guess.runner_up} by "
-        f"{guess.relative_margin:.1%} of its score; the predictions below may use the wrong "
-        f"task (their probabilities do not say so): give --task, or more images of the task"
+        f"{guess.relative_margin:.1%} of its score on {guess.images} images; the predictions "
+        "may use the wrong task (their probabilities do not say so): give --task, or at least "
+        f"{SURE_IMAGES} images of one task"
     )
 
 

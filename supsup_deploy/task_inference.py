@@ -65,6 +65,9 @@ from supsup_deploy.task_inference_methods import (
 UNSURE_MARGIN = 0.1
 """A guess is unsure when the runner-up's score is within this share of its own size of the
 guess's score (a relative margin below 10%)."""
+SURE_IMAGES = 16
+"""A guess from fewer images is unsure whatever its margin: measured on a quick Fashion-MNIST
+run (README), smaller batches were often wrong with wide margins."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class TaskGuess:
             than one task, and one task for the whole batch is wrong for some of them.
         half_tasks: the tasks guessed for the first and the second half (empty when the mixed
             check did not run: it needs at least 4 images).
+        images: the batch's size.
     """
 
     task: int
@@ -91,6 +95,7 @@ class TaskGuess:
     margin: float | None = None
     mixed: bool = False
     half_tasks: tuple[int, ...] = ()
+    images: int = SURE_IMAGES
 
     @property
     def relative_margin(self) -> float | None:
@@ -101,8 +106,12 @@ class TaskGuess:
 
     @property
     def unsure(self) -> bool:
-        """Whether the runner-up came close (:data:`UNSURE_MARGIN`): the guess may be wrong."""
-        return self.relative_margin is not None and self.relative_margin < UNSURE_MARGIN
+        """Whether the guess may well be wrong: there was a runner-up, and the guess came from
+        fewer than :data:`SURE_IMAGES` images or the runner-up came close (:data:`UNSURE_MARGIN`).
+        """
+        if self.relative_margin is None:
+            return False
+        return self.relative_margin < UNSURE_MARGIN or self.images < SURE_IMAGES
 
 
 class TaskInferrer:
@@ -187,6 +196,7 @@ class TaskInferrer:
             margin=margin,
             mixed=len(set(half_tasks)) > 1,
             half_tasks=half_tasks,
+            images=len(images),
         )
 
     def _scores(self, images: torch.Tensor, candidates) -> list[float | None]:

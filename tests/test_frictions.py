@@ -2,6 +2,7 @@
 ``bundle.predict`` takes, the facts ``inspect`` shows, and an unsure ``--task auto`` guess."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,18 +51,19 @@ def test_inspect_shows_encoding_density_and_dtypes(made):
     assert "packed encoding" in text and "density" in text
 
 
-def test_a_close_runner_up_makes_a_guess_unsure():
-    guess = TaskGuess(task=1, scores={0: 2.0, 1: 1.9}, method="statistics", runner_up=0, margin=0.1)
+def test_a_close_runner_up_or_a_small_batch_makes_a_guess_unsure():
+    scores = {0: 2.0, 1: 1.9}
+    guess = TaskGuess(task=1, scores=scores, method="statistics", runner_up=0, margin=0.1)
     assert guess.relative_margin == pytest.approx(0.05) and guess.unsure
     sure = TaskGuess(task=1, scores={0: 2.0, 1: 1.0}, method="statistics", runner_up=0, margin=1.0)
     assert not sure.unsure
-    assert not TaskGuess(task=1, scores={1: 1.0}, method="statistics").unsure
+    assert replace(sure, images=task_inference.SURE_IMAGES - 1).unsure
+    assert not TaskGuess(task=1, scores={1: 1.0}, method="statistics", images=2).unsure
 
 
-def test_an_unsure_task_guess_is_loud_on_stdout_and_in_json(made, monkeypatch):
+def test_an_unsure_task_guess_is_loud_on_stdout_and_in_json(made):
     images = [str(made / f"{shade}.png") for shade in range(2)]
     args = ("infer", str(made / "bundle"), "--task", "auto", *images)
-    monkeypatch.setattr(task_inference, "UNSURE_MARGIN", float("inf"))
     result = run_cli_in_process(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("warning: task auto is unsure") and "--task" in result.stdout
