@@ -1,5 +1,5 @@
-"""The one rule for every path a command writes: graphs, adapters, bundles, run folders and the
-shared graph's folder.
+"""The one rule for every path a command writes: graphs, adapters, plots, bundles, run folders
+and the folders graphs are written into.
 
 - A path that looks like an option, lies under a file, or is a folder where a file goes (or a
   file where a folder goes) is refused.
