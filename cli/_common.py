@@ -86,7 +86,13 @@ def open_bundle(path: Path):
 
 
 def is_bundle_or_run(path: Path) -> bool:
-    """Whether a folder is a bundle or a training run (rather than a folder of images)."""
-    from supsup_deploy.bundles.format import BASIS_FILE
+    """Whether a path names a bundle or a training run rather than images: such a folder, or a
+    missing path without an image file's suffix (so that the error names it)."""
+    import os
 
+    from supsup_deploy.bundles.format import BASIS_FILE
+    from supsup_deploy.runtime import IMAGE_SUFFIXES
+
+    if not os.path.lexists(path):
+        return path.suffix.lower() not in IMAGE_SUFFIXES
     return path.is_dir() and ((path / BASIS_FILE).is_file() or (path / "run.json").is_file())

@@ -354,6 +354,9 @@ def pack_command(
             "(bitarray's sc_encode).",
         ),
     ] = "packed",
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing bundle at --out (never another folder).")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the bundle summary as JSON.")
     ] = False,
@@ -365,7 +368,12 @@ def pack_command(
     from supsup_deploy.pack import pack_run
 
     bundle = pack_run(
-        run_dir, out, norm_dtype=norm_dtype, alpha_dtype=alpha_dtype, mask_encoding=mask_encoding
+        run_dir,
+        out,
+        norm_dtype=norm_dtype,
+        alpha_dtype=alpha_dtype,
+        mask_encoding=mask_encoding,
+        force=force,
     )
     _print_bundle(bundle, as_json)
 
@@ -456,13 +464,17 @@ def export_command(
     ] = False,
     adapter: Annotated[
         Path | None,
-        typer.Option(help="With --task: write the task's adapter for a shared graph to this file."),
+        typer.Option(
+            help="With --task: write the task's adapter for a shared graph to this file.",
+            callback=not_an_option,
+        ),
     ] = None,
     graph: Annotated[
         Path | None,
         typer.Option(
             help="With --adapter: the shared graph it is for (default: model.onnx in the folder "
-            "above the adapter's)."
+            "above the adapter's).",
+            callback=not_an_option,
         ),
     ] = None,
 ) -> None:
@@ -475,7 +487,8 @@ def export_command(
     is replaced only if supsup-deploy wrote it (or with --force).
     """
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.export import TaskExporter, check_output_path, probe_batch
+    from supsup_deploy.export import TaskExporter, probe_batch
+    from supsup_deploy.outputs import FOLDER, GRAPH, check_output
 
     from ._progress import progress_bar
 
@@ -487,7 +500,16 @@ def export_command(
     if shared or adapter is not None:
         folder = out or DEFAULT_ONNX / "shared"
         _export_shared(
-            open_bundle(bundle_path), shared, task, adapter, graph, folder, fp16, opset, as_json
+            open_bundle(bundle_path),
+            shared,
+            task,
+            adapter,
+            graph,
+            folder,
+            fp16,
+            opset,
+            as_json,
+            force,
         )
         return
     if all_tasks == (task is not None):
@@ -495,14 +517,13 @@ def export_command(
     bundle = open_bundle(bundle_path)
     if all_tasks:
         folder = out or DEFAULT_ONNX
-        if folder.is_file():
-            raise ConfigError(f"{folder}: is a file; --all writes one graph per task into a folder")
+        check_output(folder, FOLDER)
         targets = [(info.index, folder / f"{info.name}.onnx") for info in bundle.tasks]
     else:
         info = bundle.task(task)
         targets = [(info.index, out or DEFAULT_ONNX / f"{info.name}.onnx")]
     for _, path in targets:
-        check_output_path(path, force=force)
+        check_output(path, GRAPH, force=force)
     device = use_device(device)
     exporter_ = TaskExporter(bundle, opset=opset, exporter=exporter, fp16=fp16, device=device)
     probe, probe_name = probe_batch(bundle)
@@ -523,11 +544,14 @@ def export_command(
         )
 
 
-def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json) -> None:
+def _export_shared(
+    bundle, shared, task, adapter, graph, out_dir, fp16, opset, as_json, force
+) -> None:
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
     from supsup_deploy.export_targets import export_target
+    from supsup_deploy.outputs import ADAPTER, check_output
     from supsup_deploy.shared_graph import MODEL_FILE
 
     target = export_target("shared" if shared else "adapter")
@@ -535,14 +559,15 @@ def _export_shared(bundle, shared, task, adapter, graph, out_dir, fp16, opset, a
     if shared:
         if task is not None or adapter is not None:
             raise ConfigError("--shared exports every task: leave out --task and --adapter")
-        reports = export_shared(bundle, out_dir, opset=opset)
+        reports = export_shared(bundle, out_dir, opset=opset, force=force)
     else:
         if task is None:
             raise ConfigError("--adapter needs --task NAME (the task to write)")
+        check_output(adapter, ADAPTER, force=force)
         graph = graph or adapter.parent.parent / MODEL_FILE
         if not graph.is_file():
             raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
-        reports = [export_adapter(bundle, task, adapter, graph=graph)]
+        reports = [export_adapter(bundle, task, adapter, graph=graph, force=force)]
     if as_json:
         print_json([report.to_dict() for report in reports])
         return
@@ -594,7 +619,9 @@ def infer_command(
         str | None,
         typer.Option(help="Instead of images: the task's images of this split (e.g. test)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many dataset images.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many dataset images.")
+    ] = None,
     data_root: Annotated[
         str | None, typer.Option(help="Dataset folder for --dataset-split.")
     ] = None,
@@ -650,8 +677,10 @@ def infer_command(
         return
     inferrer = _task_inferrer(bundle, runner, **inference) if task == "auto" else None
     images, names, labels = _infer_inputs(bundle, paths, task, dataset_split, limit, data_root)
+    guess = None
     if inferrer is not None:
-        task = _guess_task(inferrer, images)
+        guess = _guess_task(inferrer, images)
+        task = str(guess.task)
     info = bundle.task(task)
     predictions = _predict_in_batches(runner, info.index, images, names, labels, batch_size)
     accuracy = None
@@ -663,11 +692,14 @@ def infer_command(
                 "runtime": runner.provider,
                 "device": runner.device,
                 "task": info.index,
+                "task_guess": None if guess is None else _guess_summary(guess),
                 "accuracy": accuracy,
                 "predictions": [p.to_dict() for p in predictions],
             }
         )
         return
+    if guess is not None and guess.unsure:
+        print(f"warning: {_unsure_line(guess)}")
     _print_predictions(predictions, accuracy, runner)
 
 
@@ -684,6 +716,11 @@ def _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size) 
         )
     if onnx is not None and runtime == "torch":
         raise ConfigError("--onnx runs a graph with ONNX Runtime: leave out --runtime torch")
+    if onnx is not None and onnx.is_dir():
+        raise ConfigError(
+            f"--onnx {onnx}: is a folder; give a graph file (for a shared graph's folder: "
+            f"--onnx {onnx / 'model.onnx'})"
+        )
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
 
@@ -698,7 +735,7 @@ def _task_inferrer(bundle, runner, *, method: str, steps: int, shortlist: int):
     )
 
 
-def _guess_task(inferrer, images) -> str:
+def _guess_task(inferrer, images):
     """The inferred task of the whole batch, printed with its margin on stderr."""
     from supsup_deploy.errors import ConfigError
 
@@ -706,7 +743,33 @@ def _guess_task(inferrer, images) -> str:
         raise ConfigError("--task auto infers the task of a batch: give at least 2 images")
     guess = inferrer.infer(images)
     _print_task_guess(guess)
-    return str(guess.task)
+    return guess
+
+
+def _guess_summary(guess) -> dict:
+    """``--task auto`` in ``--json``: the guess, its runner-up and whether it is unsure."""
+    return {
+        "method": guess.method,
+        "task": guess.task,
+        "runner_up": guess.runner_up,
+        "margin": guess.margin,
+        "relative_margin": guess.relative_margin,
+        "images": guess.images,
+        "unsure": guess.unsure,
+        "mixed": guess.mixed,
+    }
+
+
+def _unsure_line(guess) -> str:
+    """What an unsure guess means for the predictions, and what to do."""
+    from supsup_deploy.task_inference import SURE_IMAGES
+
+    return (
+        f"task auto is unsure: task {guess.task} beat task {guess.runner_up} by "
+        f"{guess.relative_margin:.1%} of its score on {guess.images} images; the predictions "
+        "may use the wrong task (their probabilities do not say so): give --task, or at least "
+        f"{SURE_IMAGES} images of one task"
+    )
 
 
 def _predict_in_batches(runner, task: int, images, names, labels, batch_size: int) -> list:
@@ -811,12 +874,23 @@ def _print_bundle(bundle, as_json: bool) -> None:
         f"backbone: {model['arch']} seed {model['seed']}, {report['masked_layers']} masked "
         f"layers, {report['masked_weights']:,} weights (regenerated, 0 bytes stored), "
         f"norm {model['norm']}\n"
-        f"basis: {report['num_basis']} masks, {report['basis_file_bytes']:,} bytes "
+        f"basis: {report['num_basis']} masks at density {report['basis_density']:.3f}, "
+        f"{report['mask_encoding']} encoding, {report['basis_file_bytes']:,} bytes "
         f"({report['basis_bits_per_weight']:.3f} bits per weight), "
         f"sha256 {report['basis_sha256'][:16]}"
     )
     table = Table(title=f"{len(report['tasks'])} tasks")
-    for column in ("id", "name", "kind", "classes", "file bytes", "state bytes", "test acc"):
+    columns = (
+        "id",
+        "name",
+        "kind",
+        "classes",
+        "alpha/norm",
+        "file bytes",
+        "state bytes",
+        "test acc",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if "bytes" in column or column == "id" else "left")
     for task in report["tasks"]:
         accuracy = task.get("test_accuracy")
@@ -825,6 +899,7 @@ def _print_bundle(bundle, as_json: bool) -> None:
             task["name"],
             task["kind"],
             ", ".join(task["class_names"]),
+            "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"]))),
             f"{task['file_bytes']:,}",
             f"{task['state_bytes']:,}",
             "" if accuracy is None else f"{accuracy:.4f}",

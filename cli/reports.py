@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ._choices import FloatDtype, Stem
-from ._common import one_line_errors, print_json, wide_console
+from ._common import not_an_option, one_line_errors, print_json, wide_console
 
 report_app = typer.Typer(
     help="Reports computed from the registered architectures.",
@@ -46,15 +46,20 @@ def storage_command(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print Markdown.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG of total bytes vs number of tasks.")
+        Path | None,
+        typer.Option(help="Write a PNG of total bytes vs number of tasks.", callback=not_an_option),
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing --plot file supsup-deploy did not write.")
+    ] = False,
     plot_arch: Annotated[str, typer.Option(help="Architecture drawn by --plot.")] = "resnet50",
     bundle: Annotated[
         Path | None,
         typer.Option(
             help="Report on this bundle: its architecture and settings (|B|, tasks, density, "
             "norm dtype, input size) instead of the options above, its bytes on disk marked in "
-            "the table and plot."
+            "the table and plot.",
+            callback=not_an_option,
         ),
     ] = None,
 ) -> None:
@@ -80,6 +85,10 @@ def storage_command(
 
     if sum((as_json, markdown, as_csv)) > 1:
         raise ConfigError("choose one of --json, --markdown and --csv")
+    if plot is not None:
+        from supsup_deploy.outputs import PLOT, check_output
+
+        check_output(plot, PLOT, force=force)
     settings = StorageSettings(
         num_basis=basis,
         num_tasks=num_tasks,

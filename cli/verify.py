@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ._common import DEVICE_HELP, one_line_errors, open_bundle, print_json, use_device, wide_console
+from ._common import (
+    DEVICE_HELP,
+    not_an_option,
+    one_line_errors,
+    open_bundle,
+    print_json,
+    use_device,
+    wide_console,
+)
 
 
 @one_line_errors
@@ -21,16 +29,24 @@ def verify_command(
     ] = False,
     bundle: Annotated[
         Path | None,
-        typer.Option(help="Verify this bundle (from a trained run) instead, with accuracy parity."),
+        typer.Option(
+            help="Verify this bundle (from a trained run) instead, with accuracy parity.",
+            callback=not_an_option,
+        ),
     ] = None,
     run: Annotated[
         Path | None,
-        typer.Option(help="Pack this finished training run as the basis instead of random masks."),
+        typer.Option(
+            help="Pack this finished training run as the basis instead of random masks.",
+            callback=not_an_option,
+        ),
     ] = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Keep bundles and ONNX graphs here (default: a temporary folder)."
+            "--out",
+            help="Keep bundles and ONNX graphs here (default: a temporary folder).",
+            callback=not_an_option,
         ),
     ] = None,
     device: Annotated[
@@ -72,13 +88,21 @@ def verify_command(
         archs = archs[:1]
     device = use_device(device)
     results = []
+
+    def announce(arch: str, step: str) -> None:
+        typer.echo(f"verify {arch}: {step}", err=True)
+
     with progress_bar("verify", len(archs)) as advance:
         for name in archs:
             if bundle is not None:
                 with tempfile.TemporaryDirectory(prefix="supsup-verify-") as folder:
-                    results.append(verify_bundle(bundle, work_dir or folder, device=device))
+                    results.append(
+                        verify_bundle(bundle, work_dir or folder, progress=announce, device=device)
+                    )
             else:
-                results += verify_all([name], run_dir=run, work_dir=work_dir, device=device)
+                results += verify_all(
+                    [name], run_dir=run, work_dir=work_dir, progress=announce, device=device
+                )
             advance(1)
     if as_json:
         print_json([result.to_dict() for result in results])

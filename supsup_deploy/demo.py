@@ -18,6 +18,7 @@ from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import FormatError
 from supsup_deploy.files import atomic_write_bytes, atomic_write_json
+from supsup_deploy.outputs import FOLDER, check_output
 from supsup_deploy.steps import StepTimer
 
 DEMO_TRAIN = {"epochs": 2, "max_train_samples": 1500, "max_test_samples": 1000}
@@ -233,6 +234,7 @@ def run_demo(
     Returns:
         The summary: metrics, parity, predictions, task inference, storage, paths and timings.
     """
+    check_output(root, FOLDER)
     paths = DemoPaths(Path(root))
     device = resolve_device(device)
     seconds: dict[str, float] = {}

@@ -36,6 +36,7 @@ from supsup_deploy.masked_layers import MaskedConv2d, MaskedLinear
 from supsup_deploy.models import MaskedModel
 from supsup_deploy.normalization import GroupNorm2d, TaskBatchNorm2d
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
+from supsup_deploy.outputs import ADAPTER, FOLDER, GRAPH, check_output
 
 DEFAULT_OPSET = 18
 PROBE_BATCH = 64
@@ -214,13 +215,13 @@ class TaskExporter:
         """Write ``task``'s ONNX graph to ``path`` after proving parity; nothing on failure.
 
         An existing file at ``path`` is replaced only when it is a graph this package wrote, or
-        with ``force`` (see :func:`check_output_path`).
+        with ``force`` (:func:`supsup_deploy.outputs.check_output`).
         """
         import onnx
 
         info = self.bundle.task(task)
         path = Path(path)
-        check_output_path(path, force=force)
+        check_output(path, GRAPH, force=force)
         if self._model is None:
             self._model = self.bundle.model(info.index, device=self.device)
         else:
@@ -292,35 +293,6 @@ class TaskExporter:
         del graph.metadata_props[:]
         for key, value in values.items():
             graph.metadata_props.add(key=key, value=value)
-
-
-def written_by_supsup(path: str | Path) -> bool:
-    """Whether ``path`` is an ONNX graph this package wrote (it carries our task metadata)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf and onnx raise several unexported types for foreign bytes
-        return False
-    keys = {entry.key for entry in graph.metadata_props}
-    return {"supsup.task_id", "supsup.basis_sha256"} <= keys
-
-
-def check_output_path(path: str | Path, *, force: bool = False) -> None:
-    """Refuse to write a graph over a folder, or over a file this package did not write.
-
-    Raises:
-        ConfigError: ``path`` is a folder, or an existing file that is not one of our graphs
-            (and ``force`` is false).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; give the path of the .onnx file to write")
-    if path.exists() and not force and not written_by_supsup(path):
-        raise ConfigError(
-            f"{path}: exists and is not a graph written by supsup-deploy; pass --force to "
-            "replace it, or choose another output path"
-        )
 
 
 def _swappable(graph, state: dict[str, np.ndarray]) -> bool:
@@ -451,12 +423,15 @@ def export_shared(
     probe: torch.Tensor | None = None,
     probe_name: str = "seeded random batch",
     device: str = "cpu",
+    force: bool = False,
 ) -> list[SharedParityReport]:
     """Write ``out_dir/model.onnx`` and one ``out_dir/tasks/<name>.onnx_adapter`` per task.
 
-    The graph passes ``onnx.checker``'s full check, and for every task, fed as plain inputs and
-    as an adapter, must match the PyTorch model within the fp32 tolerance with identical argmax,
-    before any file is written (each atomically).
+    Every path is checked first (:func:`supsup_deploy.outputs.check_output`: an existing graph or
+    adapter is replaced only when this package wrote it, or with ``force``). The graph passes
+    ``onnx.checker``'s full check, and for every task, fed as plain inputs and as an adapter, must
+    match the PyTorch model within the fp32 tolerance with identical argmax, before any file is
+    written (each atomically).
 
     Args:
         bundle: a loaded bundle with at least one task.
@@ -465,6 +440,7 @@ def export_shared(
         probe: the parity batch (default: real test images when available, else seeded).
         probe_name: what ``probe`` is, for the reports.
         device: ``"cpu"`` or ``"cuda"`` for the parity runs.
+        force: replace graph and adapter files this package did not write.
 
     Returns:
         One :class:`SharedParityReport` per task.
@@ -481,12 +457,18 @@ def export_shared(
     )
 
     out_dir = Path(out_dir)
+    check_output(out_dir, FOLDER)
+    check_output(out_dir / MODEL_FILE, GRAPH, force=force)
+    check_output(out_dir / ADAPTERS_FOLDER, FOLDER)
+    for info in bundle.tasks:
+        check_output(
+            out_dir / ADAPTERS_FOLDER / f"{info.name}{ADAPTER_SUFFIX}", ADAPTER, force=force
+        )
     data = build_shared_graph(bundle, opset=opset).SerializeToString()
     if probe is None:
         probe, probe_name = probe_batch(bundle)
-    out_dir.mkdir(parents=True, exist_ok=True)
     adapters, reports = {}, []
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".shared-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="supsup-shared-") as scratch:
         scratch_model = Path(scratch) / MODEL_FILE
         scratch_model.write_bytes(data)
         try:
@@ -532,6 +514,7 @@ def export_adapter(
     probe: torch.Tensor | None = None,
     probe_name: str = "seeded random batch",
     device: str = "cpu",
+    force: bool = False,
 ) -> SharedParityReport:
     """Write one task's adapter for an exported shared graph, after proving parity on it.
 
@@ -543,6 +526,7 @@ def export_adapter(
         probe: the parity batch (default as :func:`export_shared`).
         probe_name: what ``probe`` is.
         device: ``"cpu"`` or ``"cuda"`` for the parity run.
+        force: replace a file at ``path`` that is not an adapter this package wrote.
 
     Returns:
         The task's :class:`SharedParityReport`.
@@ -552,6 +536,7 @@ def export_adapter(
 
     info = bundle.task(task)
     path = Path(path)
+    check_output(path, ADAPTER, force=force)
     shared = SharedGraph(graph, device=device)
     shared.check_bundle(bundle)
     adapter = adapter_bytes(shared.feed(bundle, info.index), task=info.index)

@@ -192,6 +192,19 @@ def safetensors_layout(path: str | Path) -> tuple[int, dict[str, int]]:
     return len(header), payload
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a safetensors file written by :func:`save_safetensors_atomic`, read from
+    its header alone (with the same guards as :func:`read_safetensors`).
+
+    Raises:
+        FormatError: missing, not a regular file, or a header that is not ours.
+    """
+    path = Path(path)
+    with _open_regular_file(path) as stream:
+        header = _read_header(stream, path, os.fstat(stream.fileno()).st_size)
+    return _parse_header(header, path)[1]
+
+
 def _open_regular_file(path: Path) -> BinaryIO:
     # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
     try:
@@ -257,7 +270,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def new_folder(out: str | Path) -> Iterator[Path]:
+def new_folder(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Build a new folder in a scratch folder beside ``out``, renamed to ``out`` when complete.
 
     ``out`` either does not exist or holds everything written in the ``with`` block, even if the
@@ -266,20 +279,22 @@ def new_folder(out: str | Path) -> Iterator[Path]:
     left by killed writers are removed by the next call for the same ``out``.
 
     Args:
-        out: the folder to create; it must not exist.
+        out: the folder to create; it must not exist unless ``replace``.
+        replace: move an existing ``out`` into the scratch folder (removed with it) just before
+            the new folder is renamed into place; the caller has checked that it may go.
 
     Yields:
         The folder to fill.
 
     Raises:
-        ConfigError: ``out`` exists, or appeared while the block ran.
+        ConfigError: ``out`` exists (without ``replace``), or appeared while the block ran.
 
     Example:
         >>> with new_folder("artifacts/bundle") as folder:
         ...     (folder / "basis.safetensors").write_bytes(data)
     """
     out = Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise _folder_exists(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -291,6 +306,8 @@ def new_folder(out: str | Path) -> Iterator[Path]:
             staging = scratch / out.name
             staging.mkdir()
             yield staging
+            if replace and out.exists():
+                os.rename(out, scratch / "replaced")
             try:
                 os.rename(staging, out)
             except OSError as error:

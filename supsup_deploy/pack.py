@@ -21,6 +21,7 @@ from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
+from supsup_deploy.outputs import BUNDLE, check_output
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
 from supsup_deploy.train import TrainConfig
 
@@ -35,6 +36,7 @@ def pack_run(
     norm_dtype: str = "float32",
     alpha_dtype: str = "float32",
     mask_encoding: str = "packed",
+    force: bool = False,
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
 
@@ -45,11 +47,13 @@ def pack_run(
 
     Args:
         run_dir: a run directory written by ``supsup train`` (all basis tasks finished).
-        out: the bundle folder to create; it must not exist yet.
+        out: the bundle folder to create; it must not exist yet, unless ``force`` (see
+            :func:`supsup_deploy.outputs.check_output`).
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
         alpha_dtype: ``"float32"`` or ``"float16"`` for the alpha tables of the alpha tasks
             (basis tasks' one-hot tables are exact in either and keep float32).
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
+        force: replace an existing bundle at ``out`` once the new one is complete.
 
     Returns:
         The loaded, validated bundle.
@@ -59,9 +63,8 @@ def pack_run(
     """
     run_dir, out = Path(run_dir), Path(out)
     stored_dtypes = float_dtype(norm_dtype), float_dtype(alpha_dtype, what="alpha")
-    if out.exists():
-        raise ConfigError(f"{out} already exists: choose a new --out (bundles are never merged)")
     record = read_run_record(run_dir)
+    check_output(out, BUNDLE, force=force)
     config = TrainConfig(**record["config"])
     model_config = ModelConfig.from_dict(record["model"])
     with torch.device("meta"):
@@ -87,6 +90,7 @@ def pack_run(
         tasks=tasks,
         encoding=mask_encoding,
         extra={"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]},
+        replace=force,
     )
     return load_bundle(out)
 

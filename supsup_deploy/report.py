@@ -31,6 +31,7 @@ from supsup_deploy.models import (
     list_models,
     summarize_model,
 )
+from supsup_deploy.outputs import PLOT_SOFTWARE
 
 SCHEMES = ("dense_fp32", "supsup_bitmask", "supsup_csc_int16", "alpha_fp32", "alpha_fp16")
 SCHEME_LABELS = {
@@ -549,11 +550,11 @@ def headless_pyplot():
 
 
 def save_figure(figure, path: str | Path) -> Path:
-    """Write a figure as PNG atomically (no software tag, so the same figure gives the same
-    bytes) and close it."""
+    """Write a figure as PNG atomically and close it; its software tag names this package (no
+    version, so the same figure gives the same bytes)."""
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    figure.savefig(buffer, format="png", metadata={"Software": PLOT_SOFTWARE})
     headless_pyplot().close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
@@ -584,10 +585,22 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
 
 def _stored_norm_dtype(tensors: dict[str, torch.Tensor]) -> str:
     """The name of the dtype a task stores its norm statistics in (float32 when it has none)."""
-    norm = tensors.get("norm.running_mean")
-    if norm is None:
-        return "float32"
-    return next(name for name, dtype in FLOAT_DTYPES.items() if dtype == norm.dtype)
+    return _dtype_name(tensors.get("norm.running_mean")) or "float32"
+
+
+def basis_density(bundle: Bundle) -> float:
+    """The share of masked weights the bundle's basis masks keep, over all of them."""
+    kept = sum(
+        int(np.unpackbits(bundle.packed_basis(layer).numpy()).sum())
+        for layer in range(bundle.summary.masked_layers)
+    )
+    return kept / (bundle.num_basis * bundle.summary.masked_weights)
+
+
+def _dtype_name(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    return next(name for name, dtype in FLOAT_DTYPES.items() if dtype == tensor.dtype)
 
 
 def bundle_mask_encoding(bundle: Bundle) -> str:
@@ -683,11 +696,7 @@ def bundle_storage(bundle: Bundle) -> StorageRow:
     norm_dtype = "float32"
     if bundle.tasks:
         norm_dtype = _stored_norm_dtype(bundle.task_tensors(bundle.tasks[0].index))
-    kept = sum(
-        int(np.unpackbits(bundle.packed_basis(layer).numpy()).sum())
-        for layer in range(bundle.summary.masked_layers)
-    )
-    density = kept / (bundle.num_basis * bundle.summary.masked_weights)
+    density = basis_density(bundle)
     settings = StorageSettings(
         num_basis=bundle.num_basis,
         num_tasks=max(len(bundle.tasks), 1),
@@ -726,19 +735,23 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
         Backbone, basis and per-task facts, with bytes on disk for every file.
     """
     basis_bytes = bundle.basis_path.stat().st_size
-    tasks = [
-        {
-            "index": info.index,
-            "name": info.name,
-            "kind": info.kind,
-            "class_names": list(info.class_names),
-            "file": str(info.path.relative_to(bundle.path)),
-            "file_bytes": info.file_bytes,
-            "state_bytes": info.state_bytes,
-            "test_accuracy": info.metrics.get("test_accuracy"),
-        }
-        for info in bundle.tasks
-    ]
+    tasks = []
+    for info in bundle.tasks:
+        tensors = bundle.task_tensors(info.index)
+        tasks.append(
+            {
+                "index": info.index,
+                "name": info.name,
+                "kind": info.kind,
+                "class_names": list(info.class_names),
+                "file": str(info.path.relative_to(bundle.path)),
+                "file_bytes": info.file_bytes,
+                "state_bytes": info.state_bytes,
+                "alpha_dtype": _dtype_name(tensors["alpha"]),
+                "norm_dtype": _dtype_name(tensors.get("norm.running_mean")),
+                "test_accuracy": info.metrics.get("test_accuracy"),
+            }
+        )
     return {
         "path": str(bundle.path),
         "format_version": bundle.format_version,
@@ -752,6 +765,8 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
         "masked_weights": bundle.summary.masked_weights,
         "norm_channels": bundle.summary.norm_channels,
         "num_basis": bundle.num_basis,
+        "mask_encoding": bundle_mask_encoding(bundle),
+        "basis_density": basis_density(bundle),
         "basis_sha256": bundle.basis_sha256,
         "basis_file_bytes": basis_bytes,
         "basis_bits_per_weight": 8 * basis_bytes / bundle.summary.masked_weights,

@@ -38,6 +38,7 @@ from supsup_deploy.image_folder import (
 )
 from supsup_deploy.models import ModelConfig, build_model, get_model_entry
 from supsup_deploy.normalization import set_task, task_norms
+from supsup_deploy.outputs import RUN, check_output
 from supsup_deploy.runs import (
     collect_metrics,
     derive_seed,
@@ -301,6 +302,7 @@ def train_run(
         Per-task metrics, in task order.
     """
     run_dir = Path(run_dir)
+    check_output(run_dir, RUN)
     reporter = reporter or Reporter()
     if distributed_mode not in DISTRIBUTED_MODES:
         raise ConfigError(f"unknown distributed mode {distributed_mode!r}: {DISTRIBUTED_MODES}")

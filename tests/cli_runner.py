@@ -36,3 +36,37 @@ def run_cli(
         env=environment,
         timeout=timeout,
     )
+
+
+def run_cli_in_process(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The same command in this process, without an interpreter's start-up.
+
+    An exception the command lets through is raised here, so a test fails on any traceback.
+
+    Args:
+        args: the command line after ``supsup``.
+        cwd: the folder it runs in.
+
+    Returns:
+        Its exit code, stdout and stderr, as :func:`run_cli` gives them.
+    """
+    import contextlib
+    import io
+    from unittest import mock
+
+    from supsup_cli.main import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        contextlib.chdir(cwd),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        mock.patch.object(sys, "argv", ["supsup", *args]),
+    ):
+        try:
+            main()
+        except SystemExit as exit:
+            code = exit.code
+    return subprocess.CompletedProcess(
+        ["supsup", *args], code, stdout.getvalue(), stderr.getvalue()
+    )

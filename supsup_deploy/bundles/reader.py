@@ -35,7 +35,7 @@ from supsup_deploy.bundles.validation import (
     read_task,
     read_version_1_tasks,
 )
-from supsup_deploy.bundles.weights import TaskWeights
+from supsup_deploy.bundles.weights import TaskWeights, model_input
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import load_norm_state
@@ -302,9 +302,10 @@ class Bundle:
         """Predict classes with one task's model (the Python side of ``supsup infer``).
 
         Args:
-            images: image files or folders (converted by the task's
-                :meth:`~supsup_deploy.bundles.weights.TaskWeights.transforms`), or a tensor of
-                images already so converted.
+            images: image files or folders, or a uint8 tensor of images, converted by the
+                task's :meth:`~supsup_deploy.bundles.weights.TaskWeights.transforms`; or a float
+                tensor already so converted (checked by
+                :func:`~supsup_deploy.bundles.weights.model_input`).
             task: task id or name.
             runtime: ``"torch"`` or ``"onnx"`` (the task exported on the fly, parity checked).
             device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -317,6 +318,7 @@ class Bundle:
         from supsup_deploy.runtime import Runner, collect_image_paths, load_images
 
         if isinstance(images, torch.Tensor):
+            images = model_input(images, self.input)
             names = [f"image[{row}]" for row in range(len(images))]
         else:
             files = collect_image_paths(images)

@@ -82,6 +82,49 @@ class ImageTransform:
         return to_pixels(image, channels=self.input.channels, size=self.input.size)
 
 
+NORMALISED_SLACK = 1e-3
+"""How far past what normalisation can give a float input may lie (rounding, resampling)."""
+
+
+def model_input(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """A tensor of images as the model input ``[N, C, size, size]``, checked.
+
+    uint8 images (``[N, C, H, W]`` or one ``[C, H, W]``, any size, 1, 3 or 4 channels) are
+    converted by :class:`ImageTransform`. A float tensor must already be normalised,
+    ``(pixel / 255 - mean) / std`` at the bundle's size and channels: one holding values that
+    normalisation cannot give is refused, and so is one whose values all lie in ``[0, 1]``
+    (pixels scaled but not normalised).
+
+    Raises:
+        ConfigError: one line saying what the tensor is and what to pass instead.
+    """
+    if images.dtype == torch.uint8:
+        return ImageTransform(spec)(images if images.dim() == 4 else images[None])
+    shape = (spec.channels, spec.size, spec.size)
+    if not images.is_floating_point() or images.dim() != 4 or tuple(images.shape[1:]) != shape:
+        expected = ", ".join(map(str, shape))
+        raise ConfigError(
+            f"images must be uint8 [N, C, H, W] or normalised float [N, {expected}], got "
+            f"{images.dtype} {list(images.shape)}"
+        )
+    values = images.detach().float()
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    low, high = (0 - mean) / std - NORMALISED_SLACK, (1 - mean) / std + NORMALISED_SLACK
+    if not bool(((values >= low) & (values <= high)).all()):
+        raise ConfigError(
+            f"images hold values from {values.min():.4g} to {values.max():.4g}, outside what "
+            "normalisation gives: pass uint8 images, or normalise them with "
+            "bundle.weights(task).transforms()"
+        )
+    if bool(((values >= 0) & (values <= 1)).all()):
+        raise ConfigError(
+            "images hold values in [0, 1] only: they look scaled but not normalised; pass uint8 "
+            "images, or normalise them with bundle.weights(task).transforms()"
+        )
+    return images
+
+
 def _tensor_image(image: torch.Tensor) -> Image:
     """A uint8 ``[C, H, W]`` tensor as a PIL image."""
     from PIL import Image

@@ -64,6 +64,7 @@ def save_bundle(
     tasks: Iterable[TaskData],
     encoding: str = "packed",
     extra: dict[str, Any] | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write a new bundle folder: its basis file and one file per task.
 
@@ -72,7 +73,7 @@ def save_bundle(
     complete bundle, even if the process is killed.
 
     Args:
-        out: the bundle folder to create; it must not exist yet.
+        out: the bundle folder to create; it must not exist yet unless ``replace``.
         model_config: the architecture and backbone seed.
         basis_masks: ``|B|`` mask sets, one bool mask per masked layer each.
         input_spec: input preprocessing the tasks were trained with.
@@ -80,6 +81,8 @@ def save_bundle(
             one at a time).
         encoding: how masks are stored: ``"packed"``, ``"rice"`` or ``"sparse"``.
         extra: more JSON metadata for the basis file (e.g. the training dataset's name).
+        replace: replace an existing ``out`` once the new bundle is complete (the caller has
+            checked it may go: :func:`supsup_deploy.outputs.check_output`).
 
     Returns:
         ``out``, which :func:`~supsup_deploy.bundles.reader.load_bundle` opens.
@@ -92,7 +95,7 @@ def save_bundle(
         ('a', 'b')
     """
     out = Path(out)
-    with new_folder(out) as staging:
+    with new_folder(out, replace=replace) as staging:
         basis_sha256 = save_basis(
             staging / BASIS_FILE,
             model_config,

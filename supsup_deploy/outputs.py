@@ -1,0 +1,165 @@
+"""The one rule for every path a command writes: graphs, adapters, plots, bundles, run folders
+and the folders graphs are written into.
+
+- A path that looks like an option, lies under a file, or is a folder where a file goes (or a
+  file where a folder goes) is refused.
+- An existing file is replaced when supsup-deploy wrote it, as the file's own metadata says (an
+  ONNX graph's ``supsup.*`` properties; an adapter's shared-graph format version and task
+  tensors; a plot's PNG software tag), or with ``force``.
+- An existing bundle folder is replaced only with ``force``, and only when it is a bundle (or
+  empty): it may hold tasks installed since. Run folders and the shared graph's folder are written
+  into, never replaced: a folder of other files is refused as a run folder.
+
+Every refusal is one :class:`~supsup_deploy.errors.ConfigError` line, raised before anything is
+written; the writers then write atomically, so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from supsup_deploy.errors import ConfigError, SupsupError
+
+PLOT_SOFTWARE = "supsup-deploy"
+"""The software tag of every PNG plot this package writes."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """A kind of output path.
+
+    Attributes:
+        what: its name in messages (``"an ONNX graph"``).
+        ours: whether an existing path of this kind is one supsup-deploy wrote.
+        folder: a folder rather than a file.
+        replaced: writing replaces an existing one whole (rather than writing into it).
+    """
+
+    what: str
+    ours: Callable[[Path], bool]
+    folder: bool = False
+    replaced: bool = True
+
+
+def _our_graph(path: Path) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf and onnx raise several unexported types for foreign bytes
+        return False
+    properties = {entry.key: entry.value for entry in graph.metadata_props}
+    task_graph = {"supsup.task_id", "supsup.basis_sha256"} <= set(properties)
+    return task_graph or "supsup.graph" in properties
+
+
+def _our_adapter(path: Path) -> bool:
+    import onnxruntime
+
+    from supsup_deploy.shared_graph import SHARED_FORMAT_VERSION
+
+    try:
+        adapter = onnxruntime.AdapterFormat.read_adapter(str(path))
+        names = set(adapter.get_parameters())
+    except RuntimeError:
+        return False
+    return adapter.get_model_version() == SHARED_FORMAT_VERSION and "alpha" in names
+
+
+def _our_plot(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == PLOT_SOFTWARE
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def _empty(path: Path) -> bool:
+    return not any(path.iterdir())
+
+
+def _our_bundle(path: Path) -> bool:
+    from supsup_deploy.bundles.format import BASIS_FILE, BASIS_FORMAT
+    from supsup_deploy.files import safetensors_metadata
+
+    if _empty(path):
+        return True
+    try:
+        return safetensors_metadata(path / BASIS_FILE).get("format") == BASIS_FORMAT
+    except SupsupError:
+        return False
+
+
+def _our_run(path: Path) -> bool:
+    from supsup_deploy.runs import RUN_FILE, RUN_FORMAT
+
+    if _empty(path):
+        return True
+    try:
+        record = json.loads((path / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == RUN_FORMAT
+
+
+GRAPH = Output("an ONNX graph", _our_graph)
+ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
+PLOT = Output("a plot", _our_plot)
+BUNDLE = Output("a bundle", _our_bundle, folder=True)
+RUN = Output("a training run", _our_run, folder=True, replaced=False)
+FOLDER = Output("a folder", lambda path: True, folder=True, replaced=False)
+
+
+def check_output(path: str | Path, output: Output, *, force: bool = False) -> None:
+    """Raise unless ``output`` may be written at ``path`` (the module's rule).
+
+    Args:
+        path: where the command writes.
+        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT`,
+            :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
+        force: the command's ``--force``.
+
+    Raises:
+        ConfigError: one line naming ``path`` and what to do.
+    """
+    path = Path(path)
+    if str(path).startswith("-"):
+        raise ConfigError(f"{str(path)!r} looks like an option, not a path")
+    blocker = next((parent for parent in path.parents if _is_file(parent)), None)
+    if blocker is not None:
+        raise ConfigError(f"{path}: cannot write there, {blocker} is a file, not a folder")
+    if not os.path.lexists(path):
+        return
+    if path.is_dir() != output.folder:
+        if output.folder:
+            raise ConfigError(f"{path}: is a file, not a folder; give a folder to write into")
+        raise ConfigError(f"{path}: is a folder; give the path of the file to write")
+    if not output.ours(path):
+        if force and not output.folder:
+            return
+        if output.folder:
+            instead = (
+                f"--force replaces only {output.what}" if output.replaced else "or an empty one"
+            )
+            raise ConfigError(
+                f"{path}: exists and is not {output.what} written by supsup-deploy; choose a new "
+                f"folder ({instead})"
+            )
+        raise ConfigError(
+            f"{path}: exists and is not {output.what} written by supsup-deploy; pass --force to "
+            "replace it, or choose another path"
+        )
+    if output.folder and output.replaced and not force:
+        raise ConfigError(
+            f"{path} already exists: pass --force to replace {output.what}, or choose another --out"
+        )
+
+
+def _is_file(path: Path) -> bool:
+    return os.path.lexists(path) and not path.is_dir()
