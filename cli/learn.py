@@ -89,6 +89,13 @@ def learn_command(
             callback=not_an_option,
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing --out or --adapter file even if supsup-deploy did not "
+            "write it."
+        ),
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Processes decoding images (default: up to 2).")
     ] = None,
@@ -112,20 +119,19 @@ def learn_command(
     """
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.learn import check_learnable, next_task_id
+    from supsup_deploy.outputs import TASK_FILE, check_output
 
     if name is None:
         raise ConfigError("give the new task's name with --name NAME")
     if data is not None and (dataset is not None or classes is not None):
         raise ConfigError("give either --data FOLDER or --dataset NAME --classes IDS, not both")
-    if out is not None and (out.exists() or out.is_symlink()):
-        raise ConfigError(
-            f"{out} already exists: choose a new --out (task files are never replaced)"
-        )
     if out is not None and adapter is not None:
         raise ConfigError("--adapter needs the task installed: leave out --out")
+    if out is not None:
+        check_output(out, TASK_FILE, force=force)
     bundle = open_bundle(bundle_path)
     check_learnable(bundle, name, install=out is None)
-    graph = _check_adapter_paths(adapter, graph)
+    graph = _check_adapter_paths(adapter, graph, force)
     folder = _scan(bundle, data, val_fraction, test_fraction, seed) if data is not None else None
     learned = _train(
         bundle,
@@ -159,24 +165,24 @@ def learn_command(
     summary = {"task": index, "name": name, "path": str(path), "installed": out is None}
     summary.update(file_bytes=path.stat().st_size, metrics=learned.metrics, data=learned.data)
     if adapter is not None:
-        summary["adapter"] = _write_adapter(bundle_path, index, adapter, graph)
+        summary["adapter"] = _write_adapter(bundle_path, index, adapter, graph, force)
     if as_json:
         print_json(summary)
         return
     _print_summary(summary, learned)
 
 
-def _check_adapter_paths(adapter: Path | None, graph: Path | None) -> Path | None:
+def _check_adapter_paths(adapter: Path | None, graph: Path | None, force: bool) -> Path | None:
     """The shared graph an adapter is for, checked before training."""
     from supsup_deploy.errors import ConfigError
+    from supsup_deploy.outputs import ADAPTER, check_output
     from supsup_deploy.shared_graph import MODEL_FILE
 
     if adapter is None:
         if graph is not None:
             raise ConfigError("--graph goes with --adapter FILE")
         return None
-    if adapter.exists() or adapter.is_symlink():
-        raise ConfigError(f"{adapter} already exists: choose a new --adapter file")
+    check_output(adapter, ADAPTER, force=force)
     graph = graph or adapter.parent.parent / MODEL_FILE
     if not graph.is_file():
         raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
@@ -223,11 +229,11 @@ def _train(bundle, data, folder, **settings):
         raise typer.Exit(130) from None
 
 
-def _write_adapter(bundle_path: Path, index: int, adapter: Path, graph: Path) -> dict:
+def _write_adapter(bundle_path: Path, index: int, adapter: Path, graph: Path, force: bool):
     """The new task's adapter for the shared graph, parity checked, as ``export --adapter``."""
     from supsup_deploy.export import export_adapter
 
-    report = export_adapter(open_bundle(bundle_path), index, adapter, graph=graph)
+    report = export_adapter(open_bundle(bundle_path), index, adapter, graph=graph, force=force)
     return report.to_dict()
 
 

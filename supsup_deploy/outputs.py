@@ -5,7 +5,7 @@ and the folders graphs are written into.
   file where a folder goes) is refused.
 - An existing file is replaced when supsup-deploy wrote it, as the file's own metadata says (an
   ONNX graph's ``supsup.*`` properties; an adapter's shared-graph format version and task
-  tensors; a plot's PNG software tag), or with ``force``.
+  tensors; a task file's ``supsup-task`` format; a plot's PNG software tag), or with ``force``.
 - An existing bundle folder is replaced only with ``force``, and only when it is a bundle (or
   empty): it may hold tasks installed since. Run folders and the shared graph's folder are written
   into, never replaced: a folder of other files is refused as a run folder.
@@ -108,7 +108,18 @@ def _our_run(path: Path) -> bool:
     return isinstance(record, dict) and record.get("format") == RUN_FORMAT
 
 
+def _our_task_file(path: Path) -> bool:
+    from supsup_deploy.bundles.format import TASK_FORMAT
+    from supsup_deploy.files import safetensors_metadata
+
+    try:
+        return safetensors_metadata(path).get("format") == TASK_FORMAT
+    except SupsupError:
+        return False
+
+
 GRAPH = Output("an ONNX graph", _our_graph)
+TASK_FILE = Output("a task file", _our_task_file)
 ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
 PLOT = Output("a plot", _our_plot)
 BUNDLE = Output("a bundle", _our_bundle, folder=True)
@@ -122,7 +133,7 @@ def check_output(path: str | Path, output: Output, *, force: bool = False) -> No
     Args:
         path: where the command writes.
         output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT`,
-            :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
+            :data:`TASK_FILE`, :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
         force: the command's ``--force``.
 
     Raises:

@@ -66,8 +66,8 @@ def test_any_image_mode_and_size_is_converted(tiny_bundle, tmp_path, mode, size)
     "make, fragments",
     [
         (lambda tmp: tmp / "empty", ("no images",)),
-        (lambda tmp: tmp / "notes.jpg", ("notes.jpg", "not a readable image")),
-        (lambda tmp: tmp / "cut.png", ("cut.png", "not a readable image")),
+        (lambda tmp: tmp / "notes.jpg", ("notes.jpg", "not an image")),
+        (lambda tmp: tmp / "cut.png", ("cut.png", "truncated or corrupt image")),
         (lambda tmp: tmp / "missing.png", ("missing.png",)),
     ],
 )

@@ -136,7 +136,7 @@ def test_export_and_infer_cli(bundle_dir, tmp_path):
     ("make", "message"),
     [
         (lambda tmp: [str(tmp / "empty")], "no images"),
-        (lambda tmp: [str(tmp / "notes.png")], "not a readable image"),
+        (lambda tmp: [str(tmp / "notes.png")], "not an image"),
         (lambda tmp: [str(tmp / "missing.png")], "no such file"),
     ],
 )

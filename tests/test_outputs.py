@@ -98,6 +98,18 @@ OVERWRITES = {
         ("mine/notes.txt",),
         "--force replaces only a bundle",
     ),
+    "learn task file": (
+        ("learn", "{made}/bundle", "--data", "{made}/folder", "--name", "new", "--out",
+         "{tmp}/notes.txt"),
+        ("notes.txt",),
+        "--force",
+    ),
+    "learn adapter": (
+        ("learn", "{made}/bundle", "--data", "{made}/folder", "--name", "new", "--adapter",
+         "{tmp}/notes.txt", "--graph", "{made}/shared/model.onnx"),
+        ("notes.txt",),
+        "--force",
+    ),
     "train into a folder": (
         ("train", "--out", "{tmp}/mine", "--epochs", "1"),
         ("mine/notes.txt",),
@@ -186,7 +198,7 @@ PATH_ARGUMENTS = [
     (("export", "{made}/bundle", "--task", "0", "--adapter", "a", "--graph", "{made}/folder"),
      "folder"),
     (("infer", "{made}/nope", "--task", "0", "{made}/image.png"), "nope"),
-    (("infer", "{made}/bundle", "--task", "0", "{made}/notes.txt"), "not a readable image"),
+    (("infer", "{made}/bundle", "--task", "0", "{made}/notes.txt"), "not an image"),
     (("infer", "{made}/bundle", "--task", "0", "{made}/folder"), "no images"),
     (("infer", "{made}/bundle", "--task", "0", "--nope"), "--nope"),
     (("infer", "{made}/bundle", "--task", "0", "--onnx", "{made}/shared", "{made}/image.png"),
