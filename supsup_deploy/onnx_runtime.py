@@ -17,6 +17,7 @@ def onnx_session(
     device: str = "cpu",
     name: str | Path | None = None,
     disabled_optimizers: tuple[str, ...] = (),
+    memory_arena: bool = True,
 ):
     """An ONNX Runtime session on ``device`` (see :func:`supsup_deploy.devices.resolve_device`;
     CUDA runs on that GPU index and needs onnxruntime-gpu).
@@ -26,12 +27,15 @@ def onnx_session(
         device: where it runs.
         name: what the error message calls the graph (default ``source`` when it is a path).
         disabled_optimizers: ONNX Runtime graph optimizers to leave out.
+        memory_arena: keep the buffers of a run for the next (ONNX Runtime's CPU memory arena)
+            instead of freeing them.
     """
     import onnxruntime
 
     providers = onnx_providers(resolve_device(device))
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     graph = source if isinstance(source, bytes) else str(source)
     try:
         return onnxruntime.InferenceSession(
