@@ -10,6 +10,11 @@ import torch
 from supsup_deploy.devices import onnx_providers, resolve_device
 from supsup_deploy.errors import SupsupError
 
+SERVING_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+"""For sessions that share a process with many others (the shared session, specialised ones):
+threads that spin for work after a run take the cores from the next run on another session
+(a mixed stream over 34 open gem_resnet18 sessions: 0.086 s per request spinning, 0.025 s not)."""
+
 
 def onnx_session(
     source: str | Path | bytes,
@@ -17,7 +22,7 @@ def onnx_session(
     device: str = "cpu",
     name: str | Path | None = None,
     disabled_optimizers: tuple[str, ...] = (),
-    memory_arena: bool = True,
+    spinning: bool = True,
 ):
     """An ONNX Runtime session on ``device`` (see :func:`supsup_deploy.devices.resolve_device`;
     CUDA runs on that GPU index and needs onnxruntime-gpu).
@@ -27,15 +32,17 @@ def onnx_session(
         device: where it runs.
         name: what the error message calls the graph (default ``source`` when it is a path).
         disabled_optimizers: ONNX Runtime graph optimizers to leave out.
-        memory_arena: keep the buffers of a run for the next (ONNX Runtime's CPU memory arena)
-            instead of freeing them.
+        spinning: let the session's threads spin for work after a run (see
+            :data:`SERVING_SESSION_CONFIG`).
     """
     import onnxruntime
 
     providers = onnx_providers(resolve_device(device))
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    options.enable_cpu_mem_arena = memory_arena
+    if not spinning:
+        for key, value in SERVING_SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
     graph = source if isinstance(source, bytes) else str(source)
     try:
         return onnxruntime.InferenceSession(

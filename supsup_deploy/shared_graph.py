@@ -38,7 +38,7 @@ from supsup_deploy.errors import FormatError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
-from supsup_deploy.onnx_runtime import onnx_session
+from supsup_deploy.onnx_runtime import SERVING_SESSION_CONFIG, onnx_session
 from supsup_deploy.weight_sources import WeightSource
 
 SHARED_FORMAT_VERSION = 1
@@ -367,9 +367,9 @@ class SharedGraph:
     """An ONNX Runtime session of a shared graph: runs any task, fed or as an adapter, and
     specialises a session to one task (:meth:`specialize`).
 
-    The session keeps the codes in their own integer type (no constant folding) and frees the
-    weights it computes after each run (no memory arena): it holds 1 or 2 bytes per masked
-    weight between runs.
+    The session keeps the codes in their own integer type (no constant folding): 1 or 2 bytes
+    per masked weight once open. Its threads, and those of its specialised sessions, do not spin
+    after a run (:data:`supsup_deploy.onnx_runtime.SERVING_SESSION_CONFIG`).
 
     Args:
         path: the shared graph (``model.onnx``); with ``model``, only the name messages use.
@@ -396,7 +396,7 @@ class SharedGraph:
             device=device,
             name=self.path,
             disabled_optimizers=SHARED_SESSION_DISABLED_OPTIMIZERS,
-            memory_arena=False,
+            spinning=False,
         )
         metadata = self.session.get_modelmeta().custom_metadata_map
         if metadata.get("supsup.graph") != GRAPH_KIND:
@@ -508,6 +508,8 @@ class SharedGraph:
                 )
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        for key, value in SERVING_SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
         providers = self.session.get_providers()
         provider_options = self.session.get_provider_options()
         return onnxruntime.InferenceSession(
