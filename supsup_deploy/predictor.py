@@ -81,6 +81,11 @@ class Predictor(Predicts):
         self._sources: dict[int, dict[str, Any]] = {}
         self._provider = ""
         shared_file = onnx_path is not None and is_shared_graph(onnx_path)
+        if onnx_path is not None and hot_tasks and not shared_file:
+            raise ConfigError(
+                f"{onnx_path}: hot tasks are specialised from a shared graph (export --shared), "
+                "not a per-task graph"
+            )
         if runtime == "onnx" and (shared_file or (onnx_path is None and hot_tasks)):
             if shared_file:
                 self.shared = SharedGraph(onnx_path, device=self.device)

@@ -160,6 +160,14 @@ def test_hot_rule_refuses_bad_settings(capacity, after, window):
         HotRule(capacity, after, window)
 
 
+def test_hot_tasks_need_a_shared_graph_and_onnx_runtime(served):
+    bundle, root, _ = served
+    with pytest.raises(ConfigError, match="not a per-task graph"):
+        Predictor(bundle, onnx_path=root / "task_0.onnx", hot_tasks=2)
+    with pytest.raises(ConfigError, match="use the onnx runtime"):
+        Predictor(bundle, runtime="torch", hot_tasks=2)
+
+
 def test_predict_and_infer_use_hot_tasks(served):
     bundle, root, dense = served
     probe = images(6)
