@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from supsup_deploy import backbone
 from supsup_deploy.bundles.format import FLOAT_DTYPES
 from supsup_deploy.bundles.reader import Bundle
-from supsup_deploy.errors import FormatError
+from supsup_deploy.errors import FormatError, SupsupError
 from supsup_deploy.export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d
@@ -421,7 +421,7 @@ class SharedGraph:
     def from_bundle(cls, bundle: Bundle, *, device: str = "cpu") -> SharedGraph:
         """The bundle's shared graph built in memory (:func:`build_shared_graph`), no file."""
         return cls(
-            bundle.path / MODEL_FILE,
+            bundle.path / f"{MODEL_FILE} (built in memory)",
             device=device,
             model=build_shared_graph(bundle).SerializeToString(),
         )
@@ -494,9 +494,11 @@ class SharedGraph:
                 raise FormatError(
                     f"{self.path}: a task's {spec.name} must be {spec.dtype} {list(spec.shape)}"
                 )
-        model = onnx.load_from_string(
-            self.model if self.model is not None else self.path.read_bytes()
-        )
+        try:
+            data = self.model if self.model is not None else self.path.read_bytes()
+        except OSError as error:
+            raise FormatError(f"{self.path}: cannot read the shared graph ({error})") from None
+        model = onnx.load_from_string(data)
         graph = model.graph
         kept = [value for value in graph.input if value.name not in tensors]
         del graph.input[:]
@@ -512,9 +514,12 @@ class SharedGraph:
             options.add_session_config_entry(key, value)
         providers = self.session.get_providers()
         provider_options = self.session.get_provider_options()
-        return onnxruntime.InferenceSession(
-            model.SerializeToString(),
-            options,
-            providers=providers,
-            provider_options=[provider_options.get(name, {}) for name in providers],
-        )
+        try:
+            return onnxruntime.InferenceSession(
+                model.SerializeToString(),
+                options,
+                providers=providers,
+                provider_options=[provider_options.get(name, {}) for name in providers],
+            )
+        except Exception as error:  # onnxruntime raises its own unexported exception types
+            raise SupsupError(f"{self.path}: ONNX Runtime cannot specialise it ({error})") from None
