@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go (under 8 minutes on one GPU): the tests marked gpu, then the
+# The GPU checks in one go (under 12 minutes on one GPU): the tests marked gpu, then the
 # benchmarks with --device cuda, writing bench/results/*_gpu.json. Run from anywhere:
 #     bash bench/gpu.sh
 # Without CUDA it says so and exits 0. Packages missing from the machine (see
@@ -66,8 +66,10 @@ step 60 "bench.materialize" "$python" -m bench.materialize --device cuda
 if "$python" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())"
 then
     step 45 "bench.export_infer" "$python" -m bench.export_infer --device cuda --tasks 5 --repeats 10
+    step 240 "bench.serving" "$python" -m bench.serving --device cuda --gem-tasks 100 \
+        --resnet-tasks 20 --gem-requests 200 --resnet-requests 60 --repeats 3
 else
-    echo "== bench.export_infer: skipped (this onnxruntime has no CUDA provider; install onnxruntime-gpu)"
+    echo "== bench.export_infer, bench.serving: skipped (this onnxruntime has no CUDA provider; install onnxruntime-gpu)"
 fi
 
 ls -l bench/results/*_gpu.json 2>/dev/null

@@ -643,6 +643,14 @@ def infer_command(
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    hot_tasks: Annotated[
+        int,
+        typer.Option(
+            help="With a shared graph: specialised sessions kept for the tasks asked for "
+            "often (a task is specialised in the background from its second batch on; "
+            "docs/SHARED_GRAPH.md). Without --onnx the shared graph is built in memory."
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print predictions as JSON.")] = False,
 ) -> None:
     """Predict classes for images with a task's model, in PyTorch or ONNX Runtime.
@@ -654,13 +662,14 @@ def infer_command(
     bundle_path = paths.pop(0) if paths and is_bundle_or_run(paths[0]) else DEFAULT_BUNDLE
     _check_infer_options(paths, task, dataset_split, onnx, runtime, batch_size)
     bundle = open_bundle(bundle_path)
-    from supsup_deploy.runtime import Runner
+    from supsup_deploy.predictor import Predictor
 
-    runner = Runner(
+    runner = Predictor(
         bundle,
-        runtime="onnx" if onnx is not None else runtime or "torch",
+        runtime=runtime or ("onnx" if onnx is not None or hot_tasks else "torch"),
         device=use_device(device),
         onnx_path=onnx,
+        hot_tasks=hot_tasks,
     )
     inference = {"method": task_inference, "steps": oneshot_steps, "shortlist": shortlist}
     if task == "auto" and dataset_split is not None:

@@ -57,8 +57,9 @@ def verify_command(
     """Check every architecture end to end: pack, load, materialise, export, parity, bytes.
 
     For each architecture: build a basis, pack, load, materialise, export ONNX (per-task graphs
-    and the shared graph with its adapters), prove ONNX Runtime parity, and compare the bytes on
-    disk with the storage report's prediction.
+    and the shared graph with its adapters), prove ONNX Runtime parity (the shared graph
+    specialised to each task against its per-task graph too), and compare the bytes on disk
+    with the storage report's prediction.
 
     Without --run the basis is 2 seeded random masks plus 2 alpha tasks, at 32x32 inputs. With
     --bundle (packed from a trained run) it also measures every task's test accuracy with PyTorch,
@@ -129,6 +130,7 @@ def print_verify_table(results) -> None:
         "export s",
         "max |diff|",
         "shared |diff|",
+        "specialized |diff|",
         "bytes",
         "result",
     )
@@ -148,6 +150,9 @@ def print_verify_table(results) -> None:
             f"{seconds['export']:.1f}" if "export" in seconds else "-",
             f"{result.max_abs_diff:.1e}" if result.max_abs_diff is not None else "-",
             f"{result.shared_max_abs_diff:.1e}" if result.shared_max_abs_diff is not None else "-",
+            f"{result.specialized_max_abs_diff:.1e}"
+            if result.specialized_max_abs_diff is not None
+            else "-",
             f"{result.bytes_checked} exact" if result.bytes_ok else "-",
             "ok" if result.ok else f"FAILED: {result.error}",
         )

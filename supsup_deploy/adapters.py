@@ -89,7 +89,10 @@ def load_adapter(path: str | Path, inputs: tuple[TaskInput, ...]) -> TaskAdapter
         raise FormatError(f"{path}: no such adapter file")
     try:
         adapter = onnxruntime.AdapterFormat.read_adapter(str(path))
-        parameters = {name: value.numpy() for name, value in adapter.get_parameters().items()}
+        # the arrays view memory the AdapterFormat owns: copy them before it is freed
+        parameters = {
+            name: value.numpy().copy() for name, value in adapter.get_parameters().items()
+        }
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1].split(") ")[-1]
         raise FormatError(f"{path}: not an ONNX Runtime adapter ({reason})") from None

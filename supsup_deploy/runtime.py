@@ -103,7 +103,62 @@ def dataset_split(
     return datasets.preprocess_images(dataset.images[rows], bundle.input), labels[rows]
 
 
-class Runner:
+def shared_task_source(shared: SharedGraph, bundle: Bundle, task: int) -> dict[str, Any]:
+    """How a shared graph gets ``task`` (the keyword arguments of :meth:`SharedGraph.run`): its
+    adapter beside the graph (``tasks/<name>.onnx_adapter``) when there is one, else the bundle's
+    tensors as inputs.
+
+    Raises:
+        FormatError: the adapter is bad, for another task, or differs from the task file.
+    """
+    info = bundle.task(task)
+    path = shared.path.parent / ADAPTERS_FOLDER / f"{info.name}{ADAPTER_SUFFIX}"
+    feed = shared.feed(bundle, task)
+    if shared.model is not None or not os.path.lexists(path):
+        return {"feed": feed}
+    adapter = load_adapter(path, shared.inputs)
+    if adapter.task != info.index:
+        raise FormatError(f"{path}: holds task {adapter.task}, not task {info.index}")
+    if any(not np.array_equal(adapter.tensors[name], feed[name]) for name in feed):
+        raise FormatError(f"{path}: its tensors differ from {info.path}; export the adapter again")
+    return {"adapter": adapter}
+
+
+class Predicts:
+    """:meth:`predict` for a class that has ``bundle`` and ``logits(task, images, batch_size)``."""
+
+    bundle: Bundle
+
+    def logits(self, task: int | str, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(
+        self,
+        task: int | str,
+        images: torch.Tensor,
+        names: list[str],
+        labels: torch.Tensor | None = None,
+        batch_size: int = 256,
+    ) -> list[Prediction]:
+        """Class, class name and probability for every image under ``task`` (over the task's
+        own classes: a task with k class names uses the first k outputs)."""
+        info = self.bundle.task(task)
+        logits = self.logits(info.index, images, batch_size)[:, : len(info.class_names)]
+        best, classes = logits.softmax(dim=1).max(dim=1)
+        return [
+            Prediction(
+                input=name,
+                task=info.index,
+                class_index=int(index),
+                class_name=info.class_names[int(index)],
+                probability=float(probability),
+                label=None if labels is None else int(labels[row]),
+            )
+            for row, (name, index, probability) in enumerate(zip(names, classes, best, strict=True))
+        ]
+
+
+class Runner(Predicts):
     """Runs a bundle's tasks on images with PyTorch (materialised weights) or ONNX Runtime.
 
     Args:
@@ -176,23 +231,8 @@ class Runner:
         return self._sessions[task]
 
     def _shared_task(self, task: int) -> dict[str, Any]:
-        """How the shared graph gets ``task``: its adapter beside the graph
-        (``tasks/<name>.onnx_adapter``) when there is one, else the bundle's tensors as inputs."""
         if task not in self._shared_tasks:
-            info = self.bundle.task(task)
-            path = self._shared.path.parent / ADAPTERS_FOLDER / f"{info.name}{ADAPTER_SUFFIX}"
-            feed = self._shared.feed(self.bundle, task)
-            if os.path.lexists(path):
-                adapter = load_adapter(path, self._shared.inputs)
-                if adapter.task != info.index:
-                    raise FormatError(f"{path}: holds task {adapter.task}, not task {info.index}")
-                if any(not np.array_equal(adapter.tensors[name], feed[name]) for name in feed):
-                    raise FormatError(
-                        f"{path}: its tensors differ from {info.path}; export the adapter again"
-                    )
-                self._shared_tasks[task] = {"adapter": adapter}
-            else:
-                self._shared_tasks[task] = {"feed": feed}
+            self._shared_tasks[task] = shared_task_source(self._shared, self.bundle, task)
         return self._shared_tasks[task]
 
     def _check_graph(self, session, path: Path, task: int) -> None:
@@ -216,29 +256,3 @@ class Runner:
         path = Path(self._scratch.name) / f"task_{task}.onnx"
         self._exporter.export(task, path)
         return path
-
-    def predict(
-        self,
-        task: int | str,
-        images: torch.Tensor,
-        names: list[str],
-        labels: torch.Tensor | None = None,
-        batch_size: int = 256,
-    ) -> list[Prediction]:
-        """Class, class name and probability for every image under ``task`` (over the task's
-        own classes: a task with k class names uses the first k outputs)."""
-        info = self.bundle.task(task)
-        logits = self.logits(info.index, images, batch_size)[:, : len(info.class_names)]
-        probabilities = logits.softmax(dim=1)
-        best, classes = probabilities.max(dim=1)
-        return [
-            Prediction(
-                input=name,
-                task=info.index,
-                class_index=int(index),
-                class_name=info.class_names[int(index)],
-                probability=float(probability),
-                label=None if labels is None else int(labels[row]),
-            )
-            for row, (name, index, probability) in enumerate(zip(names, classes, best, strict=True))
-        ]

@@ -2,7 +2,8 @@
 
 Each step checks something a user depends on: materialised weights equal the alpha formula, the
 per-task ONNX graphs and the shared graph (every task fed as inputs and as an adapter) match
-PyTorch within the exporter's tolerance, the bytes on disk are exactly what the storage
+PyTorch within the exporter's tolerance, the shared graph specialised to each task matches the
+task's per-task graph, the bytes on disk are exactly what the storage
 accounting predicts, and (for a bundle from a trained run) PyTorch, the per-task graphs and the
 shared graph give identical predictions on every task's test split.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from supsup_deploy import backbone
@@ -23,8 +25,10 @@ from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.errors import SupsupError
-from supsup_deploy.export import TaskExporter, export_shared, probe_batch
+from supsup_deploy.export import ParityError, TaskExporter, export_shared, probe_batch
+from supsup_deploy.export_targets import export_target
 from supsup_deploy.models import get_model_entry
+from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.report import compare_bundle_bytes
 from supsup_deploy.steps import StepTimer
 
@@ -48,6 +52,7 @@ class VerifyResult:
     seconds: dict[str, float] = field(default_factory=dict)
     max_abs_diff: float | None = None
     shared_max_abs_diff: float | None = None
+    specialized_max_abs_diff: float | None = None
     bytes_checked: int = 0
     bytes_ok: bool = False
     accuracy: list[dict[str, Any]] = field(default_factory=list)
@@ -69,6 +74,7 @@ class VerifyResult:
             "seconds": {key: round(value, 3) for key, value in self.seconds.items()},
             "max_abs_diff": self.max_abs_diff,
             "shared_max_abs_diff": self.shared_max_abs_diff,
+            "specialized_max_abs_diff": self.specialized_max_abs_diff,
             "bytes_checked": self.bytes_checked,
             "bytes_ok": self.bytes_ok,
             "accuracy": self.accuracy,
@@ -215,8 +221,38 @@ def _check_bundle(
     result.shared_max_abs_diff = max(
         max(report.max_abs_diff_inputs, report.max_abs_diff_adapter) for report in shared
     )
+    result.specialized_max_abs_diff = steps.run(
+        "specialized", _check_specialized, bundle, work_dir, probe, probe_name, device
+    )
     if accuracy:
         result.accuracy = steps.run("accuracy", _accuracy_parity, bundle, work_dir, device)
+
+
+def _check_specialized(
+    bundle: Bundle, work_dir: Path, probe: torch.Tensor, probe_name: str, device: str
+) -> float:
+    """The shared graph specialised to each task against the task's per-task graph: the largest
+    logit difference; ParityError beyond the fp32 tolerance or on a differing argmax."""
+    from supsup_deploy.shared_graph import MODEL_FILE, SharedGraph
+
+    shared = SharedGraph(work_dir / "shared" / MODEL_FILE, device=device)
+    tolerance = export_target("shared").tolerance()
+    worst = 0.0
+    for info in bundle.tasks:
+        dense = run_onnx(
+            onnx_session(work_dir / "onnx" / f"{info.name}.onnx", device=device), probe
+        )
+        got = run_onnx(shared.specialize(bundle, info.index), probe)
+        difference = float(np.abs(got - dense).max())
+        if difference > tolerance or not (got.argmax(1) == dense.argmax(1)).all():
+            raise ParityError(
+                f"the shared graph specialised to task {info.index} differs from its per-task "
+                f"graph: max |logit difference| {difference:.3g} (tolerance {tolerance:g}), "
+                f"argmax equal: {bool((got.argmax(1) == dense.argmax(1)).all())}, on "
+                f"{len(probe)} {probe_name}"
+            )
+        worst = max(worst, difference)
+    return worst
 
 
 def _check_materialized(bundle: Bundle) -> None:

@@ -18,7 +18,10 @@ def test_quick_verify_passes():
     for row in results:
         assert row["ok"] and row["bytes_ok"] and row["bytes_checked"] == 14
         assert row["max_abs_diff"] <= 1e-4 and row["shared_max_abs_diff"] <= 1e-4
-        assert set(row["seconds"]) == {"pack", "load", "materialize", "bytes", "export", "shared"}
+        assert row["specialized_max_abs_diff"] <= 1e-4
+        assert set(row["seconds"]) == {
+            *("pack", "load", "materialize", "bytes", "export", "shared", "specialized")
+        }
 
 
 def test_wrong_byte_prediction_fails(tmp_path, monkeypatch):

@@ -290,6 +290,13 @@ class Bundle:
         self.__dict__.pop("task_entries", None)
         return self.task(index)
 
+    def predictor(self, **options: Any) -> Any:
+        """A long-lived :class:`supsup_deploy.predictor.Predictor` of this bundle (``runtime``,
+        ``device``, ``onnx_path``, ``hot_tasks``, ... as it takes them)."""
+        from supsup_deploy.predictor import Predictor
+
+        return Predictor(self, **options)
+
     def predict(
         self,
         images: torch.Tensor | list[str | Path],
@@ -298,6 +305,7 @@ class Bundle:
         runtime: str = "torch",
         device: str = "cpu",
         batch_size: int = 256,
+        hot_tasks: int = 0,
     ) -> list[Any]:
         """Predict classes with one task's model (the Python side of ``supsup infer``).
 
@@ -310,12 +318,14 @@ class Bundle:
             runtime: ``"torch"`` or ``"onnx"`` (the task exported on the fly, parity checked).
             device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             batch_size: images per forward pass.
+            hot_tasks: with ``"onnx"``, run the shared graph built in memory, the task
+                specialised in the background once hot (see :meth:`predictor`).
 
         Returns:
             One :class:`supsup_deploy.runtime.Prediction` per image (class index, class name,
             probability), in input order.
         """
-        from supsup_deploy.runtime import Runner, collect_image_paths, load_images
+        from supsup_deploy.runtime import collect_image_paths, load_images
 
         if isinstance(images, torch.Tensor):
             images = model_input(images, self.input)
@@ -323,5 +333,5 @@ class Bundle:
         else:
             files = collect_image_paths(images)
             images, names = load_images(files, self), [str(path) for path in files]
-        runner = Runner(self, runtime=runtime, device=device)
-        return runner.predict(task, images, names, batch_size=batch_size)
+        with self.predictor(runtime=runtime, device=device, hot_tasks=hot_tasks) as predictor:
+            return predictor.predict(task, images, names, batch_size=batch_size)
