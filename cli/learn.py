@@ -97,7 +97,8 @@ def learn_command(
         ),
     ] = False,
     workers: Annotated[
-        int | None, typer.Option(help="Processes decoding images (default: up to 2).")
+        int | None,
+        typer.Option(help="Processes decoding images (default: none with fewer than 4 cores)."),
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     lock_timeout: Annotated[

@@ -433,3 +433,11 @@ def test_task_splits_relabel_cap_and_mix_the_training_classes(tmp_path):
     assert first_class == {"c"}
     again = data.task_splits(task, max_train_samples=30, **settings)
     assert again.train.samples == splits.train.samples
+
+
+def test_default_workers_leave_small_machines_to_training(monkeypatch):
+    import supsup_deploy.image_folder as image_folder
+
+    for cpus, many, few in ((2, 0, 0), (4, 2, 0), (16, 4, 0)):
+        monkeypatch.setattr(image_folder.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert (default_num_workers(1000), default_num_workers(10)) == (many, few)
