@@ -46,9 +46,9 @@ from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics
 from supsup_deploy.train import Reporter, RunData, TaskRecipe, TrainConfig, train_run, train_task
 
-RUN = dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, seed=0)
-BUDGET = dict(epochs=6, max_train_samples=1500, max_test_samples=1000)
-QUICK_BUDGET = dict(epochs=3, max_train_samples=400, max_test_samples=300)
+RUN = dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, seed=0, val_fraction=0.05)
+BUDGET = dict(epochs=4, max_train_samples=1000, max_test_samples=1000)
+QUICK_BUDGET = dict(epochs=2, max_train_samples=300, max_test_samples=300)
 GOAL_TIME_RATIO = 1 / 3
 GOAL_ACCURACY_POINTS = 0.5
 GOAL_THROUGHPUT_RATIO = 0.8
@@ -134,12 +134,13 @@ def main() -> None:
     run_data = RunData.load(config)
     new_task = run_data.tasks[-1]
     classes = ",".join(map(str, new_task.classes))
-    shared = dict(epochs=budget["epochs"], seed=0, device="cpu")
+    shared = dict(epochs=budget["epochs"], seed=0, device="cpu", val_fraction=RUN["val_fraction"])
 
     idx_splits = datasets.task_splits(
         run_data.train,
         run_data.test,
         datasets.TaskSpec(0, new_task.classes, "new", seed=0),
+        val_fraction=RUN["val_fraction"],
         max_train_samples=budget["max_train_samples"],
         seed=0,
     )
