@@ -92,7 +92,7 @@ def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
         (("export", "{bundle}", "--task", "0", "--all"), ("--all",)),
         (("infer", "{bundle}", "--task", "0", "--batch-size", "0"), ("--batch-size",)),
         (("infer", "{bundle}", "--task", "0", "--runtime", "tvm"), ("'torch', 'onnx'",)),
-        (("infer", "{bundle}", "--task", "0", "--dataset-split", "test"), ("no dataset",)),
+        (("infer", "{bundle}", "--task", "0", "--dataset-split", "test"), ("no built-in dataset",)),
         (("infer", "{bundle}", "--task", "auto", "--shortlist", "-1", "."), ("shortlist",)),
         (("infer", "{bundle}", "--task", "auto", "--oneshot-steps", "0", "."), ("steps",)),
         (("infer", "{bundle}", "--task", "auto", "--task-inference", "guess", "."), ("guess",)),

@@ -170,9 +170,11 @@ def test_hot_tasks_need_a_shared_graph_and_onnx_runtime(served):
 
 def test_predict_and_infer_use_hot_tasks(served):
     bundle, root, dense = served
-    probe = images(6)
+    pixels = torch.randint(0, 256, (6, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(2))
+    pixels = pixels.to(torch.uint8)
     info = bundle.tasks[1]
-    got = bundle.predict(probe, task=info.index, runtime="onnx", hot_tasks=1, batch_size=2)
+    got = bundle.predict(pixels, task=info.index, runtime="onnx", hot_tasks=1, batch_size=2)
+    probe = bundle.weights(info.index).transforms()(pixels)
     expected = run_onnx(dense[info.index], probe).argmax(1)
     assert [p.class_index for p in got] == expected.tolist()
     folder = root / "images"
