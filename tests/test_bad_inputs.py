@@ -1,12 +1,15 @@
 """Bad input anywhere gives one line that names the problem and says what to do, exit code 2;
-unusual but valid images (any mode, any size) are converted, not refused."""
+unusual but valid images (any mode, any size) are converted, not refused.
+
+The commands run in this process (``run_cli_in_process``: a traceback fails the test); that a
+real ``supsup`` process prints the same one line is checked once, at the end."""
 
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from cli_runner import run_cli
+from cli_runner import run_cli, run_cli_in_process
 from PIL import Image
 
 from supsup_deploy.bundles.format import InputSpec
@@ -37,7 +40,7 @@ def test_task_out_of_range(tiny_bundle, tmp_path, task):
     image = tmp_path / "a.png"
     Image.new("L", (16, 16)).save(image)
     assert_one_line(
-        run_cli("infer", str(tiny_bundle), str(image), "--task", task), "installed tasks"
+        run_cli_in_process("infer", str(tiny_bundle), str(image), "--task", task), "installed tasks"
     )
 
 
@@ -58,7 +61,7 @@ def test_any_image_mode_and_size_is_converted(tiny_bundle, tmp_path, mode, size)
     image = tmp_path / ("image.tiff" if mode in ("I;16", "F", "CMYK") else "image.png")
     pixels = np.random.default_rng(0).integers(0, 255, size=(size[1], size[0]), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(image)
-    result = run_cli("infer", str(tiny_bundle), str(image), "--task", "0", "--json")
+    result = run_cli_in_process("infer", str(tiny_bundle), str(image), "--task", "0", "--json")
     assert result.returncode == 0, result.stderr
 
 
@@ -78,7 +81,8 @@ def test_bad_image_inputs(tiny_bundle, tmp_path, make, fragments):
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     assert_one_line(
-        run_cli("infer", str(tiny_bundle), str(make(tmp_path)), "--task", "0"), *fragments
+        run_cli_in_process("infer", str(tiny_bundle), str(make(tmp_path)), "--task", "0"),
+        *fragments,
     )
 
 
@@ -133,7 +137,7 @@ def test_bad_arguments(tiny_bundle, tmp_path, args, fragments):
     places["{folder}"].mkdir()
     places["{notes}"].write_text("my notes")
     args = tuple(places.get(arg, arg) for arg in args)
-    assert_one_line(run_cli(*map(str, args)), *fragments)
+    assert_one_line(run_cli_in_process(*map(str, args)), *fragments)
     assert places["{notes}"].read_text() == "my notes"
     assert list(places["{folder}"].iterdir()) == []
 
@@ -150,5 +154,16 @@ def test_cuda_without_a_gpu_is_one_line(tiny_bundle, tmp_path, command):
         "train": ("train", "--out", str(tmp_path / "run")),
         "demo": ("demo", "--out", str(tmp_path / "demo")),
     }[command]
-    assert_one_line(run_cli(*args, "--device", "cuda"), "--device cuda", "CUDA is not available")
+    assert_one_line(
+        run_cli_in_process(*args, "--device", "cuda"), "--device cuda", "CUDA is not available"
+    )
     assert not (tmp_path / "t.onnx").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_real_process_prints_the_same_one_line(tiny_bundle, tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("L", (16, 16)).save(image)
+    args = ("infer", str(tiny_bundle), str(image), "--task", "nope")
+    in_process, real = run_cli_in_process(*args), run_cli(*args)
+    assert_one_line(real, "installed tasks")
+    assert (real.returncode, real.stderr) == (in_process.returncode, in_process.stderr)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
+from cli_runner import run_cli, run_cli_in_process
 from conftest import SMALL_RUN
 from version_1 import read as read_version_1
 from version_1 import version_1_bundle
@@ -114,7 +114,7 @@ def test_corrupt_files_give_one_line_errors(bundle_dir, target, kind):
     with pytest.raises(FormatError) as error:
         len(load_bundle(bundle_dir).tasks)
     assert path.name in str(error.value)
-    result = run_cli("inspect", str(bundle_dir))
+    result = run_cli_in_process("inspect", str(bundle_dir))
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
