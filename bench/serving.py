@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         row = serve_variant(args.job, args.work, args.requests, args.device, budget, args.held)
         print(json.dumps(row))
         return
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     results = [
         arch_rows("gem_resnet18", args.gem_tasks, args.gem_requests, args),
         arch_rows("resnet18", args.resnet_tasks, args.resnet_requests, args),
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "benchmark": "serving",
         "machine": machine_info(args.device),
-        "note": "2-core CPU shared with other jobs while this ran: timings are noisy",
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "settings": {
             "num_basis": NUM_BASIS,
             "zipf": ZIPF,
