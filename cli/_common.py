@@ -96,3 +96,17 @@ def is_bundle_or_run(path: Path) -> bool:
     if not os.path.lexists(path):
         return path.suffix.lower() not in IMAGE_SUFFIXES
     return path.is_dir() and ((path / BASIS_FILE).is_file() or (path / "run.json").is_file())
+
+
+def adapter_graph(adapter: Path, graph: Path | None, *, force: bool) -> Path:
+    """``--adapter FILE [--graph]``: check the adapter's path (the output rule) and return the
+    shared graph it is for (default: model.onnx in the folder above the adapter's)."""
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.outputs import ADAPTER, check_output
+    from supsup_deploy.shared_graph import MODEL_FILE
+
+    check_output(adapter, ADAPTER, force=force)
+    graph = graph or adapter.parent.parent / MODEL_FILE
+    if not graph.is_file():
+        raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
+    return graph

@@ -13,6 +13,7 @@ from ._choices import Dataset, FloatDtype
 from ._common import (
     DEFAULT_BUNDLE,
     DEVICE_HELP,
+    adapter_graph,
     not_an_option,
     one_line_errors,
     open_bundle,
@@ -176,18 +177,12 @@ def learn_command(
 def _check_adapter_paths(adapter: Path | None, graph: Path | None, force: bool) -> Path | None:
     """The shared graph an adapter is for, checked before training."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.outputs import ADAPTER, check_output
-    from supsup_deploy.shared_graph import MODEL_FILE
 
     if adapter is None:
         if graph is not None:
             raise ConfigError("--graph goes with --adapter FILE")
         return None
-    check_output(adapter, ADAPTER, force=force)
-    graph = graph or adapter.parent.parent / MODEL_FILE
-    if not graph.is_file():
-        raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
-    return graph
+    return adapter_graph(adapter, graph, force=force)
 
 
 def _scan(bundle, data: Path, val_fraction: float, test_fraction: float, seed: int):

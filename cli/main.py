@@ -25,6 +25,7 @@ from ._common import (
     DEFAULT_ONNX,
     DEFAULT_RUN,
     DEVICE_HELP,
+    adapter_graph,
     is_bundle_or_run,
     not_an_option,
     one_line_errors,
@@ -551,8 +552,6 @@ def _export_shared(
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.export import export_adapter, export_shared
     from supsup_deploy.export_targets import export_target
-    from supsup_deploy.outputs import ADAPTER, check_output
-    from supsup_deploy.shared_graph import MODEL_FILE
 
     target = export_target("shared" if shared else "adapter")
     target.validate(precision="float16" if fp16 else "float32")
@@ -563,10 +562,7 @@ def _export_shared(
     else:
         if task is None:
             raise ConfigError("--adapter needs --task NAME (the task to write)")
-        check_output(adapter, ADAPTER, force=force)
-        graph = graph or adapter.parent.parent / MODEL_FILE
-        if not graph.is_file():
-            raise ConfigError(f"{graph}: no shared graph there; give --graph DIR/{MODEL_FILE}")
+        graph = adapter_graph(adapter, graph, force=force)
         reports = [export_adapter(bundle, task, adapter, graph=graph, force=force)]
     if as_json:
         print_json([report.to_dict() for report in reports])

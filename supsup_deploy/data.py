@@ -26,6 +26,8 @@ from supsup_deploy.errors import ConfigError, DatasetNotFoundError, FormatError
 
 SPLITS = ("train", "test")
 PROTOCOLS = ("split", "random")
+FOLDER_DATASET = "image-folder"
+"""The dataset name a run (and the bundle packed from it) records for an image folder."""
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_ROOT = Path.home() / ".cache" / "supsup"
 FASHION_MNIST_CLASSES = (

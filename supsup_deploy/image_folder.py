@@ -37,13 +37,17 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from supsup_deploy.data import DatasetSpec, TaskSpec, TaskSplits, preprocess_images
+from supsup_deploy.data import (
+    FOLDER_DATASET,
+    DatasetSpec,
+    TaskSpec,
+    TaskSplits,
+    preprocess_images,
+)
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.images import IMAGE_SUFFIXES, open_image, read_pixels
 
 SPLIT_NAMES = ("train", "val", "test")
-FOLDER_DATASET = "image-folder"
-"""The dataset name a run (and the bundle packed from it) records for an image folder."""
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 """Pillow modes read as 1 channel; a folder with an image of any other mode is read as RGB."""
 DEFAULT_IMAGE_SIZE = 32

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from supsup_deploy import data as datasets
-from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundles.format import (
     FORMAT_VERSION,
     TASKS_FOLDER,
@@ -194,7 +193,6 @@ def learn_task(
     """
     check_learnable(bundle, name, install=False)
     recipe = _recipe(epochs, batch_size, alpha_lr, weight_decay, seed)
-    outputs = bundle.config.num_classes
     stored = (
         float_dtype(alpha_dtype or _stored_dtype(bundle, "alpha"), what="alpha"),
         float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean")),
@@ -223,10 +221,10 @@ def learn_task(
         splits,
         index=0,
         kind="alpha",
-        basis=basis_masks(bundle),
+        basis=bundle.basis_masks(),
         device=device,
         slot=0,
-        outputs=len(record["class_names"]) if len(record["class_names"]) < outputs else None,
+        outputs=len(record["class_names"]),
         reporter=reporter,
     )
     test_accuracy = metrics["test_accuracy"]
@@ -272,16 +270,6 @@ def _recipe(
     )
 
 
-def basis_masks(bundle: Bundle) -> list[list[torch.Tensor]]:
-    """The bundle's basis masks unpacked: ``|B|`` sets of one bool mask per masked layer."""
-    masks: list[list[torch.Tensor]] = [[] for _ in range(bundle.num_basis)]
-    for layer, shape in enumerate(bundle.summary.weight_shapes):
-        packed = bundle.packed_basis(layer)
-        for number in range(bundle.num_basis):
-            masks[number].append(unpack_bits(packed[number], math.prod(shape)).view(shape))
-    return masks
-
-
 def _stored_dtype(bundle: Bundle, tensor: str) -> str:
     """The dtype the bundle's newest alpha task stores ``tensor`` in (float32 if none does)."""
     for entry in reversed(bundle.task_entries):
@@ -290,6 +278,15 @@ def _stored_dtype(bundle: Bundle, tensor: str) -> str:
         if tensor in tensors and (tensor != "alpha" or info.kind == "alpha"):
             return str(tensors[tensor].dtype).removeprefix("torch.")
     return "float32"
+
+
+def _check_class_count(bundle: Bundle, count: int, source: str) -> None:
+    outputs = bundle.config.num_classes
+    if count > outputs:
+        raise ConfigError(
+            f"{source} has {count} classes but the bundle's tasks have {outputs} outputs: use "
+            f"at most {outputs} classes"
+        )
 
 
 def _folder_splits(
@@ -301,12 +298,7 @@ def _folder_splits(
     num_workers: int | None,
 ) -> tuple[datasets.TaskSplits, dict[str, Any]]:
     """A scanned folder's splits, decoded to the bundle's input spec as they are read."""
-    outputs = bundle.config.num_classes
-    if len(folder.class_names) > outputs:
-        raise ConfigError(
-            f"{folder.root} has {len(folder.class_names)} classes but the bundle's tasks have "
-            f"{outputs} outputs: use at most {outputs} classes"
-        )
+    _check_class_count(bundle, len(folder.class_names), str(folder.root))
     spec = bundle.input
     task = datasets.TaskSpec(0, tuple(range(len(folder.class_names))), name)
     splits = folder.task_splits(
@@ -319,7 +311,7 @@ def _folder_splits(
         seed=recipe.seed,
         num_workers=num_workers,
     )
-    record = {"source": "folder", "class_names": list(folder.class_names), **folder.record()}
+    record = {"source": "folder", **folder.record()}
     return splits, record
 
 
@@ -336,12 +328,7 @@ def _dataset_splits(
     """Classes of a built-in dataset as one task, normalised as the bundle's inputs are."""
     spec = datasets.get_dataset_spec(dataset)
     wanted = datasets.parse_classes(classes, spec)
-    outputs = bundle.config.num_classes
-    if len(wanted) > outputs:
-        raise ConfigError(
-            f"--classes gives {len(wanted)} classes but the bundle's tasks have {outputs} "
-            f"outputs: use at most {outputs}"
-        )
+    _check_class_count(bundle, len(wanted), f"--classes {classes}")
     shape = (spec.in_channels, spec.image_size)
     if shape != (bundle.input.channels, bundle.input.size):
         raise ConfigError(

@@ -16,7 +16,6 @@ from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.bundles.weights import ImageTransform
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.image_folder import FOLDER_DATASET
 from supsup_deploy.images import IMAGE_SUFFIXES, read_pixels
 from supsup_deploy.onnx_runtime import onnx_session, run_onnx
 from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
@@ -85,7 +84,7 @@ def dataset_split(
     info = bundle.task(task)
     name = bundle.dataset
     classes = info.metrics.get("classes")
-    if not name or not classes or name == FOLDER_DATASET:
+    if not name or not classes or name == datasets.FOLDER_DATASET:
         raise ConfigError(
             f"{info.path}: no built-in dataset or classes recorded for task {info.index} (an "
             "image folder's task); pass image files"

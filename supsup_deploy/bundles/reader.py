@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from supsup_deploy import backbone
-from supsup_deploy.binary_masks import code_value_table, codes_from_packed
+from supsup_deploy.binary_masks import code_value_table, codes_from_packed, unpack_bits
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
     TASKS_FOLDER,
@@ -94,12 +94,17 @@ class Bundle:
         self._task_folder = self.path / TASKS_FOLDER
         self._checked: dict[int, tuple[TaskInfo, dict[str, torch.Tensor]]] = {}
         if self.format_version >= 2:
-            self._names = list_task_files(self._task_folder)
+            self._list_tasks(list_task_files(self._task_folder))
         else:
             self._checked = read_version_1_tasks(self._task_folder, self._header, self.basis_sha256)
-            self._names = {index: info.name for index, (info, _) in self._checked.items()}
-        self._ids = {name: index for index, name in self._names.items()}
+            self._list_tasks({index: info.name for index, (info, _) in self._checked.items()})
         self._codes: dict[str, list[torch.Tensor]] = {}
+
+    def _list_tasks(self, names: dict[int, str]) -> None:
+        """Take ``names`` (task id: name) as the installed tasks."""
+        self._names = names
+        self._ids = {name: index for index, name in names.items()}
+        self.__dict__.pop("task_entries", None)
 
     @functools.cached_property
     def task_entries(self) -> tuple[TaskEntry, ...]:
@@ -200,6 +205,15 @@ class Bundle:
         """The basis masks of one masked layer, bit-packed: uint8 ``[|B|, ceil(numel / 8)]``."""
         return self._packed_masks[layer]
 
+    def basis_masks(self) -> list[list[torch.Tensor]]:
+        """The basis masks unpacked: ``|B|`` sets of one bool mask per masked layer, shaped as
+        the layer's weight (what :func:`~supsup_deploy.weight_sources.use_alpha` takes)."""
+        masks: list[list[torch.Tensor]] = [[] for _ in range(self.num_basis)]
+        for packed, shape in zip(self._packed_masks, self.summary.weight_shapes, strict=True):
+            for number, row in enumerate(packed):
+                masks[number].append(unpack_bits(row, math.prod(shape)).view(shape))
+        return masks
+
     def codes(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Per-layer int32 codes (sign and basis bits), computed once per device."""
         key = str(torch.device(device))
@@ -285,9 +299,7 @@ class Bundle:
 
         learned = learn_task(self, data, name=name, **settings)
         index = install_learned_task(self.path, learned).index
-        self._names = list_task_files(self._task_folder)
-        self._ids = {task_name: number for number, task_name in self._names.items()}
-        self.__dict__.pop("task_entries", None)
+        self._list_tasks(list_task_files(self._task_folder))
         return self.task(index)
 
     def predictor(self, **options: Any) -> Any:
