@@ -49,7 +49,15 @@ from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_at
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import load_norm_state
 from supsup_deploy.pack import pack_run
-from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
+from supsup_deploy.runs import (
+    RUN_FILE,
+    collect_metrics,
+    load_task,
+    prepare_run_dir,
+    read_task_masks,
+    run_record,
+    task_path,
+)
 from supsup_deploy.runtime import Runner
 from supsup_deploy.task_inference import evaluate_task_inference
 from supsup_deploy.train import (
@@ -90,12 +98,18 @@ def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
     run_dir = work / name
     train_run(config, run_dir, resume=True)
     dedicated_dir = work / f"{name}_dedicated"
+    dedicated = dataclasses.replace(config, basis=config.num_tasks)
+    if not (dedicated_dir / RUN_FILE).exists():
+        run_data = RunData.load(dedicated)
+        dedicated_dir.mkdir(parents=True, exist_ok=True)
+        record = run_record(dedicated, run_data.spec, run_data.tasks)
+        prepare_run_dir(dedicated_dir, {**record, "device": "cpu"}, resume=False)
     (dedicated_dir / "tasks").mkdir(parents=True, exist_ok=True)
     for index in range(config.basis):
         target = task_path(dedicated_dir, index)
         if not target.exists():
             shutil.copyfile(task_path(run_dir, index), target)
-    train_run(dataclasses.replace(config, basis=config.num_tasks), dedicated_dir, resume=True)
+    train_run(dedicated, dedicated_dir, resume=True)
     return run_dir, dedicated_dir
 
 
