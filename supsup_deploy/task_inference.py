@@ -1,5 +1,5 @@
-"""Which task does a batch belong to? Matched norm statistics, prediction information, or
-SupSup's one-shot entropy gradient.
+"""Which task does a batch belong to? The class set the basis tasks see, matched norm statistics,
+prediction information, or SupSup's one-shot entropy gradient.
 
 Every method takes a batch of images from one task (the premise of task inference) and returns
 the installed task it belongs to, with every task's score (lowest wins), the runner-up, the margin
@@ -8,10 +8,22 @@ half, in the order given) is inferred on its own, and the batch is flagged mixed
 halves pick different tasks. A batch concatenated from two tasks' images is
 caught; one interleaving them image by image gives two halves that look alike and is not.
 
-``statistics`` (the default for BatchNorm bundles): run each task's network on the batch, in
-eval mode, and compare the batch's own statistics at every norm layer's input with the running
-statistics the task stored there. The score is the mean, over norm layers and channels, of the
-Gaussian KL divergence ``KL(N(batch mean, batch var + eps) || N(running mean, running var + eps))``.
+``classes`` (the default when no two tasks have the same class set and every class of every task
+is a class of at least two basis tasks, as when tasks draw overlapping subsets of one label set):
+a batch from one task holds that task's whole class set, and no other task has the same set.
+Every basis task scores the batch over its own classes; a class's log-probability for an image
+is the mean over the basis tasks that know the class (by name), each image is shared out over
+the known classes by a softmax of those means, and a task's score is minus the share of the batch
+its classes take. The cost is one forward per basis task whatever the number of tasks, and it
+reads no task's statistics, so it serves alpha tasks that store none. Classes no basis task
+knows add nothing to a task's share, and tasks with the same class set get the same score:
+``auto`` checks both.
+
+``statistics`` (otherwise the default for BatchNorm bundles): run each task's network on the
+batch, in eval mode, and compare the batch's own statistics at every norm layer's input with the
+running statistics the task stored there. The score is the mean, over norm layers and channels,
+of the Gaussian KL divergence
+``KL(N(batch mean, batch var + eps) || N(running mean, running var + eps))``.
 The per-task statistics that have no superposed form are the signal here, not an obstacle: a
 task's statistics describe its own data under its own weights, and no other task's data matches
 them through every layer. With more tasks than ``shortlist`` (default 5), every task is first
@@ -19,11 +31,12 @@ scored at the first norm layer alone, in closed form from ``|B|`` basis convolut
 (:mod:`supsup_deploy.stem_statistics`), and only the best ``shortlist`` run in full: the cost is
 then ``|B|`` stem convolutions plus ``shortlist`` forwards, whatever the number of tasks.
 
-``information`` (the default for statistic-free GroupNorm bundles): run each task and score the
-mutual information between the batch's images and the predicted class, ``H(mean prediction) -
-mean H(prediction)``: the right task is confident on every image and spreads the batch over its
-classes. Comparing it across tasks needs no reference, so the classifier's temperature (each
-task's overall confidence) does not decide the winner, as it does for plain entropy.
+``information`` (otherwise the default for statistic-free GroupNorm bundles): run each task and
+score the mutual information between the batch's images and the predicted class,
+``H(mean prediction) - mean H(prediction)``: the right task is confident on every image and
+spreads the batch over its classes. Comparing it across tasks needs no reference, so the
+classifier's temperature (each task's overall confidence) does not decide the winner, as it does
+for plain entropy.
 
 ``oneshot``: SupSup's entropy gradient in alpha form, iterated a fixed number of times.
 All tasks are put in superposition with weights ``beta`` (uniform at first): layer ``d`` uses the

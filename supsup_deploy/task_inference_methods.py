@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from supsup_deploy.bundles.format import TaskInfo
 from supsup_deploy.bundles.reader import Bundle, single_task_config
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import build_model, masked_layers
@@ -185,16 +187,64 @@ class OneShotMethod(InferenceMethod):
         return {"steps": self.options.steps}
 
 
+class ClassSetMethod(InferenceMethod):
+    """Which task's class set the batch covers, judged by the basis tasks alone.
+
+    Every basis task scores the batch's images over its own classes; a class's log-probability
+    for an image is the mean over the basis tasks that know the class (by name). Each image is
+    then shared out over the known classes (a softmax of those means), and a task's score is
+    minus the share of the batch its classes take. The cost is one forward per basis task,
+    whatever the number of installed tasks, and no task needs stored statistics.
+    """
+
+    name = "classes"
+
+    def __init__(self, bundle: Bundle, *, device: str, options: InferenceOptions) -> None:
+        super().__init__(bundle, device=device, options=options)
+        self.basis_tasks = [info for info in bundle.tasks if info.kind == "basis"]
+        if not self.basis_tasks:
+            raise ConfigError(f"{bundle.path}: no basis task is installed to score classes with")
+        self.vocabulary = sorted({name for info in self.basis_tasks for name in info.class_names})
+        column = {name: position for position, name in enumerate(self.vocabulary)}
+        self.basis_columns = [[column[n] for n in info.class_names] for info in self.basis_tasks]
+        self.task_columns = [
+            [column[n] for n in info.class_names if n in column] for info in bundle.tasks
+        ]
+        self.model = bundle.model(self.basis_tasks[0].index, device=device)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, candidates: list[int]) -> list[float | None]:
+        total = images.new_zeros((len(images), len(self.vocabulary)), dtype=torch.float64)
+        count = torch.zeros(len(self.vocabulary), dtype=torch.float64, device=images.device)
+        for info, columns in zip(self.basis_tasks, self.basis_columns, strict=True):
+            self.bundle.switch(self.model, info.index)
+            self.model.eval()
+            logits = self.model(images)[:, : len(columns)]
+            log_probabilities = logits.double().log_softmax(dim=1)
+            for output, position in enumerate(columns):
+                total[:, position] += log_probabilities[:, output]
+                count[position] += 1
+        share = (total / count).softmax(dim=1).mean(dim=0)
+        scores: list[float | None] = [None] * len(self.task_ids)
+        for position in candidates:
+            scores[position] = -float(share[self.task_columns[position]].sum())
+        return scores
+
+
 TASK_INFERENCE_METHODS: dict[str, type[InferenceMethod]] = {
-    method.name: method for method in (StatisticsMethod, InformationMethod, OneShotMethod)
+    method.name: method
+    for method in (ClassSetMethod, StatisticsMethod, InformationMethod, OneShotMethod)
 }
 METHODS = ("auto", *TASK_INFERENCE_METHODS)
 """The names a user may choose: every registered method, and ``auto``."""
 
 
 def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
-    """The method class for ``method`` on ``bundle``; ``auto`` is statistics when the bundle's
-    norm layers keep per-task statistics, else information.
+    """The method class for ``method`` on ``bundle``.
+
+    ``auto`` is classes when :func:`class_sets_tell_tasks_apart` (every task has its own class
+    set, and every class is known to at least two basis tasks); otherwise statistics when
+    the bundle's norm layers keep per-task statistics, else information.
 
     Raises:
         ConfigError: an unknown name, or a method the bundle cannot run.
@@ -202,7 +252,9 @@ def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
     if method not in METHODS:
         raise ConfigError(f"unknown task-inference method {method!r}: {', '.join(METHODS)}")
     has_statistics = bundle.config.norm == "batch"
-    if method == "auto":
+    if method == "auto" and class_sets_tell_tasks_apart(bundle.tasks):
+        method = ClassSetMethod.name
+    elif method == "auto":
         method = "statistics" if has_statistics else "information"
     chosen = TASK_INFERENCE_METHODS[method]
     if chosen.needs_task_statistics and not has_statistics:
@@ -211,6 +263,20 @@ def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
             "use --task-inference information or oneshot"
         )
     return chosen
+
+
+def class_sets_tell_tasks_apart(tasks: Sequence[TaskInfo]) -> bool:
+    """Whether the classes method can tell these tasks apart: no two tasks have the same class
+    set, and every class of every task is a class of two basis tasks or more."""
+    known: dict[str, int] = {}
+    for info in tasks:
+        if info.kind == "basis":
+            for name in info.class_names:
+                known[name] = known.get(name, 0) + 1
+    sets = [frozenset(info.class_names) for info in tasks]
+    return len(set(sets)) == len(sets) and all(
+        known.get(name, 0) >= 2 for names in sets for name in names
+    )
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.task_inference import TaskInferrer, _batch_slices
 from supsup_deploy.task_inference_methods import (
     TASK_INFERENCE_METHODS,
+    class_sets_tell_tasks_apart,
     prediction_information,
     statistics_divergence,
 )
@@ -376,3 +378,62 @@ def test_shortlist_runs_only_the_best_tasks_in_full(bundles, shortlist):
 def test_rejects_a_negative_shortlist(bundles):
     with pytest.raises(ConfigError, match="shortlist"):
         TaskInferrer(load_bundle(bundles[1]), shortlist=-1)
+
+
+def class_shares(bundle, batch: torch.Tensor) -> dict[int, float]:
+    """The classes method's scores recomputed from each basis task's own model."""
+    basis = [info for info in bundle.tasks if info.kind == "basis"]
+    vocabulary = sorted({name for info in basis for name in info.class_names})
+    total = torch.zeros(len(batch), len(vocabulary), dtype=torch.float64)
+    count = torch.zeros(len(vocabulary), dtype=torch.float64)
+    for info in basis:
+        model = bundle.model(info.index).eval()
+        with torch.no_grad():
+            outputs = model(batch)[:, : len(info.class_names)].double().log_softmax(dim=1)
+        for output, name in enumerate(info.class_names):
+            total[:, vocabulary.index(name)] += outputs[:, output]
+            count[vocabulary.index(name)] += 1
+    share = (total / count).softmax(dim=1).mean(dim=0)
+    return {
+        info.index: -sum(
+            float(share[vocabulary.index(name)]) for name in info.class_names if name in vocabulary
+        )
+        for info in bundle.tasks
+    }
+
+
+def test_classes_scores_tasks_by_the_share_of_the_batch_their_classes_take(small_run, tmp_path):
+    """One forward per basis task, whatever the number of tasks; a task's score is minus the
+    share of the batch the basis tasks give its classes (none for classes no basis task knows)."""
+    bundle = pack_run(small_run, tmp_path / "bundle")
+    inferrer = TaskInferrer(bundle, method="classes")
+    calls = count_forwards(inferrer)
+    batch = dataset_split(bundle, 0, split="test", limit=64)[0]
+    guess = inferrer.infer(batch, check_mixed=False)
+    assert calls[0] == bundle.num_basis == 2
+    assert guess.method == "classes"
+    assert guess.scores == pytest.approx(class_shares(bundle, batch), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("basis", "alpha", "expected"),
+    [
+        ([("a", "b"), ("a", "c"), ("b", "c")], [("a", "b", "c")], True),
+        ([("a", "b"), ("a", "c"), ("b", "c")], [("a", "b")], False),  # the same set as a basis task
+        ([("a", "b"), ("a", "c"), ("b", "c")], [("a", "d")], False),  # "d" is known to none
+        ([("a", "b"), ("c", "d")], [("a", "c")], False),  # every class known once
+    ],
+)
+def test_class_sets_tell_tasks_apart(basis, alpha, expected):
+    tasks = [SimpleNamespace(kind="basis", class_names=names) for names in basis]
+    tasks += [SimpleNamespace(kind="alpha", class_names=names) for names in alpha]
+    assert class_sets_tell_tasks_apart(tasks) is expected
+
+
+def test_auto_keeps_its_choice_where_class_sets_cannot_tell_tasks_apart(
+    bundles, small_run, tmp_path
+):
+    """Split tasks (each class known to one basis task) and bundles whose tasks all share one
+    class set keep statistics (BatchNorm) or information (GroupNorm)."""
+    assert TaskInferrer(pack_run(small_run, tmp_path / "bundle")).method == "statistics"
+    assert TaskInferrer(load_bundle(bundles[8])).method == "statistics"
