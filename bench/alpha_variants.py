@@ -1,0 +1,330 @@
+"""Alpha-table variants on overlapping tasks (issue 22): more coefficients, statistics from a pool.
+
+Run: ``python -m bench.alpha_variants [--seeds 0 1] [--variants ...]`` (resumable: the runs of
+``bench.accuracy`` and every finished variant in ``--work`` are reused). About 6 minutes per
+variant and seed on 2 idle CPU cores, after the runs themselves.
+
+Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNIST's 10 classes,
+|B| = 15, per-task BatchNorm, 2 epochs, <= 3,000 training images per task), one run per seed.
+Each variant retrains the 5 alpha tasks over the run's basis masks with the product's recipe
+(Adam, the run's alpha learning rate, cosine schedule, best validation epoch) and changes one
+thing (every variant is served with its alpha as int8 codes and one fp16 scale per row):
+
+- ``groups``: each masked layer's output channels (the classifier's too, unless ``aligned``) are
+  cut into this many contiguous groups, each with its own alpha row (the product: 1 per layer);
+- ``statistics``: where the BatchNorm statistics it is served with come from. ``task``: the task's
+  own training images, stored in the task file (the product). ``pool``: a class-agnostic pool
+  (32 training images of each basis task, stored once per bundle) run under the task's alpha;
+  nothing per task. The pool variants also *train* against those statistics: every step
+  normalises the batch with the statistics of 64 pool images under the current alpha
+  (reference-batch normalisation), so training and serving agree;
+- ``aligned``: the classifier's output ``j`` mixes, over the basis tasks, each basis task's own
+  classifier row for the new task's class ``j`` (zero when it lacks that class) instead of its
+  row ``j``.
+
+The ratio's denominator is the run's dedicated masks (``bench.accuracy``'s twin run: a SupSup
+mask per alpha task, same budget). Bytes are measured on disk: a task file written with the
+packed task's metadata and the variant's tensors (alpha as int8 codes with one fp16 scale per row,
+and fp16 statistics when the variant stores them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from bench._common import machine_info, print_table, write_result
+from bench.accuracy import BUDGET, PROTOCOLS, candidate_file_bytes, int8_table, train_pair
+from supsup_deploy.masked_layers import masked_layers
+from supsup_deploy.models import build_model
+from supsup_deploy.normalization import TaskBatchNorm2d, set_task, task_norms
+from supsup_deploy.pack import pack_run
+from supsup_deploy.runs import collect_metrics, derive_seed, read_task_masks, task_path
+from supsup_deploy.train import RunData, TrainConfig, evaluate, refresh_norm_statistics
+from supsup_deploy.weight_sources import WeightSource, use_alpha
+
+POOL_IMAGES_PER_BASIS_TASK = 32
+REFERENCE_IMAGES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to train and serve an alpha task; see the module docstring."""
+
+    groups: int = 1
+    statistics: str = "task"
+    aligned: bool = False
+
+
+PRODUCT = "product"
+"""The run's own alpha tasks as ``pack`` writes them (fp16 alpha and statistics), not retrained."""
+VARIANTS = {
+    PRODUCT: Variant(),
+    "aligned": Variant(aligned=True),
+    "pool": Variant(statistics="pool"),
+    "pool_aligned": Variant(statistics="pool", aligned=True),
+    "groups_2": Variant(groups=2),
+    "pool_groups_2": Variant(groups=2, statistics="pool"),
+    "groups_4": Variant(groups=4),
+    "pool_groups_4": Variant(groups=4, statistics="pool"),
+}
+
+
+class GroupAlpha(WeightSource):
+    """``W * sum_t alpha[g(o), t] * M_t``: one alpha row per group of output channels."""
+
+    def __init__(self, layer, masks: list[torch.Tensor], groups: int) -> None:
+        super().__init__()
+        weight = layer.backbone_weight()
+        outputs = weight.shape[0]
+        groups = min(groups, outputs)
+        stacked = torch.stack([weight * mask.view(weight.shape).float() for mask in masks])
+        self.register_buffer("stacked", stacked)
+        self.register_buffer("group_of", torch.arange(outputs) * groups // outputs)
+        self.alpha = nn.Parameter(torch.full((groups, len(masks)), 1.0 / len(masks)))
+
+    def weight(self, layer) -> torch.Tensor:
+        return torch.einsum("ob,bo...->o...", self.alpha[self.group_of], self.stacked)
+
+
+class AlignedClassifier(WeightSource):
+    """Output ``j`` mixes each basis task's classifier row for the task's class ``j``."""
+
+    def __init__(
+        self, layer, masks: list[torch.Tensor], classes: list[int], basis_classes: list[list[int]]
+    ) -> None:
+        super().__init__()
+        weight = layer.backbone_weight()
+        rows = []
+        for mask, known in zip(masks, basis_classes, strict=True):
+            full = weight * mask.view(weight.shape).float()
+            rows.append(
+                torch.stack(
+                    [
+                        full[known.index(c)] if c in known else torch.zeros_like(full[0])
+                        for c in classes
+                    ]
+                )
+            )
+        self.register_buffer("rows", torch.stack(rows))
+        self.alpha = nn.Parameter(torch.full((len(masks),), 1.0 / len(masks)))
+
+    def weight(self, layer) -> torch.Tensor:
+        return torch.einsum("t,t...->...", self.alpha, self.rows)
+
+
+@contextlib.contextmanager
+def reference_statistics(model: nn.Module, count: int) -> Iterator[None]:
+    """In training mode, every BatchNorm normalises its input with the first ``count`` samples'
+    statistics (the reference batch) instead of the whole batch's."""
+
+    def normalise(module: TaskBatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        (values,) = inputs
+        variance, mean = torch.var_mean(values[:count], dim=(0, 2, 3), unbiased=False)
+        shape = (1, -1, 1, 1)
+        return (values - mean.view(shape)) / torch.sqrt(variance.view(shape) + module.eps)
+
+    originals = task_norms(model)
+    for norm in originals:
+        norm.forward = lambda values, norm=norm: normalise(norm, (values,))
+    try:
+        yield
+    finally:
+        for norm in originals:
+            del norm.forward
+
+
+def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> list[nn.Parameter]:
+    """Give the model the variant's trainable sources; returns their alpha parameters."""
+    sources = use_alpha(model, basis)
+    layers = masked_layers(model)
+    if variant.groups > 1:
+        for index, layer in enumerate(layers[:-1] if variant.aligned else layers):
+            sources[index] = GroupAlpha(layer, [masks[index] for masks in basis], variant.groups)
+            layer.set_source(sources[index])
+    if variant.aligned:
+        masks = [mask_set[-1] for mask_set in basis]
+        sources[-1] = AlignedClassifier(layers[-1], masks, classes, basis_classes)
+        layers[-1].set_source(sources[-1])
+    return [source.alpha for source in sources]
+
+
+def train_variant(model, basis, run_data: RunData, index: int, variant: Variant, pool) -> dict:
+    """Train alpha task ``index`` as the variant says; test accuracy and its alpha rows."""
+    config = run_data.config
+    splits = run_data.splits(index)
+    set_task(model, index)
+    basis_classes = [list(run_data.tasks[t].classes) for t in range(config.basis)]
+    parameters = attach_variant(model, basis, variant, list(splits.task.classes), basis_classes)
+    optimizer = torch.optim.Adam(parameters, lr=config.alpha_lr, weight_decay=config.weight_decay)
+    steps = math.ceil(len(splits.train) / config.batch_size) * config.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index))
+    draw = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index) + 1)
+    by_pool = variant.statistics == "pool"
+    best = None
+    for _ in range(config.epochs):
+        model.train()
+        batches = splits.train.batches(
+            batch_size=config.batch_size, shuffle=True, generator=shuffle
+        )
+        for images, labels in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if by_pool:
+                reference = pool[torch.randperm(len(pool), generator=draw)[:REFERENCE_IMAGES]]
+                with reference_statistics(model, len(reference)):
+                    logits = model(torch.cat([reference, images]))[len(reference) :]
+            else:
+                logits = model(images)
+            F.cross_entropy(logits, labels).backward()
+            optimizer.step()
+            scheduler.step()
+        refresh_norm_statistics(
+            model, index, pool if by_pool else splits.train, config.batch_size, "cpu"
+        )
+        accuracy = evaluate(model, splits.val, "cpu", config.batch_size)
+        if best is None or accuracy > best[0]:
+            state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            best = (accuracy, state, [p.detach().clone() for p in parameters])
+    model.load_state_dict(best[1])
+    with torch.no_grad():
+        for parameter, value in zip(parameters, best[2], strict=True):
+            parameter.copy_(value)
+        for parameter in parameters:
+            codes, scale = int8_table(parameter.reshape(-1, config.basis))
+            parameter.copy_((codes.float() * scale.float().unsqueeze(1)).view_as(parameter))
+    rows = torch.cat([p.detach().reshape(-1, config.basis) for p in parameters])
+    return {"test_accuracy": evaluate(model, splits.test, "cpu", 256), "alpha": rows}
+
+
+def variant_bytes(bundle, index: int, variant: Variant, rows: torch.Tensor, folder: Path) -> int:
+    """Bytes on disk of the variant's task file: int8 alpha rows, fp16 statistics if stored."""
+    packed = bundle.task(index).path
+    codes, scale = int8_table(rows)
+    tensors = {"alpha.q": codes, "alpha.scale": scale}
+    if variant.statistics == "task":
+        stored = load_file(str(packed))
+        tensors |= {name: value for name, value in stored.items() if name.startswith("norm.")}
+    return candidate_file_bytes(folder, packed, tensors)
+
+
+def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
+    config = TrainConfig(**PROTOCOLS["random"], **BUDGET, norm="batch", seed=seed)
+    run_dir, dedicated_dir = train_pair(config, work, f"random_batch_seed{seed}")
+    cache = work / f"random_batch_seed{seed}_variants.json"
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    run_data = RunData.load(config)
+    model = build_model(config.model_config(run_data.train.spec))
+    basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
+    pool = torch.cat(
+        [run_data.splits(t).train.images[:POOL_IMAGES_PER_BASIS_TASK] for t in range(config.basis)]
+    )
+    alpha_tasks = range(config.basis, config.num_tasks)
+    with tempfile.TemporaryDirectory(dir=work) as folder:
+        bundle = pack_run(
+            run_dir, Path(folder) / "bundle", norm_dtype="float16", alpha_dtype="float16"
+        )
+        metrics = collect_metrics(run_dir, config.num_tasks)[config.basis :]
+        results[PRODUCT] = {
+            "variant": dataclasses.asdict(VARIANTS[PRODUCT]),
+            "accuracy_per_task": [row["test_accuracy"] for row in metrics],
+            "file_bytes_per_task": [bundle.task(i).file_bytes for i in alpha_tasks],
+            "coefficients": int(config.basis * len(masked_layers(model))),
+        }
+        for name in names:
+            if name in results:
+                continue
+            variant = VARIANTS[name]
+            trained = [train_variant(model, basis, run_data, i, variant, pool) for i in alpha_tasks]
+            results[name] = {
+                "variant": dataclasses.asdict(variant),
+                "accuracy_per_task": [t["test_accuracy"] for t in trained],
+                "file_bytes_per_task": [
+                    variant_bytes(bundle, i, variant, t["alpha"], Path(folder))
+                    for i, t in zip(alpha_tasks, trained, strict=True)
+                ],
+                "coefficients": int(trained[0]["alpha"].numel()),
+            }
+            cache.write_text(json.dumps(results, indent=1) + "\n")
+    metrics = collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
+    dedicated = [row["test_accuracy"] for row in metrics]
+    return {"seed": seed, "dedicated_per_task": dedicated, "variants": results}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("artifacts/bench_accuracy/full"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    seeds = [measure_seed(seed, args.work, args.variants) for seed in args.seeds]
+    rows = []
+    for name in args.variants:
+        accuracy = [_mean(s["variants"][name]["accuracy_per_task"]) for s in seeds]
+        dedicated = [_mean(s["dedicated_per_task"]) for s in seeds]
+        ratios = [a / d for a, d in zip(accuracy, dedicated, strict=True)]
+        rows.append(
+            {
+                "variant": name,
+                **VARIANTS[name].__dict__,
+                "coefficients": seeds[0]["variants"][name]["coefficients"],
+                "file_bytes": _mean(
+                    [b for s in seeds for b in s["variants"][name]["file_bytes_per_task"]]
+                ),
+                "alpha_accuracy_per_seed": accuracy,
+                "dedicated_accuracy_per_seed": dedicated,
+                "ratio_per_seed": ratios,
+                "ratio": _mean(ratios),
+            }
+        )
+    print_table(
+        f"alpha variants, random 20 x 5, |B| = 15, BatchNorm, seeds {args.seeds}",
+        ("variant", "coefficients", "stats", "file bytes", "alpha acc", "dedicated", "ratio"),
+        [
+            [
+                row["variant"],
+                str(row["coefficients"]),
+                row["statistics"],
+                f"{row['file_bytes']:,.0f}",
+                " ".join(f"{a:.4f}" for a in row["alpha_accuracy_per_seed"]),
+                " ".join(f"{d:.4f}" for d in row["dedicated_accuracy_per_seed"]),
+                f"{row['ratio']:.3f}",
+            ]
+            for row in rows
+        ],
+    )
+    result = {
+        "benchmark": "alpha_variants",
+        "setup": {
+            "protocol": PROTOCOLS["random"],
+            "budget": BUDGET,
+            "norm": "batch",
+            "seeds": args.seeds,
+            "pool_images_per_basis_task": POOL_IMAGES_PER_BASIS_TASK,
+            "reference_images": REFERENCE_IMAGES,
+        },
+        "machine": machine_info(),
+        "rows": rows,
+        "per_seed": seeds,
+    }
+    print(f"wrote {write_result('alpha_variants', result)}")
+
+
+if __name__ == "__main__":
+    main()
