@@ -220,10 +220,20 @@ def variant_bytes(bundle, index: int, variant: Variant, rows: torch.Tensor, fold
 
 
 def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
+    """One seed's record: the dedicated masks' accuracies and every variant's, trained or cached.
+
+    ``<work>/random_batch_seed<seed>_variants.json`` keeps the record as it grows; a record that
+    already holds every variant asked for is returned without touching the runs.
+    """
+    cache = work / f"random_batch_seed{seed}_variants.json"
+    record = json.loads(cache.read_text()) if cache.exists() else {}
+    results = record.get("variants", {})
+    if "dedicated_per_task" in record and {PRODUCT, *names} <= results.keys():
+        return {"seed": seed, **record}
     config = TrainConfig(**PROTOCOLS["random"], **BUDGET, norm="batch", seed=seed)
     run_dir, dedicated_dir = train_pair(config, work, f"random_batch_seed{seed}")
-    cache = work / f"random_batch_seed{seed}_variants.json"
-    results = json.loads(cache.read_text()) if cache.exists() else {}
+    metrics = collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
+    record = {"dedicated_per_task": [row["test_accuracy"] for row in metrics], "variants": results}
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
@@ -256,10 +266,8 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
                 ],
                 "coefficients": int(trained[0]["alpha"].numel()),
             }
-            cache.write_text(json.dumps(results, indent=1) + "\n")
-    metrics = collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
-    dedicated = [row["test_accuracy"] for row in metrics]
-    return {"seed": seed, "dedicated_per_task": dedicated, "variants": results}
+            cache.write_text(json.dumps(record, indent=1) + "\n")
+    return {"seed": seed, **record}
 
 
 def _mean(values: list[float]) -> float:
