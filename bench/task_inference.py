@@ -1,7 +1,7 @@
 """Task inference without a task id on trained runs: accuracy and time per method.
 
 Run: ``python -m bench.task_inference [--limit 320] [--runs artifacts/.../split_batch_seed0 ...]
-[--scaling] [--result task_inference]``.
+[--methods classes ...] [--scaling] [--result task_inference]``.
 
 Each run is packed into a temporary bundle; every task's test images are cut into batches of 64
 (from one task each) and the task of every batch is inferred. ``statistics`` runs on BatchNorm
@@ -113,12 +113,21 @@ def main(argv: list[str] | None = None) -> None:
         "--scaling", action="store_true", help="also time classes up to 1,000 tasks"
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted({method for method, _ in VARIANTS}),
+        default=[method for method, _ in VARIANTS],
+        help="measure only these methods",
+    )
+    parser.add_argument(
         "--result", default="task_inference", help="write bench/results/<RESULT>.json"
     )
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
         for method, options in VARIANTS:
+            if method not in args.methods:
+                continue
             summary = measure(run, method, options, limit=args.limit)
             if summary is not None:
                 rows.append(summary)
