@@ -94,7 +94,7 @@ def test_closed_sets_match_the_library():
         (("train",), ("split|random", "batch|group", "tasks|data", "fashion-mnist|cifar10")),
         (("pack",), ("packed|rice|sparse", "float32|float16")),
         (("export",), ("dynamo|legacy",)),
-        (("infer",), ("torch|onnx", "auto|statistics|information|oneshot")),
+        (("infer",), ("torch|onnx", "auto|classes|statistics|information|oneshot")),
         (("report", "storage"), ("imagenet|cifar", "float32|float16")),
     ],
 )
