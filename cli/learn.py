@@ -119,9 +119,10 @@ def learn_command(
     name. The task file is installed under the bundle's lock with the next free id; the bundle
     is unchanged until then (Ctrl-C, errors).
     """
+    from supsup_deploy.bundles.format import TASK_FILE
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.learn import check_learnable, next_task_id
-    from supsup_deploy.outputs import TASK_FILE, check_output
+    from supsup_deploy.outputs import check_output
 
     if name is None:
         raise ConfigError("give the new task's name with --name NAME")

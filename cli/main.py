@@ -258,7 +258,7 @@ def _train_config(context: typer.Context, out: Path, resume: bool):
     flag given on the command line must agree with it)."""
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.runs import read_run_record
-    from supsup_deploy.train import TrainConfig
+    from supsup_deploy.train_config import TrainConfig
 
     names = [field.name for field in dataclasses.fields(TrainConfig)]
     settings = {name: context.params[name] for name in names}

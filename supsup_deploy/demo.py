@@ -63,7 +63,7 @@ class DemoPaths:
 
 def demo_config(**overrides: Any):
     """The demo's training configuration: the defaults of ``supsup train``, in a short budget."""
-    from supsup_deploy.train import TrainConfig
+    from supsup_deploy.train_config import TrainConfig
 
     return TrainConfig(**{**DEMO_TRAIN, **overrides})
 

@@ -39,7 +39,8 @@ from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import norm_state
 from supsup_deploy.pack import install_task_file
-from supsup_deploy.train import Reporter, TaskRecipe, train_task
+from supsup_deploy.train import Reporter, train_task
+from supsup_deploy.train_config import TaskRecipe
 from supsup_deploy.weight_sources import alpha_table
 
 LEARN_RECIPE = TaskRecipe(

@@ -16,13 +16,12 @@ written; the writers then write atomically, so a failure leaves no partial outpu
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from supsup_deploy.errors import ConfigError, SupsupError
+from supsup_deploy.errors import ConfigError
 
 PLOT_SOFTWARE = "supsup-deploy"
 """The software tag of every PNG plot this package writes."""
@@ -80,50 +79,14 @@ def _our_plot(path: Path) -> bool:
         return False
 
 
-def _empty(path: Path) -> bool:
+def is_empty_folder(path: Path) -> bool:
+    """Whether a folder holds nothing (an empty folder counts as ours for any folder output)."""
     return not any(path.iterdir())
 
 
-def _our_bundle(path: Path) -> bool:
-    from supsup_deploy.bundles.format import BASIS_FILE, BASIS_FORMAT
-    from supsup_deploy.files import safetensors_metadata
-
-    if _empty(path):
-        return True
-    try:
-        return safetensors_metadata(path / BASIS_FILE).get("format") == BASIS_FORMAT
-    except SupsupError:
-        return False
-
-
-def _our_run(path: Path) -> bool:
-    from supsup_deploy.runs import RUN_FILE, RUN_FORMAT
-
-    if _empty(path):
-        return True
-    try:
-        record = json.loads((path / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == RUN_FORMAT
-
-
-def _our_task_file(path: Path) -> bool:
-    from supsup_deploy.bundles.format import TASK_FORMAT
-    from supsup_deploy.files import safetensors_metadata
-
-    try:
-        return safetensors_metadata(path).get("format") == TASK_FORMAT
-    except SupsupError:
-        return False
-
-
 GRAPH = Output("an ONNX graph", _our_graph)
-TASK_FILE = Output("a task file", _our_task_file)
 ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
 PLOT = Output("a plot", _our_plot)
-BUNDLE = Output("a bundle", _our_bundle, folder=True)
-RUN = Output("a training run", _our_run, folder=True, replaced=False)
 FOLDER = Output("a folder", lambda path: True, folder=True, replaced=False)
 
 
@@ -132,8 +95,9 @@ def check_output(path: str | Path, output: Output, *, force: bool = False) -> No
 
     Args:
         path: where the command writes.
-        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT`,
-            :data:`TASK_FILE`, :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
+        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT` or
+            :data:`FOLDER`; the formats define theirs: ``bundles.format.BUNDLE`` and
+            ``TASK_FILE``, ``runs.RUN``).
         force: the command's ``--force``.
 
     Raises:

@@ -247,7 +247,8 @@ def test_ctrl_c_leaves_the_bundle_as_it_was(shipped, tmp_path):
 
 
 def test_train_on_an_image_folder_records_its_split_and_statistics(tmp_path):
-    from supsup_deploy.train import TrainConfig, train_run
+    from supsup_deploy.train import train_run
+    from supsup_deploy.train_config import TrainConfig
 
     photos = write_fashion_folder(tmp_path / "photos", (0, 1, 5, 7), per_class=20)
     config = TrainConfig(
@@ -267,7 +268,8 @@ def test_train_on_an_image_folder_records_its_split_and_statistics(tmp_path):
 
 
 def test_train_with_a_class_list_draws_tasks_from_those_classes():
-    from supsup_deploy.train import RunData, TrainConfig
+    from supsup_deploy.train import RunData
+    from supsup_deploy.train_config import TrainConfig
 
     run = RunData.load(TrainConfig(classes="1,3,5,8", num_tasks=2, basis=1, protocol="split"))
     assert sorted(c for task in run.tasks for c in task.classes) == [1, 3, 5, 8]
