@@ -102,8 +102,8 @@ def adapter_graph(adapter: Path, graph: Path | None, *, force: bool) -> Path:
     """``--adapter FILE [--graph]``: check the adapter's path (the output rule) and return the
     shared graph it is for (default: model.onnx in the folder above the adapter's)."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.outputs import ADAPTER, check_output
-    from supsup_deploy.shared_graph import MODEL_FILE
+    from supsup_deploy.onnx_graphs.format import ADAPTER, MODEL_FILE
+    from supsup_deploy.outputs import check_output
 
     check_output(adapter, ADAPTER, force=force)
     graph = graph or adapter.parent.parent / MODEL_FILE

@@ -228,7 +228,7 @@ def _train(bundle, data, folder, **settings):
 
 def _write_adapter(bundle_path: Path, index: int, adapter: Path, graph: Path, force: bool):
     """The new task's adapter for the shared graph, parity checked, as ``export --adapter``."""
-    from supsup_deploy.export import export_adapter
+    from supsup_deploy.onnx_graphs.export import export_adapter
 
     report = export_adapter(open_bundle(bundle_path), index, adapter, graph=graph, force=force)
     return report.to_dict()

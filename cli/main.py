@@ -488,8 +488,10 @@ def export_command(
     is replaced only if supsup-deploy wrote it (or with --force).
     """
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.export import TaskExporter, probe_batch
-    from supsup_deploy.outputs import FOLDER, GRAPH, check_output
+    from supsup_deploy.onnx_graphs.export import TaskExporter
+    from supsup_deploy.onnx_graphs.format import GRAPH
+    from supsup_deploy.onnx_graphs.parity import probe_batch
+    from supsup_deploy.outputs import FOLDER, check_output
 
     from ._progress import progress_bar
 
@@ -550,8 +552,8 @@ def _export_shared(
 ) -> None:
     """``export --shared`` and ``export --task NAME --adapter FILE``."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.export import export_adapter, export_shared
-    from supsup_deploy.export_targets import export_target
+    from supsup_deploy.onnx_graphs.export import export_adapter, export_shared
+    from supsup_deploy.onnx_graphs.targets import export_target
 
     target = export_target("shared" if shared else "adapter")
     target.validate(precision="float16" if fp16 else "float32")

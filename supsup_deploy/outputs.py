@@ -44,31 +44,6 @@ class Output:
     replaced: bool = True
 
 
-def _our_graph(path: Path) -> bool:
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf and onnx raise several unexported types for foreign bytes
-        return False
-    properties = {entry.key: entry.value for entry in graph.metadata_props}
-    task_graph = {"supsup.task_id", "supsup.basis_sha256"} <= set(properties)
-    return task_graph or "supsup.graph" in properties
-
-
-def _our_adapter(path: Path) -> bool:
-    import onnxruntime
-
-    from supsup_deploy.shared_graph import SHARED_FORMAT_VERSION
-
-    try:
-        adapter = onnxruntime.AdapterFormat.read_adapter(str(path))
-        names = set(adapter.get_parameters())
-    except RuntimeError:
-        return False
-    return adapter.get_model_version() == SHARED_FORMAT_VERSION and "alpha" in names
-
-
 def _our_plot(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 
@@ -84,8 +59,6 @@ def is_empty_folder(path: Path) -> bool:
     return not any(path.iterdir())
 
 
-GRAPH = Output("an ONNX graph", _our_graph)
-ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
 PLOT = Output("a plot", _our_plot)
 FOLDER = Output("a folder", lambda path: True, folder=True, replaced=False)
 
@@ -95,9 +68,9 @@ def check_output(path: str | Path, output: Output, *, force: bool = False) -> No
 
     Args:
         path: where the command writes.
-        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT` or
-            :data:`FOLDER`; the formats define theirs: ``bundles.format.BUNDLE`` and
-            ``TASK_FILE``, ``runs.RUN``).
+        output: what it writes there (:data:`PLOT` or :data:`FOLDER`; each format defines
+            its own: ``bundles.format.BUNDLE`` and ``TASK_FILE``, ``runs.RUN``,
+            ``onnx_graphs.format.GRAPH`` and ``ADAPTER``).
         force: the command's ``--force``.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Tasks as ONNX Runtime adapters of a shared graph (:mod:`supsup_deploy.shared_graph`).
+"""Tasks as ONNX Runtime adapters of a shared graph (:mod:`.shared_graph`).
 
 An adapter file (``<name>.onnx_adapter``) is ONNX Runtime's own format
 (``onnxruntime.AdapterFormat``): one parameter per task tensor, under the task file's tensor
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from supsup_deploy.errors import FormatError
-from supsup_deploy.shared_graph import SHARED_FORMAT_VERSION, TaskInput
+from supsup_deploy.onnx_graphs.format import SHARED_FORMAT_VERSION
+from supsup_deploy.onnx_graphs.shared_graph import TaskInput
 
 
 @dataclass(frozen=True)
