@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -18,6 +18,9 @@ DEFAULT_RUN = Path("artifacts/run")
 DEFAULT_BUNDLE = Path("artifacts/bundle")
 DEFAULT_ONNX = Path("artifacts/onnx")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+BundleArgument = Annotated[
+    Path, typer.Argument(help="A bundle folder (made by `supsup pack`).", show_default=True)
+]
 
 
 def one_line_errors(command: Command) -> Command:
@@ -59,6 +62,12 @@ def not_an_option(value: Path | None) -> Path | None:
     if value is not None and str(value).startswith("-"):
         raise typer.BadParameter(f"{str(value)!r} looks like an option, not a path")
     return value
+
+
+def path_option(help: str, *names: str) -> Any:
+    """A ``typer.Option`` for a path the command reads or writes, refused when it looks like an
+    option (:func:`not_an_option`)."""
+    return typer.Option(*names, help=help, callback=not_an_option)
 
 
 def use_device(name: str) -> str:

@@ -40,8 +40,8 @@ LAYERS = (
     ("workflows", "verify demo __init__"),
     (
         "cli",
-        "cli.__init__ cli._choices cli._common cli._progress cli.learn cli.reports cli.verify "
-        "cli.main",
+        "cli.__init__ cli._choices cli._common cli._progress cli._task_auto cli.models cli.train "
+        "cli.bundle cli.export cli.infer cli.demo cli.learn cli.reports cli.verify cli.main",
     ),
     ("entry points", "__main__ cli.__main__"),
 )
