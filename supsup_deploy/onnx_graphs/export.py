@@ -50,21 +50,20 @@ class TaskExporter:
 
     Args:
         bundle: a loaded bundle.
-        opset: ONNX opset.
-        exporter: ``"dynamo"`` (default PyTorch exporter) or ``"legacy"`` (TorchScript-based).
-        fp16: store weights in float16 (inputs and outputs stay float32).
         device: where the parity check runs, PyTorch and ONNX Runtime alike (see
             :func:`supsup_deploy.devices.resolve_device`); the graph is the same on every device.
+        opset, exporter, fp16: the graphs' settings, as
+            :class:`~supsup_deploy.onnx_graphs.task_graph.TaskGraphs` takes them.
     """
 
     def __init__(
         self,
         bundle: Bundle,
         *,
+        device: str = "cpu",
         opset: int = DEFAULT_OPSET,
         exporter: str = "dynamo",
         fp16: bool = False,
-        device: str = "cpu",
     ) -> None:
         self.graphs = TaskGraphs(bundle, opset=opset, exporter=exporter, fp16=fp16)
         export_target("task").validate(precision="float16" if fp16 else "float32")
