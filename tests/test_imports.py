@@ -29,7 +29,7 @@ LAYERS = (
         "bundles bundles.format bundles.validation bundles.writer bundles.weights bundles.reader "
         "train_config runs synthetic",
     ),
-    ("training", "train pack learn report"),
+    ("training", "train pack learn"),
     (
         "onnx",
         "onnx_graphs onnx_graphs.format onnx_graphs.targets onnx_graphs.task_graph "
@@ -37,7 +37,7 @@ LAYERS = (
         "onnx_graphs.export",
     ),
     ("runtime", "runtime predictor stem_statistics task_inference_methods task_inference"),
-    ("workflows", "verify demo __init__"),
+    ("workflows", "report verify demo __init__"),
     (
         "cli",
         "cli.__init__ cli._choices cli._common cli._progress cli._task_auto cli.models cli.train "
