@@ -60,13 +60,8 @@ from supsup_deploy.runs import (
 )
 from supsup_deploy.runtime import Runner
 from supsup_deploy.task_inference import evaluate_task_inference
-from supsup_deploy.train import (
-    RunData,
-    TrainConfig,
-    evaluate,
-    refresh_norm_statistics,
-    train_run,
-)
+from supsup_deploy.train import RunData, evaluate, refresh_norm_statistics, train_run
+from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import load_alpha_table
 
 PROTOCOLS = {

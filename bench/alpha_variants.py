@@ -51,7 +51,8 @@ from supsup_deploy.models import build_model
 from supsup_deploy.normalization import TaskBatchNorm2d, set_task, task_norms
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics, derive_seed, read_task_masks, task_path
-from supsup_deploy.train import RunData, TrainConfig, evaluate, refresh_norm_statistics
+from supsup_deploy.train import RunData, evaluate, refresh_norm_statistics
+from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import WeightSource, use_alpha
 
 POOL_IMAGES_PER_BASIS_TASK = 32

@@ -22,8 +22,8 @@ import torch
 from bench._common import machine_info, median_seconds, print_table, write_result
 from bench._synthetic import write_synthetic_bundle
 from supsup_deploy import load_bundle
-from supsup_deploy.export import TaskExporter
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.export import TaskExporter
+from supsup_deploy.onnx_graphs.sessions import onnx_session, run_onnx
 
 NUM_BASIS = 15
 

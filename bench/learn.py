@@ -44,7 +44,8 @@ from supsup_deploy.learn import learn_task
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics
-from supsup_deploy.train import Reporter, RunData, TaskRecipe, TrainConfig, train_run, train_task
+from supsup_deploy.train import Reporter, RunData, train_run, train_task
+from supsup_deploy.train_config import TaskRecipe, TrainConfig
 
 RUN = dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, seed=0, val_fraction=0.05)
 BUDGET = dict(epochs=4, max_train_samples=1000, max_test_samples=1000)

@@ -56,10 +56,11 @@ from bench._synthetic import write_synthetic_bundle
 from supsup_deploy import load_bundle
 from supsup_deploy.bundles.format import task_file_name
 from supsup_deploy.bundles.writer import save_task
-from supsup_deploy.export import TaskExporter
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.export import TaskExporter
+from supsup_deploy.onnx_graphs.format import MODEL_FILE
+from supsup_deploy.onnx_graphs.sessions import SharedGraph, onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.shared_graph import build_shared_graph
 from supsup_deploy.predictor import Predictor
-from supsup_deploy.shared_graph import MODEL_FILE, SharedGraph, build_shared_graph
 
 NUM_BASIS = 15
 SEED_TASKS = 4

@@ -47,9 +47,10 @@ from bench._common import (
 )
 from bench._synthetic import write_synthetic_bundle
 from supsup_deploy import load_bundle
-from supsup_deploy.export import TaskExporter, export_shared
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
-from supsup_deploy.shared_graph import ADAPTER_SUFFIX, MODEL_FILE, code_bytes_per_weight
+from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
+from supsup_deploy.onnx_graphs.format import ADAPTER_SUFFIX, MODEL_FILE
+from supsup_deploy.onnx_graphs.sessions import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.shared_graph import code_bytes_per_weight
 
 TASK_COUNTS = (1, 10, 100, 1000)
 BYTES_CONFIGS = (
@@ -137,8 +138,8 @@ def weights_only_graph(model_path: Path, out: Path) -> None:
 
 
 def latency_rows(repeats: int) -> list[dict]:
-    from supsup_deploy.adapters import load_adapter
-    from supsup_deploy.shared_graph import SharedGraph
+    from supsup_deploy.onnx_graphs.adapters import load_adapter
+    from supsup_deploy.onnx_graphs.sessions import SharedGraph
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -188,8 +189,8 @@ def stream_order(tasks: int) -> list[int]:
 
 def stream_variant(variant: str, work: Path) -> dict:
     """One variant of the request stream, in this process (called in a fresh process)."""
-    from supsup_deploy.adapters import load_adapter
-    from supsup_deploy.shared_graph import SharedGraph
+    from supsup_deploy.onnx_graphs.adapters import load_adapter
+    from supsup_deploy.onnx_graphs.sessions import SharedGraph
 
     graphs = sorted((work / "per_task").glob("*.onnx"))
     order = stream_order(len(graphs))

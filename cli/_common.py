@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -18,6 +18,9 @@ DEFAULT_RUN = Path("artifacts/run")
 DEFAULT_BUNDLE = Path("artifacts/bundle")
 DEFAULT_ONNX = Path("artifacts/onnx")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+BundleArgument = Annotated[
+    Path, typer.Argument(help="A bundle folder (made by `supsup pack`).", show_default=True)
+]
 
 
 def one_line_errors(command: Command) -> Command:
@@ -61,6 +64,12 @@ def not_an_option(value: Path | None) -> Path | None:
     return value
 
 
+def path_option(help: str, *names: str) -> Any:
+    """A ``typer.Option`` for a path the command reads or writes, refused when it looks like an
+    option (:func:`not_an_option`)."""
+    return typer.Option(*names, help=help, callback=not_an_option)
+
+
 def use_device(name: str) -> str:
     """Resolve ``--device`` once: ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` picks CUDA when
     available); each command names the device in its output."""
@@ -102,8 +111,8 @@ def adapter_graph(adapter: Path, graph: Path | None, *, force: bool) -> Path:
     """``--adapter FILE [--graph]``: check the adapter's path (the output rule) and return the
     shared graph it is for (default: model.onnx in the folder above the adapter's)."""
     from supsup_deploy.errors import ConfigError
-    from supsup_deploy.outputs import ADAPTER, check_output
-    from supsup_deploy.shared_graph import MODEL_FILE
+    from supsup_deploy.onnx_graphs.format import ADAPTER, MODEL_FILE
+    from supsup_deploy.outputs import check_output
 
     check_output(adapter, ADAPTER, force=force)
     graph = graph or adapter.parent.parent / MODEL_FILE

@@ -14,9 +14,9 @@ from ._common import (
     DEFAULT_BUNDLE,
     DEVICE_HELP,
     adapter_graph,
-    not_an_option,
     one_line_errors,
     open_bundle,
+    path_option,
     print_json,
     use_device,
 )
@@ -29,10 +29,9 @@ def learn_command(
     ] = DEFAULT_BUNDLE,
     data: Annotated[
         Path | None,
-        typer.Option(
-            help="Image folder: one subfolder per class, optionally under train/, val/ and "
-            "test/ (else validation and test are carved from it, seeded).",
-            callback=not_an_option,
+        path_option(
+            "Image folder: one subfolder per class, optionally under train/, val/ and "
+            "test/ (else validation and test are carved from it, seeded)."
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Required: the new task's name.")] = None,
@@ -70,24 +69,17 @@ def learn_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            help="Write the task file here instead of installing it (for `supsup add-task`).",
-            callback=not_an_option,
-        ),
+        path_option("Write the task file here instead of installing it (for `supsup add-task`)."),
     ] = None,
     adapter: Annotated[
         Path | None,
-        typer.Option(
-            help="Also write the task's ONNX Runtime adapter for a shared graph to this file.",
-            callback=not_an_option,
-        ),
+        path_option("Also write the task's ONNX Runtime adapter for a shared graph to this file."),
     ] = None,
     graph: Annotated[
         Path | None,
-        typer.Option(
-            help="With --adapter: the shared graph (default: model.onnx in the folder above the "
-            "adapter's).",
-            callback=not_an_option,
+        path_option(
+            "With --adapter: the shared graph (default: model.onnx in the folder above the "
+            "adapter's)."
         ),
     ] = None,
     force: Annotated[
@@ -119,18 +111,9 @@ def learn_command(
     name. The task file is installed under the bundle's lock with the next free id; the bundle
     is unchanged until then (Ctrl-C, errors).
     """
-    from supsup_deploy.errors import ConfigError
     from supsup_deploy.learn import check_learnable, next_task_id
-    from supsup_deploy.outputs import TASK_FILE, check_output
 
-    if name is None:
-        raise ConfigError("give the new task's name with --name NAME")
-    if data is not None and (dataset is not None or classes is not None):
-        raise ConfigError("give either --data FOLDER or --dataset NAME --classes IDS, not both")
-    if out is not None and adapter is not None:
-        raise ConfigError("--adapter needs the task installed: leave out --out")
-    if out is not None:
-        check_output(out, TASK_FILE, force=force)
+    _check_learn_options(name, data, dataset, classes, out, adapter, force)
     bundle = open_bundle(bundle_path)
     check_learnable(bundle, name, install=out is None)
     graph = _check_adapter_paths(adapter, graph, force)
@@ -172,6 +155,22 @@ def learn_command(
         print_json(summary)
         return
     _print_summary(summary, learned)
+
+
+def _check_learn_options(name, data, dataset, classes, out, adapter, force) -> None:
+    """Refuse option combinations ``learn`` cannot run, and an ``--out`` it may not write."""
+    from supsup_deploy.bundles.format import TASK_FILE
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.outputs import check_output
+
+    if name is None:
+        raise ConfigError("give the new task's name with --name NAME")
+    if data is not None and (dataset is not None or classes is not None):
+        raise ConfigError("give either --data FOLDER or --dataset NAME --classes IDS, not both")
+    if out is not None and adapter is not None:
+        raise ConfigError("--adapter needs the task installed: leave out --out")
+    if out is not None:
+        check_output(out, TASK_FILE, force=force)
 
 
 def _check_adapter_paths(adapter: Path | None, graph: Path | None, force: bool) -> Path | None:
@@ -227,7 +226,7 @@ def _train(bundle, data, folder, **settings):
 
 def _write_adapter(bundle_path: Path, index: int, adapter: Path, graph: Path, force: bool):
     """The new task's adapter for the shared graph, parity checked, as ``export --adapter``."""
-    from supsup_deploy.export import export_adapter
+    from supsup_deploy.onnx_graphs.export import export_adapter
 
     report = export_adapter(open_bundle(bundle_path), index, adapter, graph=graph, force=force)
     return report.to_dict()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ._choices import FloatDtype, Stem
-from ._common import not_an_option, one_line_errors, print_json, wide_console
+from ._common import one_line_errors, path_option, print_json, wide_console
 
 report_app = typer.Typer(
     help="Reports computed from the registered architectures.",
@@ -47,7 +47,7 @@ def storage_command(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     plot: Annotated[
         Path | None,
-        typer.Option(help="Write a PNG of total bytes vs number of tasks.", callback=not_an_option),
+        path_option("Write a PNG of total bytes vs number of tasks."),
     ] = None,
     force: Annotated[
         bool, typer.Option(help="Replace an existing --plot file supsup-deploy did not write.")
@@ -55,11 +55,10 @@ def storage_command(
     plot_arch: Annotated[str, typer.Option(help="Architecture drawn by --plot.")] = "resnet50",
     bundle: Annotated[
         Path | None,
-        typer.Option(
-            help="Report on this bundle: its architecture and settings (|B|, tasks, density, "
+        path_option(
+            "Report on this bundle: its architecture and settings (|B|, tasks, density, "
             "norm dtype, input size) instead of the options above, its bytes on disk marked in "
-            "the table and plot.",
-            callback=not_an_option,
+            "the table and plot."
         ),
     ] = None,
 ) -> None:
@@ -74,13 +73,9 @@ def storage_command(
     from supsup_deploy.errors import ConfigError
     from supsup_deploy.report import (
         StorageSettings,
-        bundle_storage,
-        plot_storage,
         storage_csv,
         storage_markdown,
         storage_report,
-        storage_row,
-        storage_table,
     )
 
     if sum((as_json, markdown, as_csv)) > 1:
@@ -101,6 +96,25 @@ def storage_command(
         for key, value in (("num_classes", num_classes), ("stem", stem))
         if value is not None
     }
+    rows, settings = _storage_rows(bundle, arch, settings, options, plot, plot_arch)
+    if as_json:
+        print_json(storage_report(rows, settings))
+    elif as_csv:
+        print(storage_csv(rows), end="")
+    elif markdown:
+        print(storage_markdown(rows, settings), end="")
+    else:
+        print_storage_table(rows, settings)
+    if plot is not None and not (as_json or as_csv or markdown):
+        print(f"plot: {plot}")
+
+
+def _storage_rows(bundle, arch, settings, options, plot, plot_arch):
+    """The table's rows and settings: the bundle's own (``--bundle``) or one row per
+    architecture at the options' settings; the plot written when asked for."""
+    from supsup_deploy.errors import ConfigError
+    from supsup_deploy.report import bundle_storage, plot_storage, storage_row, storage_table
+
     if bundle is not None:
         from supsup_deploy.bundles.reader import load_bundle
 
@@ -115,16 +129,7 @@ def storage_command(
         rows = storage_table(arch, settings, **options)
         if plot is not None:
             plot_storage(storage_row(plot_arch, settings, **options), plot)
-    if as_json:
-        print_json(storage_report(rows, settings))
-    elif as_csv:
-        print(storage_csv(rows), end="")
-    elif markdown:
-        print(storage_markdown(rows, settings), end="")
-    else:
-        print_storage_table(rows, settings)
-    if plot is not None and not (as_json or as_csv or markdown):
-        print(f"plot: {plot}")
+    return rows, settings
 
 
 def print_storage_table(rows, settings) -> None:

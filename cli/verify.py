@@ -10,9 +10,9 @@ import typer
 
 from ._common import (
     DEVICE_HELP,
-    not_an_option,
     one_line_errors,
     open_bundle,
+    path_option,
     print_json,
     use_device,
     wide_console,
@@ -29,25 +29,15 @@ def verify_command(
     ] = False,
     bundle: Annotated[
         Path | None,
-        typer.Option(
-            help="Verify this bundle (from a trained run) instead, with accuracy parity.",
-            callback=not_an_option,
-        ),
+        path_option("Verify this bundle (from a trained run) instead, with accuracy parity."),
     ] = None,
     run: Annotated[
         Path | None,
-        typer.Option(
-            help="Pack this finished training run as the basis instead of random masks.",
-            callback=not_an_option,
-        ),
+        path_option("Pack this finished training run as the basis instead of random masks."),
     ] = None,
     work_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            help="Keep bundles and ONNX graphs here (default: a temporary folder).",
-            callback=not_an_option,
-        ),
+        path_option("Keep bundles and ONNX graphs here (default: a temporary folder).", "--out"),
     ] = None,
     device: Annotated[
         str, typer.Option(help="Where the parity and accuracy checks run: " + DEVICE_HELP)

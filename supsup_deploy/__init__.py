@@ -7,6 +7,7 @@ from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.bundles.writer import TaskData, save_bundle
 from supsup_deploy.errors import ConfigError, DatasetNotFoundError, FormatError, SupsupError
+from supsup_deploy.learn import teach
 from supsup_deploy.models import (
     ModelConfig,
     ModelSummary,
@@ -16,6 +17,7 @@ from supsup_deploy.models import (
     register_model,
     summarize_model,
 )
+from supsup_deploy.predictor import Predictor, predict
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "InputSpec",
     "ModelConfig",
     "ModelSummary",
+    "Predictor",
     "SupsupError",
     "TaskData",
     "__version__",
@@ -34,7 +37,9 @@ __all__ = [
     "get_model",
     "list_models",
     "load_bundle",
+    "predict",
     "register_model",
     "save_bundle",
     "summarize_model",
+    "teach",
 ]

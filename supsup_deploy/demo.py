@@ -63,7 +63,7 @@ class DemoPaths:
 
 def demo_config(**overrides: Any):
     """The demo's training configuration: the defaults of ``supsup train``, in a short budget."""
-    from supsup_deploy.train import TrainConfig
+    from supsup_deploy.train_config import TrainConfig
 
     return TrainConfig(**{**DEMO_TRAIN, **overrides})
 
@@ -93,7 +93,8 @@ def pack_demo(paths: DemoPaths) -> Bundle:
 
 def export_demo(bundle: Bundle, paths: DemoPaths, *, device: str = "cpu") -> dict[str, Any]:
     """Export the first alpha task (the last task when there is none) with the parity check."""
-    from supsup_deploy.export import TaskExporter, probe_batch
+    from supsup_deploy.onnx_graphs.export import TaskExporter
+    from supsup_deploy.onnx_graphs.parity import probe_batch
 
     info = next((task for task in bundle.tasks if task.kind == "alpha"), bundle.tasks[-1])
     probe, probe_name = probe_batch(bundle)

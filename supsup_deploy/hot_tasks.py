@@ -1,8 +1,8 @@
 """Hot tasks: a bounded LRU of per-task sessions, filled by a promotion rule in the background.
 
 A serving process answers every request at once from a shared session, which runs any task,
-and keeps specialised sessions (:meth:`supsup_deploy.shared_graph.SharedGraph.specialize`) for
-the tasks asked for often. The rule: a task becomes hot on its ``hot_after``-th request among
+and keeps specialised sessions (:meth:`supsup_deploy.onnx_graphs.sessions.SharedGraph.specialize`)
+for the tasks asked for often. The rule: a task becomes hot on its ``hot_after``-th request among
 the last ``window`` requests (any task's). Its session is then built by one background thread,
 so no request waits for it; requests for the task keep running on the shared session until the
 session is ready. At most ``capacity`` sessions are kept: adding one beyond that drops the least

@@ -4,8 +4,9 @@
 statistics) on an image folder or on classes of a built-in dataset, keeping the epoch with the
 best validation accuracy. :func:`install_learned_task` gives it the next free task id and links
 its file into the bundle under the bundle's lock, as ``supsup add-task`` does;
-:meth:`LearnedTask.save` writes the file only. Nothing in the bundle changes until the install,
-so an interrupted or failed run leaves it as it was.
+:meth:`LearnedTask.save` writes the file only; :func:`teach` learns and installs for an opened
+bundle. Nothing in the bundle changes until the install, so an interrupted or failed run leaves
+it as it was.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import norm_state
 from supsup_deploy.pack import install_task_file
-from supsup_deploy.train import Reporter, TaskRecipe, train_task
+from supsup_deploy.train import Reporter, train_task
+from supsup_deploy.train_config import TaskRecipe
 from supsup_deploy.weight_sources import alpha_table
 
 LEARN_RECIPE = TaskRecipe(
@@ -397,3 +399,29 @@ def install_learned_task(
             )
             install_task_file(bundle, file, file.read_bytes())
     return load_bundle(bundle_path).task(index)
+
+
+def teach(
+    bundle: Bundle, data: str | Path | None = None, *, name: str, **settings: Any
+) -> TaskInfo:
+    """Teach an opened bundle a new task from your images and install it (``supsup learn``).
+
+    Args:
+        bundle: the opened bundle; it lists the new task afterwards.
+        data: an image folder, one subfolder per class (optionally under ``train/``, ``val/``,
+            ``test/``).
+        name: the new task's name.
+        settings: :func:`learn_task`'s keyword arguments (``epochs``, ``seed``, ``device``,
+            ``dataset`` and ``classes`` instead of ``data``, ...).
+
+    Returns:
+        The installed task (the next free id).
+
+    Example:
+        >>> task = teach(bundle, "my_photos", name="shoes", epochs=3)
+        >>> predict(bundle, ["my_photos/test"], task=task.name)
+    """
+    learned = learn_task(bundle, data, name=name, **settings)
+    index = install_learned_task(bundle.path, learned).index
+    bundle.refresh_tasks()
+    return bundle.task(index)

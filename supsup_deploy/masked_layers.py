@@ -2,15 +2,14 @@
 
 A masked layer owns no weight. Its backbone is regenerated from ``(seed, layer_index)``
 (:mod:`supsup_deploy.backbone`) and its effective weight comes from the *weight source*
-attached to it (:mod:`supsup_deploy.weight_sources`: scores to train, an alpha combination of
-basis masks, or a materialised weight).
+attached to it: a :class:`WeightSource`, whose kinds live in :mod:`supsup_deploy.weight_sources`
+(scores to train, an alpha combination of basis masks, or a materialised weight).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +18,12 @@ from torch import nn
 from supsup_deploy import backbone
 from supsup_deploy.errors import ConfigError
 
-if TYPE_CHECKING:
-    from supsup_deploy.weight_sources import WeightSource
+
+class WeightSource(nn.Module):
+    """Where a masked layer's effective weight comes from."""
+
+    def weight(self, layer: MaskedLayer) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class MaskedLayer(nn.Module):

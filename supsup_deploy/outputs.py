@@ -16,13 +16,12 @@ written; the writers then write atomically, so a failure leaves no partial outpu
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from supsup_deploy.errors import ConfigError, SupsupError
+from supsup_deploy.errors import ConfigError
 
 PLOT_SOFTWARE = "supsup-deploy"
 """The software tag of every PNG plot this package writes."""
@@ -45,31 +44,6 @@ class Output:
     replaced: bool = True
 
 
-def _our_graph(path: Path) -> bool:
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception:  # protobuf and onnx raise several unexported types for foreign bytes
-        return False
-    properties = {entry.key: entry.value for entry in graph.metadata_props}
-    task_graph = {"supsup.task_id", "supsup.basis_sha256"} <= set(properties)
-    return task_graph or "supsup.graph" in properties
-
-
-def _our_adapter(path: Path) -> bool:
-    import onnxruntime
-
-    from supsup_deploy.shared_graph import SHARED_FORMAT_VERSION
-
-    try:
-        adapter = onnxruntime.AdapterFormat.read_adapter(str(path))
-        names = set(adapter.get_parameters())
-    except RuntimeError:
-        return False
-    return adapter.get_model_version() == SHARED_FORMAT_VERSION and "alpha" in names
-
-
 def _our_plot(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 
@@ -80,50 +54,12 @@ def _our_plot(path: Path) -> bool:
         return False
 
 
-def _empty(path: Path) -> bool:
+def is_empty_folder(path: Path) -> bool:
+    """Whether a folder holds nothing (an empty folder counts as ours for any folder output)."""
     return not any(path.iterdir())
 
 
-def _our_bundle(path: Path) -> bool:
-    from supsup_deploy.bundles.format import BASIS_FILE, BASIS_FORMAT
-    from supsup_deploy.files import safetensors_metadata
-
-    if _empty(path):
-        return True
-    try:
-        return safetensors_metadata(path / BASIS_FILE).get("format") == BASIS_FORMAT
-    except SupsupError:
-        return False
-
-
-def _our_run(path: Path) -> bool:
-    from supsup_deploy.runs import RUN_FILE, RUN_FORMAT
-
-    if _empty(path):
-        return True
-    try:
-        record = json.loads((path / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == RUN_FORMAT
-
-
-def _our_task_file(path: Path) -> bool:
-    from supsup_deploy.bundles.format import TASK_FORMAT
-    from supsup_deploy.files import safetensors_metadata
-
-    try:
-        return safetensors_metadata(path).get("format") == TASK_FORMAT
-    except SupsupError:
-        return False
-
-
-GRAPH = Output("an ONNX graph", _our_graph)
-TASK_FILE = Output("a task file", _our_task_file)
-ADAPTER = Output("an ONNX Runtime adapter", _our_adapter)
 PLOT = Output("a plot", _our_plot)
-BUNDLE = Output("a bundle", _our_bundle, folder=True)
-RUN = Output("a training run", _our_run, folder=True, replaced=False)
 FOLDER = Output("a folder", lambda path: True, folder=True, replaced=False)
 
 
@@ -132,8 +68,9 @@ def check_output(path: str | Path, output: Output, *, force: bool = False) -> No
 
     Args:
         path: where the command writes.
-        output: what it writes there (:data:`GRAPH`, :data:`ADAPTER`, :data:`PLOT`,
-            :data:`TASK_FILE`, :data:`BUNDLE`, :data:`RUN` or :data:`FOLDER`).
+        output: what it writes there (:data:`PLOT` or :data:`FOLDER`; each format defines
+            its own: ``bundles.format.BUNDLE`` and ``TASK_FILE``, ``runs.RUN``,
+            ``onnx_graphs.format.GRAPH`` and ``ADAPTER``).
         force: the command's ``--force``.
 
     Raises:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from supsup_deploy.bundles.format import (
+    BUNDLE,
     TASKS_FOLDER,
     InputSpec,
     check_task_name,
@@ -21,9 +22,9 @@ from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
-from supsup_deploy.outputs import BUNDLE, check_output
+from supsup_deploy.outputs import check_output
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
-from supsup_deploy.train import TrainConfig
+from supsup_deploy.train_config import TrainConfig
 
 PACKED_METRICS = ("test_accuracy", "classes")
 """The training metrics a packed task file keeps (the run folder keeps them all)."""

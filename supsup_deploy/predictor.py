@@ -4,7 +4,8 @@ With ONNX Runtime and a shared graph (an exported ``model.onnx``, or one built i
 predictor holds one shared session, which runs any task at once, and the specialised sessions of
 its hot tasks (:mod:`supsup_deploy.hot_tasks`), which run at a dense graph's speed. Otherwise
 (PyTorch, a per-task graph, or ONNX Runtime without hot tasks) it serves through a
-:class:`~supsup_deploy.runtime.Runner`, one request at a time.
+:class:`~supsup_deploy.runtime.Runner`, one request at a time. :func:`predict` is the one-call
+spelling: images in, predictions out.
 """
 
 from __future__ import annotations
@@ -17,25 +18,23 @@ import numpy as np
 import torch
 
 from supsup_deploy.bundles.reader import Bundle
+from supsup_deploy.bundles.weights import model_input
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.export import ParityError, seeded_probe
-from supsup_deploy.export_targets import export_target
 from supsup_deploy.hot_tasks import DEFAULT_HOT_AFTER, DEFAULT_WINDOW, HotRule, HotTasks
-from supsup_deploy.onnx_runtime import run_onnx
-from supsup_deploy.runtime import RUNTIMES, Predicts, Runner, shared_task_source
-from supsup_deploy.shared_graph import GRAPH_KIND, SharedGraph
-
-
-def is_shared_graph(path: str | Path) -> bool:
-    """Whether an ONNX file is a shared graph (its ``supsup.graph`` metadata)."""
-    import onnx
-
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # onnx raises protobuf's and its own errors; ONNX Runtime reports them
-        return False
-    return any(p.key == "supsup.graph" and p.value == GRAPH_KIND for p in model.metadata_props)
+from supsup_deploy.onnx_graphs.format import is_shared_graph
+from supsup_deploy.onnx_graphs.parity import ParityError, seeded_probe
+from supsup_deploy.onnx_graphs.sessions import SharedGraph, run_onnx
+from supsup_deploy.onnx_graphs.targets import export_target
+from supsup_deploy.runtime import (
+    RUNTIMES,
+    Prediction,
+    Predicts,
+    Runner,
+    collect_image_paths,
+    load_images,
+    shared_task_source,
+)
 
 
 class Predictor(Predicts):
@@ -165,3 +164,41 @@ def _check_first_task(shared: SharedGraph, bundle: Bundle) -> None:
             f"{bundle.path}: the shared graph built in memory differs from PyTorch on task "
             f"{info.index} (max |logit difference| {difference:.3g}, tolerance {tolerance:g})"
         )
+
+
+def predict(
+    bundle: Bundle,
+    images: torch.Tensor | list[str | Path],
+    *,
+    task: int | str,
+    runtime: str = "torch",
+    device: str = "cpu",
+    batch_size: int = 256,
+    hot_tasks: int = 0,
+) -> list[Prediction]:
+    """Predict classes with one task's model (the Python side of ``supsup infer``).
+
+    Args:
+        bundle: a loaded bundle.
+        images: image files or folders, or a uint8 tensor of images, converted by the task's
+            :meth:`~supsup_deploy.bundles.weights.TaskWeights.transforms`; or a float tensor
+            already so converted (checked by :func:`~supsup_deploy.bundles.weights.model_input`).
+        task: task id or name.
+        runtime: ``"torch"`` or ``"onnx"`` (the task exported on the fly, parity checked).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        batch_size: images per forward pass.
+        hot_tasks: with ``"onnx"``, run the shared graph built in memory, the task specialised
+            in the background once hot (see :class:`Predictor`).
+
+    Returns:
+        One :class:`supsup_deploy.runtime.Prediction` per image (class index, class name,
+        probability), in input order.
+    """
+    if isinstance(images, torch.Tensor):
+        images = model_input(images, bundle.input)
+        names = [f"image[{row}]" for row in range(len(images))]
+    else:
+        files = collect_image_paths(images)
+        images, names = load_images(files, bundle), [str(path) for path in files]
+    with Predictor(bundle, runtime=runtime, device=device, hot_tasks=hot_tasks) as predictor:
+        return predictor.predict(task, images, names, batch_size=batch_size)

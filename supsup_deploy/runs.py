@@ -18,7 +18,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_json, atomic_write_text, load_safetensors
 from supsup_deploy.models import masked_layers
 from supsup_deploy.normalization import load_norm_state, norm_state, set_task
+from supsup_deploy.outputs import Output, is_empty_folder
+from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import (
     alpha_table,
     current_masks,
@@ -37,9 +39,6 @@ from supsup_deploy.weight_sources import (
     use_alpha,
     use_fixed,
 )
-
-if TYPE_CHECKING:
-    from supsup_deploy.train import TrainConfig
 
 RUN_FORMAT = "supsup-run"
 RUN_FORMAT_VERSION = 1
@@ -264,3 +263,17 @@ def write_metrics(run_dir: Path, results: list[dict[str, Any]]) -> None:
     for row in results:
         writer.writerow({**row, "classes": " ".join(map(str, row["classes"]))})
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+
+def _our_run(path: Path) -> bool:
+    if is_empty_folder(path):
+        return True
+    try:
+        record = json.loads((path / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == RUN_FORMAT
+
+
+RUN = Output("a training run", _our_run, folder=True, replaced=False)
+"""A run folder, as :func:`~supsup_deploy.outputs.check_output` writes into it."""

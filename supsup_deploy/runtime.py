@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from supsup_deploy import data as datasets
-from supsup_deploy.adapters import load_adapter
 from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.bundles.weights import ImageTransform
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.images import IMAGE_SUFFIXES, read_pixels
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
-from supsup_deploy.shared_graph import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND, SharedGraph
+from supsup_deploy.onnx_graphs.adapters import load_adapter
+from supsup_deploy.onnx_graphs.format import ADAPTER_SUFFIX, ADAPTERS_FOLDER, GRAPH_KIND
+from supsup_deploy.onnx_graphs.sessions import SharedGraph, onnx_session, run_onnx
 
 RUNTIMES = ("torch", "onnx")
 
@@ -166,8 +166,8 @@ class Runner(Predicts):
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (for both runtimes).
         onnx_path: for ``"onnx"``, an exported graph to use (else tasks are exported on demand to
             a temporary folder, with the usual parity check). A shared graph
-            (:mod:`supsup_deploy.shared_graph`) runs every task, each from its adapter in the
-            graph's ``tasks`` folder when there is one, else from the bundle's task tensors.
+            (:mod:`supsup_deploy.onnx_graphs.shared_graph`) runs every task, each from its adapter
+            in the graph's ``tasks`` folder when there is one, else from the bundle's task tensors.
     """
 
     def __init__(
@@ -247,7 +247,7 @@ class Runner(Predicts):
     def _export(self, task: int) -> Path:
         import tempfile
 
-        from supsup_deploy.export import TaskExporter
+        from supsup_deploy.onnx_graphs.export import TaskExporter
 
         if self._exporter is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="supsup-onnx-")

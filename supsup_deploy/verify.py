@@ -25,10 +25,11 @@ from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.errors import SupsupError
-from supsup_deploy.export import ParityError, TaskExporter, export_shared, probe_batch
-from supsup_deploy.export_targets import export_target
 from supsup_deploy.models import get_model_entry
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
+from supsup_deploy.onnx_graphs.parity import ParityError, probe_batch
+from supsup_deploy.onnx_graphs.sessions import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.targets import export_target
 from supsup_deploy.report import compare_bundle_bytes
 from supsup_deploy.steps import StepTimer
 
@@ -233,7 +234,8 @@ def _check_specialized(
 ) -> float:
     """The shared graph specialised to each task against the task's per-task graph: the largest
     logit difference; ParityError beyond the fp32 tolerance or on a differing argmax."""
-    from supsup_deploy.shared_graph import MODEL_FILE, SharedGraph
+    from supsup_deploy.onnx_graphs.format import MODEL_FILE
+    from supsup_deploy.onnx_graphs.sessions import SharedGraph
 
     shared = SharedGraph(work_dir / "shared" / MODEL_FILE, device=device)
     tolerance = export_target("shared").tolerance()
@@ -298,8 +300,8 @@ def _check_bytes(bundle: Bundle, result: VerifyResult) -> None:
 def _accuracy_parity(bundle: Bundle, work_dir: Path, device: str) -> list[dict[str, Any]]:
     """Test accuracy of every task with PyTorch, its per-task graph and the shared graph (with
     the task's adapter); predictions must agree."""
+    from supsup_deploy.onnx_graphs.format import MODEL_FILE
     from supsup_deploy.runtime import Runner, dataset_split
-    from supsup_deploy.shared_graph import MODEL_FILE
 
     rows = []
     onnx_folder = work_dir / "onnx"

@@ -30,7 +30,7 @@ from supsup_deploy.binary_masks import (
     topk_mask,
 )
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.masked_layers import MaskedLayer, masked_layers
+from supsup_deploy.masked_layers import MaskedLayer, WeightSource, masked_layers
 
 MaskSet = Sequence[torch.Tensor]
 
@@ -64,13 +64,6 @@ class _AlphaWeight(torch.autograd.Function):
         sums = grad_weight.new_zeros(2 * bit_matrix.shape[0]).index_add_(0, codes, grad_weight)
         positive, negative = sums.chunk(2)
         return bit_matrix.t() @ ((positive - negative) * ctx.constant), None, None
-
-
-class WeightSource(nn.Module):
-    """Where a masked layer's effective weight comes from."""
-
-    def weight(self, layer: MaskedLayer) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class ScoreMask(WeightSource):

@@ -25,7 +25,8 @@ SMALL_RUN = dict(
 def small_run(tmp_path_factory):
     """A finished tiny training run on real Fashion-MNIST (2 basis masks, 1 alpha task)."""
     from supsup_deploy.data import DEBIAN_FASHION_MNIST
-    from supsup_deploy.train import TrainConfig, train_run
+    from supsup_deploy.train import train_run
+    from supsup_deploy.train_config import TrainConfig
 
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip("needs apt-get install dataset-fashion-mnist")

@@ -24,7 +24,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
 _DRIVER = """
 import runpy, sys
-import cli.main, supsup_deploy.export, supsup_deploy.pack, supsup_deploy.train
+import cli.main, supsup_deploy.onnx_graphs.export, supsup_deploy.pack, supsup_deploy.train
 print("ready", flush=True)
 sys.stdin.readline()
 sys.argv = ["supsup", *sys.argv[1:]]

@@ -19,7 +19,8 @@ from supsup_deploy.files import load_safetensors, save_safetensors_atomic
 from supsup_deploy.models import build_model
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runs import collect_metrics, load_task, read_task_masks, task_path
-from supsup_deploy.train import RunData, TrainConfig, evaluate, train_run
+from supsup_deploy.train import RunData, evaluate, train_run
+from supsup_deploy.train_config import TrainConfig
 
 
 @pytest.fixture

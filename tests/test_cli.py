@@ -67,9 +67,10 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import data, export, mask_compression, normalization, runtime, train
+    from supsup_deploy import data, mask_compression, normalization, runtime, train
     from supsup_deploy.bundles.format import FLOAT_DTYPES
     from supsup_deploy.models import resnet
+    from supsup_deploy.onnx_graphs import task_graph
     from supsup_deploy.task_inference_methods import METHODS
 
     library = {
@@ -79,7 +80,7 @@ def test_closed_sets_match_the_library():
         "DistributedMode": train.DISTRIBUTED_MODES,
         "FloatDtype": tuple(FLOAT_DTYPES),
         "MaskEncoding": mask_compression.ENCODINGS,
-        "Exporter": export.EXPORTERS,
+        "Exporter": task_graph.EXPORTERS,
         "Runtime": runtime.RUNTIMES,
         "TaskInferenceMethod": METHODS,
         "Stem": resnet.STEMS,

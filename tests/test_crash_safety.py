@@ -22,9 +22,10 @@ from killable import ONE_THREAD, ROOT, TIMEOUT, Command, is_leftover, run_killed
 
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.export import TaskExporter, probe_batch
 from supsup_deploy.files import new_folder
 from supsup_deploy.locking import hold_new_lock
+from supsup_deploy.onnx_graphs.export import TaskExporter
+from supsup_deploy.onnx_graphs.parity import probe_batch
 from supsup_deploy.pack import add_task, pack_run
 
 TRAIN_ARGS = [

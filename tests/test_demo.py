@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_writes_everything_and_reruns_identically(tmp_path, monkeypatch, capsys):
-    from cli.main import print_demo
+    from cli.demo import print_demo
 
     monkeypatch.setattr(demo, "DEMO_TRAIN", TINY)
     root = tmp_path / "demo"

@@ -72,7 +72,7 @@ def test_onnx_runtime_without_cuda_provider(two_gpus, monkeypatch):
 
 @pytest.mark.gpu
 def test_real_cuda_session_runs_on_the_named_gpu(tmp_path):
-    from supsup_deploy.onnx_runtime import onnx_session
+    from supsup_deploy.onnx_graphs.sessions import onnx_session
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu")

@@ -10,12 +10,13 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from supsup_deploy import export_targets
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError
-from supsup_deploy.export import ParityError, TaskExporter
-from supsup_deploy.export_targets import FP32_TOLERANCE
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs import targets
+from supsup_deploy.onnx_graphs.export import TaskExporter
+from supsup_deploy.onnx_graphs.parity import ParityError
+from supsup_deploy.onnx_graphs.sessions import onnx_session, run_onnx
+from supsup_deploy.onnx_graphs.targets import FP32_TOLERANCE
 from supsup_deploy.pack import pack_run
 
 
@@ -58,23 +59,23 @@ def test_legacy_exporter_and_fp16(bundle_dir, tmp_path, exporter, fp16):
 
 
 def test_failed_parity_leaves_no_file(bundle_dir, tmp_path, monkeypatch):
-    strict = replace(export_targets.export_target("task"), tolerances={"float32": -1.0})
-    monkeypatch.setitem(export_targets.EXPORT_TARGETS, "task", strict)
+    strict = replace(targets.export_target("task"), tolerances={"float32": -1.0})
+    monkeypatch.setitem(targets.EXPORT_TARGETS, "task", strict)
     with pytest.raises(ParityError, match="parity failed for task 0: max"):
         TaskExporter(load_bundle(bundle_dir)).export(0, tmp_path / "t.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_targets_registry_names_tolerances_and_refusals():
-    assert set(export_targets.EXPORT_TARGETS) == {"task", "shared", "adapter"}
-    task = export_targets.export_target("task")
+    assert set(targets.EXPORT_TARGETS) == {"task", "shared", "adapter"}
+    task = targets.export_target("task")
     assert task.tolerance("float32") == FP32_TOLERANCE
-    assert task.tolerance("float16") == export_targets.FP16_TOLERANCE
+    assert task.tolerance("float16") == targets.FP16_TOLERANCE
     for name in ("shared", "adapter"):
         with pytest.raises(ConfigError, match="--fp16 applies to per-task graphs"):
-            export_targets.export_target(name).validate(precision="float16")
+            targets.export_target(name).validate(precision="float16")
     with pytest.raises(ConfigError, match="unknown export target 'tflite': use task, shared"):
-        export_targets.export_target("tflite")
+        targets.export_target("tflite")
 
 
 def test_unknown_exporter_is_refused(bundle_dir):

@@ -1,5 +1,5 @@
 """What a new user met in issue 24, beyond output paths (``test_outputs.py``): the tensors
-``bundle.predict`` takes, the facts ``inspect`` shows, and an unsure ``--task auto`` guess."""
+``sd.predict`` takes, the facts ``inspect`` shows, and an unsure ``--task auto`` guess."""
 
 import json
 from dataclasses import replace
@@ -13,6 +13,7 @@ from tiny_bundles import TINY_INPUT, write_tiny_bundle
 from supsup_deploy import task_inference
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError
+from supsup_deploy.predictor import predict
 from supsup_deploy.task_inference import TaskGuess
 
 
@@ -29,15 +30,15 @@ def test_predict_converts_uint8_and_refuses_unnormalised_floats(made):
     bundle = load_bundle(made / "bundle")
     pixels = torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8)
     converted = bundle.weights(2).transforms()(pixels)
-    expected = [p.class_index for p in bundle.predict(converted, task=2)]
-    assert [p.class_index for p in bundle.predict(pixels, task=2)] == expected
+    expected = [p.class_index for p in predict(bundle, converted, task=2)]
+    assert [p.class_index for p in predict(bundle, pixels, task=2)] == expected
     for images, fragment in (
         (converted.clamp(0, 1), "[0, 1]"),
         (converted * 255, "outside what normalisation gives"),
         (converted.double()[:, :, :5], "normalised float [N, 1, 12, 12]"),
     ):
         with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
-            bundle.predict(images, task=2)
+            predict(bundle, images, task=2)
 
 
 def test_inspect_shows_encoding_density_and_dtypes(made):

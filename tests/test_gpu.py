@@ -15,8 +15,9 @@ from tiny_bundles import TINY_CONFIG, write_tiny_bundle
 
 from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.export import TaskExporter, check_parity, seeded_probe
 from supsup_deploy.models import build_model
+from supsup_deploy.onnx_graphs.export import TaskExporter
+from supsup_deploy.onnx_graphs.parity import check_parity, seeded_probe
 from supsup_deploy.task_inference import TaskInferrer
 from supsup_deploy.weight_sources import alpha_table, effective_weights, use_alpha
 

@@ -1,4 +1,4 @@
-"""Teaching a bundle a new task from an image folder (``supsup learn``, ``Bundle.learn``), and
+"""Teaching a bundle a new task from an image folder (``supsup learn``, ``teach``), and
 training on one (``supsup train --data``), on real Fashion-MNIST images written as PNG and JPEG."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from killable import snapshot
 from tiny_bundles import write_tiny_bundle
 
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.learn import learn_task
+from supsup_deploy.learn import learn_task, teach
 from supsup_deploy.pack import pack_run
+from supsup_deploy.predictor import predict
 
 NEW_CLASSES = (5, 7)
 """Sandal and Sneaker: the new task's classes."""
@@ -49,7 +50,7 @@ def learn_in_process(bundle, photos, name, *options):
 
 
 def test_learned_task_runs_in_infer_and_from_its_shared_graph_adapter(shipped, tmp_path):
-    from supsup_deploy.export import export_shared
+    from supsup_deploy.onnx_graphs.export import export_shared
 
     bundle = copy_bundle(shipped[0], tmp_path)
     photos = shutil.copytree(shipped[1], tmp_path / "photos")
@@ -106,10 +107,10 @@ def test_fewer_classes_than_outputs_use_the_first_outputs(tmp_path):
     bundle = load_bundle(write_tiny_bundle(tmp_path / "tiny"))
     assert bundle.config.num_classes == 3
     photos = write_fashion_folder(tmp_path / "two", (0, 1), per_class=12)
-    info = bundle.learn(photos, name="two_classes", epochs=1, num_workers=0)
+    info = teach(bundle, photos, name="two_classes", epochs=1, num_workers=0)
     assert (info.index, info.class_names) == (3, ("T-shirt-top", "Trouser"))
     assert bundle.task_entries[-1].name == "two_classes"
-    predictions = bundle.predict([photos], task="two_classes")
+    predictions = predict(bundle, [photos], task="two_classes")
     assert len(predictions) == 24
     assert {p.class_name for p in predictions} <= set(info.class_names)
 
@@ -247,7 +248,8 @@ def test_ctrl_c_leaves_the_bundle_as_it_was(shipped, tmp_path):
 
 
 def test_train_on_an_image_folder_records_its_split_and_statistics(tmp_path):
-    from supsup_deploy.train import TrainConfig, train_run
+    from supsup_deploy.train import train_run
+    from supsup_deploy.train_config import TrainConfig
 
     photos = write_fashion_folder(tmp_path / "photos", (0, 1, 5, 7), per_class=20)
     config = TrainConfig(
@@ -262,12 +264,13 @@ def test_train_on_an_image_folder_records_its_split_and_statistics(tmp_path):
     assert len(results) == 2
     assert sorted(c for task in record["tasks"]["tasks"] for c in task["classes"]) == [0, 1, 2, 3]
     bundle = pack_run(tmp_path / "run", tmp_path / "bundle")
-    predictions = bundle.predict([photos / "Sandal"], task=1)
+    predictions = predict(bundle, [photos / "Sandal"], task=1)
     assert len(predictions) == 20
 
 
 def test_train_with_a_class_list_draws_tasks_from_those_classes():
-    from supsup_deploy.train import RunData, TrainConfig
+    from supsup_deploy.train import RunData
+    from supsup_deploy.train_config import TrainConfig
 
     run = RunData.load(TrainConfig(classes="1,3,5,8", num_tasks=2, basis=1, protocol="split"))
     assert sorted(c for task in run.tasks for c in task.classes) == [1, 3, 5, 8]

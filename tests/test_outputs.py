@@ -15,8 +15,8 @@ from PIL import Image
 from tiny_bundles import TINY_INPUT, write_tiny_bundle
 
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.export import export_shared
 from supsup_deploy.locking import LOCK_FILE
+from supsup_deploy.onnx_graphs.export import export_shared
 from supsup_deploy.runs import RUN_FILE, RUN_FORMAT, RUN_FORMAT_VERSION
 
 NOTES = "my own notes"

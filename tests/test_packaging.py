@@ -32,6 +32,8 @@ def test_install_and_run_from_anywhere(tmp_path, editable):
 
     assert run(str(venv / "bin" / "supsup"), "--version").startswith("supsup-deploy")
     assert run(str(python), "-m", "supsup_deploy", "--version").startswith("supsup-deploy")
+    every_package = "import supsup_deploy.bundles.reader, supsup_deploy.onnx_graphs.export"
+    run(str(python), "-c", every_package)
     location = run(str(python), "-c", "import supsup_cli.main as m; print(m.__file__)").strip()
     expected = ROOT / "cli" if editable else venv
     assert Path(location).is_relative_to(expected), location

@@ -9,17 +9,17 @@ import torch
 from cli_runner import run_cli
 from PIL import Image
 
-from supsup_deploy.adapters import load_adapter
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.export import TaskExporter, export_shared
 from supsup_deploy.hot_tasks import HotRule, HotTasks
 from supsup_deploy.models import get_model_entry
-from supsup_deploy.onnx_runtime import onnx_session, run_onnx
-from supsup_deploy.predictor import Predictor
+from supsup_deploy.onnx_graphs.adapters import load_adapter
+from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
+from supsup_deploy.onnx_graphs.format import MODEL_FILE
+from supsup_deploy.onnx_graphs.sessions import SharedGraph, onnx_session, run_onnx
+from supsup_deploy.predictor import Predictor, predict
 from supsup_deploy.runtime import load_images
-from supsup_deploy.shared_graph import MODEL_FILE, SharedGraph
 from supsup_deploy.synthetic import write_random_bundle
 
 SIZE = 16
@@ -173,7 +173,7 @@ def test_predict_and_infer_use_hot_tasks(served):
     pixels = torch.randint(0, 256, (6, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(2))
     pixels = pixels.to(torch.uint8)
     info = bundle.tasks[1]
-    got = bundle.predict(pixels, task=info.index, runtime="onnx", hot_tasks=1, batch_size=2)
+    got = predict(bundle, pixels, task=info.index, runtime="onnx", hot_tasks=1, batch_size=2)
     probe = bundle.weights(info.index).transforms()(pixels)
     expected = run_onnx(dense[info.index], probe).argmax(1)
     assert [p.class_index for p in got] == expected.tolist()

@@ -10,21 +10,19 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from supsup_deploy.adapters import adapter_bytes, load_adapter
 from supsup_deploy.bundles.format import InputSpec, task_file_name
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.errors import FormatError
-from supsup_deploy.export import ParityError, export_adapter, export_shared
 from supsup_deploy.models import get_model_entry
+from supsup_deploy.onnx_graphs.adapters import adapter_bytes, load_adapter
+from supsup_deploy.onnx_graphs.export import export_adapter, export_shared
+from supsup_deploy.onnx_graphs.format import MODEL_FILE
+from supsup_deploy.onnx_graphs.parity import ParityError
+from supsup_deploy.onnx_graphs.sessions import SharedGraph
+from supsup_deploy.onnx_graphs.shared_graph import build_shared_graph, code_planes
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runtime import Runner
-from supsup_deploy.shared_graph import (
-    MODEL_FILE,
-    SharedGraph,
-    build_shared_graph,
-    code_planes,
-)
 from supsup_deploy.synthetic import write_random_bundle
 
 SIZE = 16
@@ -279,11 +277,11 @@ def test_graph_of_another_bundle_is_refused(tmp_path):
 
 
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
-    from supsup_deploy import export_targets
+    from supsup_deploy.onnx_graphs import targets
 
     bundle = random_bundle(tmp_path / "b")
-    strict = replace(export_targets.export_target("shared"), tolerances={"float32": -1.0})
-    monkeypatch.setitem(export_targets.EXPORT_TARGETS, "shared", strict)
+    strict = replace(targets.export_target("shared"), tolerances={"float32": -1.0})
+    monkeypatch.setitem(targets.EXPORT_TARGETS, "shared", strict)
     with pytest.raises(ParityError, match="shared graph parity failed for task 0"):
         export_shared(bundle, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
 """save_bundle / load_bundle as a pair, and a task's weights object (class names, transforms,
-model) against what ``Bundle.predict`` does with image files."""
+model) against what ``predict`` does with image files."""
 
 import json
 import struct
@@ -15,6 +15,7 @@ from supsup_deploy.bundles.validation import model_summary
 from supsup_deploy.bundles.writer import TaskData, save_basis, save_bundle, save_task
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import ModelConfig, build_model, masked_layers
+from supsup_deploy.predictor import predict
 from supsup_deploy.synthetic import write_random_bundle
 
 CONFIG = ModelConfig(
@@ -173,7 +174,7 @@ def test_transforms_and_model_predict_what_bundle_predict_does(bundle, tmp_path)
         with torch.no_grad():
             images = [Image.open(path) for path in files]
             probabilities = weights.model()(preprocess(images)).softmax(dim=1)
-        predictions = bundle.predict(files, task=task)
+        predictions = predict(bundle, files, task=task)
         assert [p.class_index for p in predictions] == probabilities.argmax(dim=1).tolist()
         assert [p.class_name for p in predictions] == [
             weights.class_names[index] for index in probabilities.argmax(dim=1).tolist()

@@ -19,7 +19,8 @@ from tiny_bundles import TINY_CONFIG
 from supsup_deploy.data import DEBIAN_FASHION_MNIST
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.runs import read_run_record, task_path
-from supsup_deploy.train import TrainConfig, train_run
+from supsup_deploy.train import train_run
+from supsup_deploy.train_config import TrainConfig
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from supsup_deploy.errors import ConfigError, FormatError
-from supsup_deploy.files import metadata_text, save_safetensors_atomic
+from supsup_deploy.errors import ConfigError, FormatError, SupsupError
+from supsup_deploy.files import metadata_text, safetensors_metadata, save_safetensors_atomic
+from supsup_deploy.outputs import Output, is_empty_folder
 
 FORMAT_VERSION = 2
 """The version writers write."""
@@ -184,3 +185,25 @@ class TaskInfo:
     file_bytes: int
     state_bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _our_bundle(path: Path) -> bool:
+    if is_empty_folder(path):
+        return True
+    try:
+        return safetensors_metadata(path / BASIS_FILE).get("format") == BASIS_FORMAT
+    except SupsupError:
+        return False
+
+
+def _our_task_file(path: Path) -> bool:
+    try:
+        return safetensors_metadata(path).get("format") == TASK_FORMAT
+    except SupsupError:
+        return False
+
+
+BUNDLE = Output("a bundle", _our_bundle, folder=True)
+"""A bundle folder, as :func:`~supsup_deploy.outputs.check_output` writes it."""
+TASK_FILE = Output("a task file", _our_task_file)
+"""A task file, as :func:`~supsup_deploy.outputs.check_output` writes it."""

@@ -12,7 +12,6 @@ import functools
 import math
 import operator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from supsup_deploy.bundles.validation import (
     read_task,
     read_version_1_tasks,
 )
-from supsup_deploy.bundles.weights import TaskWeights, model_input
+from supsup_deploy.bundles.weights import TaskWeights
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
 from supsup_deploy.normalization import load_norm_state
@@ -278,72 +277,7 @@ class Bundle:
         load_norm_state(model, 0, tensors)
         model.bundle_task = self.task(task).index
 
-    def learn(self, data: str | Path | None = None, *, name: str, **settings: Any) -> TaskInfo:
-        """Teach the bundle a new task from your images and install it (``supsup learn``).
-
-        Args:
-            data: an image folder, one subfolder per class (optionally under ``train/``,
-                ``val/``, ``test/``).
-            name: the new task's name.
-            settings: :func:`supsup_deploy.learn.learn_task`'s keyword arguments (``epochs``,
-                ``seed``, ``device``, ``dataset`` and ``classes`` instead of ``data``, ...).
-
-        Returns:
-            The installed task (the next free id); this object lists it from now on.
-
-        Example:
-            >>> task = bundle.learn("my_photos", name="shoes", epochs=3)
-            >>> bundle.predict(["my_photos/test"], task=task.name)
-        """
-        from supsup_deploy.learn import install_learned_task, learn_task
-
-        learned = learn_task(self, data, name=name, **settings)
-        index = install_learned_task(self.path, learned).index
+    def refresh_tasks(self) -> None:
+        """List ``tasks/`` again, taking in tasks installed since the bundle was opened (by
+        :func:`supsup_deploy.learn.teach` or ``supsup add-task``)."""
         self._list_tasks(list_task_files(self._task_folder))
-        return self.task(index)
-
-    def predictor(self, **options: Any) -> Any:
-        """A long-lived :class:`supsup_deploy.predictor.Predictor` of this bundle (``runtime``,
-        ``device``, ``onnx_path``, ``hot_tasks``, ... as it takes them)."""
-        from supsup_deploy.predictor import Predictor
-
-        return Predictor(self, **options)
-
-    def predict(
-        self,
-        images: torch.Tensor | list[str | Path],
-        *,
-        task: int | str,
-        runtime: str = "torch",
-        device: str = "cpu",
-        batch_size: int = 256,
-        hot_tasks: int = 0,
-    ) -> list[Any]:
-        """Predict classes with one task's model (the Python side of ``supsup infer``).
-
-        Args:
-            images: image files or folders, or a uint8 tensor of images, converted by the
-                task's :meth:`~supsup_deploy.bundles.weights.TaskWeights.transforms`; or a float
-                tensor already so converted (checked by
-                :func:`~supsup_deploy.bundles.weights.model_input`).
-            task: task id or name.
-            runtime: ``"torch"`` or ``"onnx"`` (the task exported on the fly, parity checked).
-            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-            batch_size: images per forward pass.
-            hot_tasks: with ``"onnx"``, run the shared graph built in memory, the task
-                specialised in the background once hot (see :meth:`predictor`).
-
-        Returns:
-            One :class:`supsup_deploy.runtime.Prediction` per image (class index, class name,
-            probability), in input order.
-        """
-        from supsup_deploy.runtime import collect_image_paths, load_images
-
-        if isinstance(images, torch.Tensor):
-            images = model_input(images, self.input)
-            names = [f"image[{row}]" for row in range(len(images))]
-        else:
-            files = collect_image_paths(images)
-            images, names = load_images(files, self), [str(path) for path in files]
-        with self.predictor(runtime=runtime, device=device, hot_tasks=hot_tasks) as predictor:
-            return predictor.predict(task, images, names, batch_size=batch_size)

@@ -13,11 +13,12 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from supsup_deploy.binary_masks import MAX_BASIS
@@ -467,7 +468,9 @@ def read_task(
             f"{file}: {len(class_names)} class names for {header.config.num_classes} outputs "
             "(a task has 2 classes up to one per output)"
         )
-    _check_task_tensors(file, tensors, header.task_tensor_shapes())
+    float_dtypes = tuple(FLOAT_DTYPES)
+    shapes = header.task_tensor_shapes()
+    check_task_tensors(file, tensors, {key: (shape, float_dtypes) for key, shape in shapes.items()})
     if kind == "basis":
         _check_one_hot(file, tensors["alpha"])
     state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -484,19 +487,39 @@ def read_task(
     return info, tensors
 
 
-def _check_task_tensors(
-    file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+def check_task_tensors(
+    file: Path,
+    tensors: Mapping[str, torch.Tensor | np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], tuple[str, ...]]],
+    *,
+    holds: str = "tensors",
+    wanted: str = "expected",
 ) -> None:
+    """The one check of a task's tensors, wherever they come from: a task file (torch tensors)
+    or an ONNX Runtime adapter (numpy arrays).
+
+    Args:
+        file: the file that holds them, for messages.
+        tensors: tensor name to values.
+        expected: tensor name to its shape and the dtype names it may have.
+        holds: what the names message calls ``tensors`` (``"adapter holds"``).
+        wanted: what the messages call ``expected`` (``"the shared graph takes"``).
+
+    Raises:
+        FormatError: another set of names, a dtype or shape not expected, a non-finite value,
+            or a negative running variance.
+    """
     if set(tensors) != set(expected):
-        raise FormatError(f"{file}: tensors {sorted(tensors)}, expected {sorted(expected)}")
-    for key, shape in expected.items():
+        raise FormatError(f"{file}: {holds} {sorted(tensors)}, {wanted} {sorted(expected)}")
+    for key, (shape, dtypes) in expected.items():
         tensor = tensors[key]
-        if tensor.dtype not in FLOAT_DTYPES.values() or tuple(tensor.shape) != shape:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in dtypes or tuple(tensor.shape) != shape:
             raise FormatError(
                 f"{file}: {key} is {tensor.dtype} {list(tensor.shape)}, "
-                f"expected float32 or float16 {list(shape)}"
+                f"{wanted} {' or '.join(dtypes)} {list(shape)}"
             )
-        if not torch.isfinite(tensor).all():
+        if not torch.isfinite(torch.as_tensor(tensor)).all():
             raise FormatError(f"{file}: {key} holds non-finite values")
     if "norm.running_var" in tensors and (tensors["norm.running_var"] < 0).any():
         raise FormatError(f"{file}: norm.running_var holds negative values")

@@ -3,14 +3,14 @@ model.
 
 ``bundle.weights(task)`` gives a :class:`TaskWeights`; its :meth:`~TaskWeights.transforms` turn
 images into what the model takes, exactly as ``supsup infer`` and
-:meth:`~supsup_deploy.bundles.reader.Bundle.predict` convert image files.
+:func:`supsup_deploy.predictor.predict` convert image files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from supsup_deploy.images import to_pixels
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from supsup_deploy.bundles.reader import Bundle
     from supsup_deploy.models import MaskedModel
 
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -137,6 +136,12 @@ def _tensor_image(image: torch.Tensor) -> Image:
     return Image.fromarray(np.ascontiguousarray(array), PIL_MODES[channels])
 
 
+class TaskModels(Protocol):
+    """What builds a task's model: an opened :class:`~supsup_deploy.bundles.reader.Bundle`."""
+
+    def model(self, task: int | str, *, device: torch.device | str = "cpu") -> MaskedModel: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class TaskWeights:
     """One installed task: what it predicts, what input it takes and how to build its model.
@@ -153,7 +158,7 @@ class TaskWeights:
         input: the input spec the task was trained with.
     """
 
-    bundle: Bundle = field(repr=False, compare=False)
+    bundle: TaskModels = field(repr=False, compare=False)
     task: int
     name: str
     class_names: tuple[str, ...]

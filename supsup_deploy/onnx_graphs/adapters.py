@@ -1,4 +1,4 @@
-"""Tasks as ONNX Runtime adapters of a shared graph (:mod:`supsup_deploy.shared_graph`).
+"""Tasks as ONNX Runtime adapters of a shared graph (:mod:`.shared_graph`).
 
 An adapter file (``<name>.onnx_adapter``) is ONNX Runtime's own format
 (``onnxruntime.AdapterFormat``): one parameter per task tensor, under the task file's tensor
@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from supsup_deploy.bundles.validation import check_task_tensors
 from supsup_deploy.errors import FormatError
-from supsup_deploy.shared_graph import SHARED_FORMAT_VERSION, TaskInput
+from supsup_deploy.onnx_graphs.format import SHARED_FORMAT_VERSION
+from supsup_deploy.onnx_graphs.shared_graph import TaskInput
 
 
 @dataclass(frozen=True)
@@ -101,22 +103,13 @@ def load_adapter(path: str | Path, inputs: tuple[TaskInput, ...]) -> TaskAdapter
             f"{path}: adapter for shared graph format {adapter.get_model_version()}, "
             f"this version runs format {SHARED_FORMAT_VERSION}"
         )
-    expected = {spec.name: spec for spec in inputs}
-    if set(parameters) != set(expected):
-        raise FormatError(
-            f"{path}: adapter holds {sorted(parameters)}, the shared graph takes {sorted(expected)}"
-        )
-    for name, values in parameters.items():
-        spec = expected[name]
-        if str(values.dtype) != spec.dtype or tuple(values.shape) != spec.shape:
-            raise FormatError(
-                f"{path}: {name} is {values.dtype} {list(values.shape)}, the shared graph takes "
-                f"{spec.dtype} {list(spec.shape)}"
-            )
-        if not np.isfinite(values).all():
-            raise FormatError(f"{path}: {name} holds non-finite values")
-    if "norm.running_var" in parameters and (parameters["norm.running_var"] < 0).any():
-        raise FormatError(f"{path}: norm.running_var holds negative values")
+    check_task_tensors(
+        path,
+        parameters,
+        {spec.name: (spec.shape, (spec.dtype,)) for spec in inputs},
+        holds="adapter holds",
+        wanted="the shared graph takes",
+    )
     lora = onnxruntime.LoraAdapter()
     lora.Load(str(path))
     return TaskAdapter(path=path, task=adapter.get_adapter_version(), tensors=parameters, lora=lora)

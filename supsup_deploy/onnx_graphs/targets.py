@@ -1,7 +1,8 @@
 """The registry of ONNX export targets: what each writes, the precisions it takes and the parity
 tolerance its graphs must meet against the PyTorch model.
 
-A target is a small frozen config; the code that writes it lives in :mod:`supsup_deploy.export`
+A target is a small frozen config; the code that writes it lives in
+:mod:`supsup_deploy.onnx_graphs.export`
 (``TaskExporter`` for ``task``, ``export_shared`` for ``shared``, ``export_adapter`` for
 ``adapter``) and looks its tolerance up here when it checks parity. A new target is one
 :class:`ExportTarget` added to :data:`EXPORT_TARGETS` and one exporting function beside the others.

@@ -1,0 +1,131 @@
+"""A run's settings (:class:`TrainConfig`) and how each task is trained (:class:`TaskRecipe`).
+
+They are the run format's record of a run (``run.json``'s ``config``, read by
+:mod:`supsup_deploy.runs`) and the training loop's input (:mod:`supsup_deploy.train`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from supsup_deploy import data as datasets
+from supsup_deploy.binary_masks import check_num_basis, resolve_densities
+from supsup_deploy.errors import ConfigError
+from supsup_deploy.models import ModelConfig, get_model_entry
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskRecipe:
+    """How one task is trained: a run's settings for each task, or ``supsup learn``'s.
+
+    Attributes:
+        epochs: passes over the task's training images; the epoch with the best validation
+            accuracy is kept.
+        batch_size: images per step.
+        lr: Adam learning rate of a basis task's mask scores.
+        alpha_lr: Adam learning rate of an alpha task's table.
+        weight_decay: Adam weight decay.
+        density: fraction of weights a basis mask keeps, or ``er:SCALE``.
+        seed: seeds the scores' initialisation and the batch order, with the task's index.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    alpha_lr: float
+    weight_decay: float
+    density: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run's result (the device does not, on a given machine)."""
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    arch: str = "gem_resnet18"
+    width: float = 1.0
+    protocol: str = "split"
+    classes_per_task: int = 2
+    num_tasks: int = 5
+    basis: int = 3
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    alpha_lr: float = 0.1
+    weight_decay: float = 1e-4
+    density: str = "0.5"
+    norm: str = "batch"
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    classes: str | None = None
+    data: str | None = None
+    image_size: int | None = None
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_tasks >= 1, f"--num-tasks must be at least 1, got {self.num_tasks}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0 and self.alpha_lr > 0, "learning rates must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.seed >= 0, f"--seed must not be negative, got {self.seed}"),
+            (
+                1 <= self.basis <= self.num_tasks,
+                f"--basis must be in 1..--num-tasks ({self.num_tasks}), got {self.basis}",
+            ),
+            (
+                self.image_size is None or self.data is not None,
+                "--image-size sets the input size of an image folder: give --data FOLDER too",
+            ),
+            (
+                self.image_size is None or 8 <= self.image_size <= 1024,
+                f"--image-size must be in 8..1024, got {self.image_size}",
+            ),
+            (
+                0.0 <= self.test_fraction < 1.0,
+                f"--test-fraction must be in [0, 1), got {self.test_fraction}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.basis < self.num_tasks:
+            check_num_basis(self.basis)
+        resolve_densities([(1, 1)], self.density)
+        get_model_entry(self.arch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def recipe(self) -> TaskRecipe:
+        """How each task of the run is trained."""
+        return TaskRecipe(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            alpha_lr=self.alpha_lr,
+            weight_decay=self.weight_decay,
+            density=self.density,
+            seed=self.seed,
+        )
+
+    def model_config(self, spec: datasets.DatasetSpec) -> ModelConfig:
+        """The architecture this run trains: one classifier output per class of a task."""
+        entry = get_model_entry(self.arch)
+        return entry.config(
+            num_classes=self.classes_per_task,
+            in_channels=spec.in_channels,
+            stem=entry.family.stem_for_image_size(spec.image_size),
+            width=self.width,
+            seed=self.seed,
+            norm=self.norm,
+            num_tasks=self.num_tasks,
+        )
