@@ -93,6 +93,16 @@ def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
     run_dir = work / name
     train_run(config, run_dir, resume=True)
     dedicated_dir = work / f"{name}_dedicated"
+    train_dedicated_twin(config, run_dir, dedicated_dir)
+    return run_dir, dedicated_dir
+
+
+def train_dedicated_twin(config: TrainConfig, run_dir: Path, dedicated_dir: Path) -> None:
+    """A SupSup mask for each of ``config``'s alpha tasks, in ``dedicated_dir`` (resumable).
+
+    The run's basis task files are copied in rather than retrained (they are the same masks when
+    ``config`` is the run's own; they only fill the slots otherwise).
+    """
     dedicated = dataclasses.replace(config, basis=config.num_tasks)
     if not (dedicated_dir / RUN_FILE).exists():
         run_data = RunData.load(dedicated)
@@ -105,7 +115,6 @@ def train_pair(config: TrainConfig, work: Path, name: str) -> tuple[Path, Path]:
         if not target.exists():
             shutil.copyfile(task_path(run_dir, index), target)
     train_run(dedicated, dedicated_dir, resume=True)
-    return run_dir, dedicated_dir
 
 
 def int8_table(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Run: ``python -m bench.alpha_variants [--seeds 0 1] [--variants ...]`` (resumable: the runs of
 ``bench.accuracy`` and every finished variant in ``--work`` are reused). About 6 minutes per
-variant and seed on 2 idle CPU cores, after the runs themselves.
+variant and seed on 2 idle CPU cores at the protocol's 2 epochs, after the runs themselves; a
+6-epoch variant takes 15 to 25 minutes, and its 5 dedicated masks about 25 more, once per seed.
 
 Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNIST's 10 classes,
 |B| = 15, per-task BatchNorm, 2 epochs, <= 3,000 training images per task), one run per seed.
@@ -20,12 +21,14 @@ thing (every variant is served with its alpha as int8 codes and one fp16 scale p
   (reference-batch normalisation), so training and serving agree;
 - ``aligned``: the classifier's output ``j`` mixes, over the basis tasks, each basis task's own
   classifier row for the new task's class ``j`` (zero when it lacks that class) instead of its
-  row ``j``.
+  row ``j``;
+- ``epochs``: passes over the task's training images (the product: the run's, 2). The basis masks
+  stay the run's; the dedicated masks of the denominator are retrained with the same epochs.
 
 The ratio's denominator is the run's dedicated masks (``bench.accuracy``'s twin run: a SupSup
-mask per alpha task, same budget). Bytes are measured on disk: a task file written with the
-packed task's metadata and the variant's tensors (alpha as int8 codes with one fp16 scale per row,
-and fp16 statistics when the variant stores them).
+mask per alpha task, same budget and epochs as the variant). Bytes are measured on disk: a task
+file written with the packed task's metadata and the variant's tensors (alpha as int8 codes with
+one fp16 scale per row, and fp16 statistics when the variant stores them).
 """
 
 from __future__ import annotations
@@ -45,7 +48,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bench._common import machine_info, print_table, write_result
-from bench.accuracy import BUDGET, PROTOCOLS, candidate_file_bytes, int8_table, train_pair
+from bench.accuracy import (
+    BUDGET,
+    PROTOCOLS,
+    candidate_file_bytes,
+    int8_table,
+    train_dedicated_twin,
+    train_pair,
+)
 from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import TaskBatchNorm2d, set_task, task_norms
@@ -66,6 +76,7 @@ class Variant:
     groups: int = 1
     statistics: str = "task"
     aligned: bool = False
+    epochs: int | None = None
 
 
 PRODUCT = "product"
@@ -79,6 +90,9 @@ VARIANTS = {
     "pool_groups_2": Variant(groups=2, statistics="pool"),
     "groups_4": Variant(groups=4),
     "pool_groups_4": Variant(groups=4, statistics="pool"),
+    "epochs_6": Variant(epochs=6),
+    "pool_epochs_6": Variant(statistics="pool", epochs=6),
+    "pool_groups_2_epochs_6": Variant(groups=2, statistics="pool", epochs=6),
 }
 
 
@@ -169,13 +183,14 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
     basis_classes = [list(run_data.tasks[t].classes) for t in range(config.basis)]
     parameters = attach_variant(model, basis, variant, list(splits.task.classes), basis_classes)
     optimizer = torch.optim.Adam(parameters, lr=config.alpha_lr, weight_decay=config.weight_decay)
-    steps = math.ceil(len(splits.train) / config.batch_size) * config.epochs
+    epochs = variant.epochs or config.epochs
+    steps = math.ceil(len(splits.train) / config.batch_size) * epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     shuffle = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index))
     draw = torch.Generator().manual_seed(derive_seed(config.seed, "shuffle", index) + 1)
     by_pool = variant.statistics == "pool"
     best = None
-    for _ in range(config.epochs):
+    for _ in range(epochs):
         model.train()
         batches = splits.train.batches(
             batch_size=config.batch_size, shuffle=True, generator=shuffle
@@ -257,8 +272,16 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
             if name in results:
                 continue
             variant = VARIANTS[name]
+            dedicated = {}
+            if variant.epochs not in (None, config.epochs):
+                longer = dataclasses.replace(config, epochs=variant.epochs)
+                twin = work / f"random_batch_seed{seed}_dedicated_epochs{variant.epochs}"
+                train_dedicated_twin(longer, run_dir, twin)
+                metrics = collect_metrics(twin, config.num_tasks)[config.basis :]
+                dedicated = {"dedicated_per_task": [row["test_accuracy"] for row in metrics]}
             trained = [train_variant(model, basis, run_data, i, variant, pool) for i in alpha_tasks]
             results[name] = {
+                **dedicated,
                 "variant": dataclasses.asdict(variant),
                 "accuracy_per_task": [t["test_accuracy"] for t in trained],
                 "file_bytes_per_task": [
@@ -275,6 +298,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _dedicated(seed_record: dict, name: str) -> list[float]:
+    """The dedicated accuracies a variant is compared with: at its own epochs when it has them."""
+    variant = seed_record["variants"][name]
+    return variant.get("dedicated_per_task", seed_record["dedicated_per_task"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("artifacts/bench_accuracy/full"))
@@ -286,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.variants:
         accuracy = [_mean(s["variants"][name]["accuracy_per_task"]) for s in seeds]
-        dedicated = [_mean(s["dedicated_per_task"]) for s in seeds]
+        dedicated = [_mean(_dedicated(s, name)) for s in seeds]
         ratios = [a / d for a, d in zip(accuracy, dedicated, strict=True)]
         rows.append(
             {
