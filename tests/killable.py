@@ -32,6 +32,12 @@ runpy.run_module("supsup_deploy", run_name="__main__")
 """
 
 
+def hears_ctrl_c() -> None:
+    """``preexec_fn`` for a child that must see SIGINT: a shell's background job (``pytest &``)
+    starts with SIGINT ignored, and a Python child would keep ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a command ended: ``returncode`` is None when it was killed before it finished."""

@@ -14,7 +14,7 @@ import time
 import pytest
 from cli_runner import ROOT, run_cli
 from image_folders import write_fashion_folder
-from killable import snapshot
+from killable import hears_ctrl_c, snapshot
 from tiny_bundles import write_tiny_bundle
 
 from supsup_deploy.bundles.reader import load_bundle
@@ -234,6 +234,7 @@ def test_ctrl_c_leaves_the_bundle_as_it_was(shipped, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hears_ctrl_c,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     line = ""

@@ -11,6 +11,7 @@ import time
 import pytest
 from cli_runner import ROOT, run_cli
 from conftest import SMALL_RUN
+from killable import hears_ctrl_c
 from PIL import Image
 
 TINY_FLAGS = [
@@ -107,6 +108,7 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hears_ctrl_c,
     )
     deadline = time.monotonic() + 240
     while not (tmp_path / "run/run.json").exists() and process.poll() is None:
