@@ -235,6 +235,12 @@ def variant_bytes(bundle, index: int, variant: Variant, rows: torch.Tensor, fold
     return candidate_file_bytes(folder, packed, tensors)
 
 
+def _alpha_test_accuracies(run_dir: Path, config: TrainConfig) -> list[float]:
+    """Test accuracy of each of the run's tasks after the basis, from its task files."""
+    metrics = collect_metrics(run_dir, config.num_tasks)[config.basis :]
+    return [row["test_accuracy"] for row in metrics]
+
+
 def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
     """One seed's record: the dedicated masks' accuracies and every variant's, trained or cached.
 
@@ -248,8 +254,10 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
         return {"seed": seed, **record}
     config = TrainConfig(**PROTOCOLS["random"], **BUDGET, norm="batch", seed=seed)
     run_dir, dedicated_dir = train_pair(config, work, f"random_batch_seed{seed}")
-    metrics = collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
-    record = {"dedicated_per_task": [row["test_accuracy"] for row in metrics], "variants": results}
+    record = {
+        "dedicated_per_task": _alpha_test_accuracies(dedicated_dir, config),
+        "variants": results,
+    }
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
@@ -261,10 +269,9 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
         bundle = pack_run(
             run_dir, Path(folder) / "bundle", norm_dtype="float16", alpha_dtype="float16"
         )
-        metrics = collect_metrics(run_dir, config.num_tasks)[config.basis :]
         results[PRODUCT] = {
             "variant": dataclasses.asdict(VARIANTS[PRODUCT]),
-            "accuracy_per_task": [row["test_accuracy"] for row in metrics],
+            "accuracy_per_task": _alpha_test_accuracies(run_dir, config),
             "file_bytes_per_task": [bundle.task(i).file_bytes for i in alpha_tasks],
             "coefficients": int(config.basis * len(masked_layers(model))),
         }
@@ -277,8 +284,7 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
                 longer = dataclasses.replace(config, epochs=variant.epochs)
                 twin = work / f"random_batch_seed{seed}_dedicated_epochs{variant.epochs}"
                 train_dedicated_twin(longer, run_dir, twin)
-                metrics = collect_metrics(twin, config.num_tasks)[config.basis :]
-                dedicated = {"dedicated_per_task": [row["test_accuracy"] for row in metrics]}
+                dedicated = {"dedicated_per_task": _alpha_test_accuracies(twin, config)}
             trained = [train_variant(model, basis, run_data, i, variant, pool) for i in alpha_tasks]
             results[name] = {
                 **dedicated,
