@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bench._common import machine_info, print_table, write_result
+from supsup_deploy.alpha_codes import quantize_alpha
 from supsup_deploy.bundles.format import TASK_FORMAT, content_sha256
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
 from supsup_deploy.models import build_model
@@ -117,13 +118,6 @@ def train_dedicated_twin(config: TrainConfig, run_dir: Path, dedicated_dir: Path
     train_run(dedicated, dedicated_dir, resume=True)
 
 
-def int8_table(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``alpha`` as int8 codes and one fp16 scale per row (symmetric, largest value = 127)."""
-    scale = (alpha.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
-    codes = (alpha / scale.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-    return codes, scale
-
-
 def candidate_file_bytes(folder: Path, packed_task: Path, tensors: dict[str, torch.Tensor]) -> int:
     """Size on disk of ``packed_task`` rewritten with other tensors (same metadata, hashed)."""
     with safe_open(str(packed_task), framework="pt") as handle:
@@ -176,7 +170,7 @@ def evaluate_options(config: TrainConfig, run_dir: Path) -> dict[str, list[float
                 if config.norm == "batch":
                     load_norm_state(model, index, statistics)
             elif option.endswith("_int8"):
-                codes, scale = int8_table(alpha)
+                codes, scale = quantize_alpha(alpha)
                 alpha = codes.float() * scale.float().unsqueeze(1)
             load_alpha_table(model, alpha)
             calibration = {
@@ -224,7 +218,7 @@ def option_bytes(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, di
         for option in CANDIDATE_OPTIONS[config.norm]:
             sizes, states = [], []
             for path in packed:
-                codes, scale = int8_table(load_file(str(path))["alpha"])
+                codes, scale = quantize_alpha(load_file(str(path))["alpha"])
                 tensors = {"alpha.q": codes, "alpha.scale": scale}
                 sizes.append(candidate_file_bytes(folder, path, tensors))
                 states.append(codes.numel() + 2 * scale.numel())

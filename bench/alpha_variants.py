@@ -52,10 +52,10 @@ from bench.accuracy import (
     BUDGET,
     PROTOCOLS,
     candidate_file_bytes,
-    int8_table,
     train_dedicated_twin,
     train_pair,
 )
+from supsup_deploy.alpha_codes import quantize_alpha
 from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import TaskBatchNorm2d, set_task, task_norms
@@ -218,7 +218,7 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
         for parameter, value in zip(parameters, best[2], strict=True):
             parameter.copy_(value)
         for parameter in parameters:
-            codes, scale = int8_table(parameter.reshape(-1, config.basis))
+            codes, scale = quantize_alpha(parameter.reshape(-1, config.basis))
             parameter.copy_((codes.float() * scale.float().unsqueeze(1)).view_as(parameter))
     rows = torch.cat([p.detach().reshape(-1, config.basis) for p in parameters])
     return {"test_accuracy": evaluate(model, splits.test, "cpu", 256), "alpha": rows}
@@ -227,7 +227,7 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
 def variant_bytes(bundle, index: int, variant: Variant, rows: torch.Tensor, folder: Path) -> int:
     """Bytes on disk of the variant's task file: int8 alpha rows, fp16 statistics if stored."""
     packed = bundle.task(index).path
-    codes, scale = int8_table(rows)
+    codes, scale = quantize_alpha(rows)
     tensors = {"alpha.q": codes, "alpha.scale": scale}
     if variant.statistics == "task":
         stored = load_file(str(packed))

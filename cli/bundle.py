@@ -43,6 +43,15 @@ def pack_command(
             "(bitarray's sc_encode).",
         ),
     ] = "packed",
+    pool: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Store a calibration pool of this many training images per basis task "
+            "(BatchNorm runs; the run's data must be at hand). Tasks learned into the bundle "
+            "then store no statistics: an int8 table under 1 KB. 0: no pool.",
+        ),
+    ] = 0,
     force: Annotated[
         bool, typer.Option(help="Replace an existing bundle at --out (never another folder).")
     ] = False,
@@ -62,6 +71,7 @@ def pack_command(
         norm_dtype=norm_dtype,
         alpha_dtype=alpha_dtype,
         mask_encoding=mask_encoding,
+        pool=pool,
         force=force,
     )
     _print_bundle(bundle, as_json)
@@ -125,6 +135,12 @@ def _print_bundle(bundle, as_json: bool) -> None:
         f"{report['mask_encoding']} encoding, {report['basis_file_bytes']:,} bytes "
         f"({report['basis_bits_per_weight']:.3f} bits per weight), "
         f"sha256 {report['basis_sha256'][:16]}"
+        + (
+            f"\ncalibration pool: {report['pool_images']} images (statistics of tasks that "
+            "store none)"
+            if report["pool_images"]
+            else ""
+        )
     )
     table = Table(title=f"{len(report['tasks'])} tasks")
     columns = (
@@ -146,7 +162,7 @@ def _print_bundle(bundle, as_json: bool) -> None:
             task["name"],
             task["kind"],
             ", ".join(task["class_names"]),
-            "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"]))),
+            "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"] or task["statistics"]))),
             f"{task['file_bytes']:,}",
             f"{task['state_bytes']:,}",
             "" if accuracy is None else f"{accuracy:.4f}",

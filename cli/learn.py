@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ._choices import Dataset, FloatDtype
+from ._choices import AlphaDtype, Dataset, FloatDtype, Statistics
 from ._common import (
     DEFAULT_BUNDLE,
     DEVICE_HELP,
@@ -60,12 +60,23 @@ def learn_command(
         int | None, typer.Option(help="Cap on training images (a seeded subset).")
     ] = None,
     alpha_dtype: Annotated[
-        FloatDtype | None,
-        typer.Option(help="Precision of the stored table (default: as the bundle's tasks)."),
+        AlphaDtype | None,
+        typer.Option(
+            help="Precision of the stored table; int8 keeps one scale per layer (default: as "
+            "the bundle's newest alpha task, else int8 with a calibration pool, else float32)."
+        ),
     ] = None,
     norm_dtype: Annotated[
         FloatDtype | None,
         typer.Option(help="Precision of the stored statistics (default: as the bundle's tasks)."),
+    ] = None,
+    statistics: Annotated[
+        Statistics | None,
+        typer.Option(
+            help="BatchNorm statistics: pool (train against the bundle's calibration pool, "
+            "store none; the default when it has one) or task (from the task's own images, "
+            "stored)."
+        ),
     ] = None,
     out: Annotated[
         Path | None,
@@ -136,6 +147,7 @@ def learn_command(
         max_train_samples=max_train_samples,
         alpha_dtype=alpha_dtype,
         norm_dtype=norm_dtype,
+        statistics=statistics,
         device=use_device(device),
         num_workers=workers,
     )

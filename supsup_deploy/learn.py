@@ -2,11 +2,12 @@
 
 :func:`learn_task` trains the table (and, for a BatchNorm bundle, the task's normalisation
 statistics) on an image folder or on classes of a built-in dataset, keeping the epoch with the
-best validation accuracy. :func:`install_learned_task` gives it the next free task id and links
-its file into the bundle under the bundle's lock, as ``supsup add-task`` does;
-:meth:`LearnedTask.save` writes the file only; :func:`teach` learns and installs for an opened
-bundle. Nothing in the bundle changes until the install, so an interrupted or failed run leaves
-it as it was.
+best validation accuracy. Over a bundle with a calibration pool the task trains against the
+pool's statistics and stores none: its file holds an int8 table and its metadata (under 1 KB).
+:func:`install_learned_task` gives it the next free task id and links its file into the bundle
+under the bundle's lock, as ``supsup add-task`` does; :meth:`LearnedTask.save` writes the file
+only; :func:`teach` learns and installs for an opened bundle. Nothing in the bundle changes until
+the install, so an interrupted or failed run leaves it as it was.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 
 from supsup_deploy import data as datasets
+from supsup_deploy.alpha_codes import ALPHA_DTYPES, dequantize_alpha, quantize_alpha
 from supsup_deploy.bundles.format import (
     FORMAT_VERSION,
+    POOL_BATCH,
     TASKS_FOLDER,
     TaskInfo,
     check_task_name,
@@ -40,10 +43,13 @@ from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import norm_state
 from supsup_deploy.pack import install_task_file
-from supsup_deploy.train import Reporter, train_task
+from supsup_deploy.train import Reporter, evaluate, refresh_norm_statistics, train_task
 from supsup_deploy.train_config import TaskRecipe
-from supsup_deploy.weight_sources import alpha_table
+from supsup_deploy.weight_sources import alpha_table, load_alpha_table
 
+STATISTICS = ("task", "pool")
+"""Where a learned task's normalisation statistics come from: its own training images (stored in
+its file) or the bundle's calibration pool (computed when the task is used, nothing stored)."""
 LEARN_RECIPE = TaskRecipe(
     epochs=5, batch_size=64, lr=1e-3, alpha_lr=0.1, weight_decay=1e-4, density="0.5", seed=0
 )
@@ -56,8 +62,10 @@ class LearnedTask:
 
     Attributes:
         name: the task's name.
-        alpha: ``[num_layers, |B|]`` table, in the dtype it will be stored in.
-        norm_state: normalisation statistics (empty for a statistic-free norm).
+        alpha: ``[num_layers, |B|]`` table, in the dtype it will be stored in (int8 codes with
+            ``alpha_scale``).
+        norm_state: normalisation statistics (empty for a statistic-free norm, or when they come
+            from the bundle's calibration pool).
         class_names: one per class, in label order; the task uses the first
             ``len(class_names)`` classifier outputs.
         metrics: validation accuracy of the best epoch, test accuracy (None without a test
@@ -73,6 +81,7 @@ class LearnedTask:
     metrics: dict[str, Any]
     data: dict[str, Any]
     stored_metrics: dict[str, Any]
+    alpha_scale: torch.Tensor | None = None
 
     def save(self, path: str | Path, *, index: int, bundle: Bundle) -> Path:
         """Write the task file for ``bundle`` (atomically), e.g. to ship it or ``add-task`` it.
@@ -95,6 +104,8 @@ class LearnedTask:
             basis_sha256=bundle.basis_sha256,
             kind="alpha",
             extra={"metrics": self.stored_metrics},
+            alpha_scale=self.alpha_scale,
+            version=bundle.format_version,
         )
         return Path(path)
 
@@ -108,14 +119,14 @@ def check_learnable(bundle: Bundle, name: str, *, install: bool) -> None:
         install: whether the task will be installed into the bundle (else only written).
 
     Raises:
-        ConfigError: a bad or taken name, a bundle of another format version, or (to install)
-            a bundle that is read-only.
+        ConfigError: a bad or taken name, a format 1 bundle, or (to install) a bundle that is
+            read-only.
     """
     check_task_name(name)
-    if bundle.format_version != FORMAT_VERSION:
+    if bundle.format_version < 2:
         raise ConfigError(
-            f"{bundle.path} is a format {bundle.format_version} bundle: learn writes format "
-            f"{FORMAT_VERSION} task files; pack the run again with this version"
+            f"{bundle.path} is a format {bundle.format_version} bundle: learn writes format 2 "
+            f"and {FORMAT_VERSION} task files; pack the run again with this version"
         )
     taken = bundle.clashing_task(-1, name)
     if taken is not None:
@@ -152,6 +163,7 @@ def learn_task(
     max_train_samples: int | None = None,
     alpha_dtype: str | None = None,
     norm_dtype: str | None = None,
+    statistics: str | None = None,
     device: str = "cpu",
     num_workers: int | None = None,
     folder: ImageFolderData | None = None,
@@ -177,9 +189,13 @@ def learn_task(
         val_fraction: share of each class held out for validation when the data has no split.
         test_fraction: share of each class held out for testing, for a folder without ``test/``.
         max_train_samples: cap on training images (a seeded subset), or None.
-        alpha_dtype: ``"float32"`` or ``"float16"``; default the dtype of the bundle's alpha
-            tasks.
-        norm_dtype: likewise for the normalisation statistics.
+        alpha_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (codes with one scale per
+            layer; format 3 bundles); default the dtype of the bundle's newest alpha task, or
+            int8 over a bundle with a calibration pool and no alpha task.
+        norm_dtype: ``"float32"`` or ``"float16"`` for stored statistics; default likewise.
+        statistics: ``"pool"`` (train against the bundle's calibration pool, store no
+            statistics; the default when the bundle has a pool) or ``"task"`` (the task's own
+            training images, stored in its file).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         num_workers: processes decoding a folder's images (default: the folder loader's).
         folder: an already scanned ``data`` folder (the CLI scans it first, to refuse bad input
@@ -195,10 +211,9 @@ def learn_task(
     """
     check_learnable(bundle, name, install=False)
     recipe = _recipe(epochs, batch_size, alpha_lr, weight_decay, seed)
-    stored = (
-        float_dtype(alpha_dtype or _stored_dtype(bundle, "alpha"), what="alpha"),
-        float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean")),
-    )
+    statistics = _statistics(bundle, statistics)
+    alpha_dtype = _alpha_dtype(bundle, alpha_dtype)
+    norm_stored = float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean", "float32"))
     if (data is None) == (dataset is None):
         raise ConfigError("give the images: an image folder (--data) or --dataset with --classes")
     if data is not None:
@@ -217,6 +232,9 @@ def learn_task(
         )
     device = resolve_device(device)
     model = build_model(single_task_config(bundle.config)).to(device)
+    pool = None
+    if statistics == "pool":
+        pool = datasets.preprocess_images(bundle.pool, bundle.input)
     metrics = train_task(
         model,
         recipe,
@@ -228,16 +246,26 @@ def learn_task(
         slot=0,
         outputs=len(record["class_names"]),
         reporter=reporter,
+        pool=pool,
     )
+    alpha_scale = None
+    if alpha_dtype == "int8":
+        alpha, alpha_scale = quantize_alpha(alpha_table(model).float().cpu())
+        _serve_table(model, dequantize_alpha(alpha, alpha_scale), splits, recipe, pool, metrics)
+    else:
+        alpha = alpha_table(model).float().cpu().to(float_dtype(alpha_dtype, what="alpha"))
     test_accuracy = metrics["test_accuracy"]
     metrics["test_accuracy"] = None if math.isnan(test_accuracy) else test_accuracy
-    alpha = alpha_table(model).float().cpu().to(stored[0])
-    norms = {key: value.cpu().to(stored[1]) for key, value in norm_state(model, 0).items()}
+    norms = {}
+    if statistics == "task":
+        norms = {key: value.cpu().to(norm_stored) for key, value in norm_state(model, 0).items()}
     stored_metrics = {"test_accuracy": metrics["test_accuracy"]}
     if record.get("dataset") is not None and record["dataset"] == bundle.dataset:
         stored_metrics["classes"] = record["classes"]
-    metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in [alpha, *norms.values()])
+    stored = [alpha, *norms.values(), *([] if alpha_scale is None else [alpha_scale])]
+    metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
     metrics["name"] = name
+    metrics["statistics"] = statistics
     return LearnedTask(
         name=name,
         alpha=alpha,
@@ -246,7 +274,60 @@ def learn_task(
         metrics=metrics,
         data=record,
         stored_metrics=stored_metrics,
+        alpha_scale=alpha_scale,
     )
+
+
+def _serve_table(
+    model: torch.nn.Module,
+    table: torch.Tensor,
+    splits: datasets.TaskSplits,
+    recipe: TaskRecipe,
+    pool: torch.Tensor | None,
+    metrics: dict[str, Any],
+) -> None:
+    """Give the model the table as stored (int8 codes times scales), its statistics recomputed
+    under it, and measure the test accuracy of what the task file will serve."""
+    device = str(next(model.parameters()).device)
+    load_alpha_table(model, table.to(device))
+    if pool is None:
+        refresh_norm_statistics(model, 0, splits.train, recipe.batch_size, device)
+    else:
+        refresh_norm_statistics(model, 0, pool, POOL_BATCH, device)
+    outputs = len(splits.task.classes)
+    metrics["test_accuracy"] = evaluate(
+        model, splits.test, device, recipe.batch_size, outputs=outputs
+    )
+
+
+def _statistics(bundle: Bundle, statistics: str | None) -> str:
+    """Where the task's statistics come from: the pool by default when the bundle has one."""
+    if bundle.config.norm != "batch":
+        return "task"
+    statistics = statistics or ("pool" if bundle.pool is not None else "task")
+    if statistics not in STATISTICS:
+        raise ConfigError(f"unknown statistics {statistics!r}: use task or pool")
+    if statistics == "pool" and bundle.pool is None:
+        raise ConfigError(
+            f"{bundle.path} has no calibration pool: pack the run with --pool, or use "
+            "--statistics task"
+        )
+    return statistics
+
+
+def _alpha_dtype(bundle: Bundle, alpha_dtype: str | None) -> str:
+    """The stored alpha dtype: as asked, else the newest alpha task's, else int8 over a bundle
+    with a pool (float32 without)."""
+    fallback = "int8" if bundle.pool is not None else "float32"
+    alpha_dtype = alpha_dtype or _stored_dtype(bundle, "alpha", fallback)
+    if alpha_dtype not in ALPHA_DTYPES:
+        raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: use {', '.join(ALPHA_DTYPES)}")
+    if alpha_dtype == "int8" and bundle.format_version < 3:
+        raise ConfigError(
+            f"{bundle.path} is a format {bundle.format_version} bundle: int8 alpha tables need "
+            "format 3 (pack the run again)"
+        )
+    return alpha_dtype
 
 
 def _recipe(
@@ -272,14 +353,14 @@ def _recipe(
     )
 
 
-def _stored_dtype(bundle: Bundle, tensor: str) -> str:
-    """The dtype the bundle's newest alpha task stores ``tensor`` in (float32 if none does)."""
+def _stored_dtype(bundle: Bundle, tensor: str, fallback: str) -> str:
+    """The dtype the bundle's newest alpha task stores ``tensor`` in (``fallback`` if none does)."""
     for entry in reversed(bundle.task_entries):
         info = bundle.task(entry.index)
-        tensors = bundle.task_tensors(entry.index)
+        tensors = bundle.stored_tensors(entry.index)
         if tensor in tensors and (tensor != "alpha" or info.kind == "alpha"):
             return str(tensors[tensor].dtype).removeprefix("torch.")
-    return "float32"
+    return fallback
 
 
 def _check_class_count(bundle: Bundle, count: int, source: str) -> None:

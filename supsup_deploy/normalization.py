@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ class TaskBatchNorm2d(nn.Module):
         self.momentum = momentum
         self.eps = eps
         self.task = 0
+        self.reference_images = 0
         self.register_buffer("running_mean", torch.zeros(num_tasks, num_features))
         self.register_buffer("running_var", torch.ones(num_tasks, num_features))
 
@@ -49,6 +52,12 @@ class TaskBatchNorm2d(nn.Module):
         self.task = task
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.training and self.reference_images:
+            variance, mean = torch.var_mean(
+                inputs[: self.reference_images], dim=(0, 2, 3), unbiased=False
+            )
+            shape = (1, -1, 1, 1)
+            return (inputs - mean.view(shape)) / torch.sqrt(variance.view(shape) + self.eps)
         return F.batch_norm(
             inputs,
             self.running_mean[self.task],
@@ -97,6 +106,55 @@ def set_task(model: nn.Module, task: int) -> None:
     """Select the normalisation statistics slot of every per-task norm layer."""
     for norm in task_norms(model):
         norm.set_task(task)
+
+
+@contextlib.contextmanager
+def reference_batch(model: nn.Module, count: int) -> Iterator[None]:
+    """While in training mode, every per-task BatchNorm normalises its whole input with the
+    statistics of its first ``count`` samples (a reference batch) instead of the input's own,
+    and keeps no running statistics. Training against a pool of reference images this way makes
+    a task's training agree with statistics computed from that pool alone."""
+    norms = task_norms(model)
+    for norm in norms:
+        norm.reference_images = count
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.reference_images = 0
+
+
+@torch.no_grad()
+def average_batch_statistics(model: nn.Module, slot: int, batches: Iterable[torch.Tensor]) -> None:
+    """Set slot ``slot``'s running statistics to the plain average of the batch statistics.
+
+    Each batch runs through the model in training mode (normalised by its own mean and biased
+    variance); every per-task BatchNorm's running mean becomes the average of the batch means and
+    its running variance the average of the unbiased batch variances. The selected slots,
+    momenta and the model's mode are restored afterwards; no other slot changes.
+
+    Args:
+        model: the model, on the batches' device.
+        slot: the statistics slot to set.
+        batches: model inputs, in order.
+    """
+    norms = task_norms(model)
+    if not norms:
+        return
+    was_training = model.training
+    model.train()
+    saved = [(module.momentum, module.task) for module in norms]
+    for module in norms:
+        module.set_task(slot)
+    try:
+        for number, batch in enumerate(batches, start=1):
+            for module in norms:
+                module.momentum = 1.0 / number
+            model(batch)
+    finally:
+        for module, (momentum, task) in zip(norms, saved, strict=True):
+            module.momentum, module.task = momentum, task
+        model.train(was_training)
 
 
 def norm_layers(model: nn.Module) -> list[NormLayer]:

@@ -9,6 +9,7 @@ import torch
 
 from supsup_deploy.bundles.format import (
     BUNDLE,
+    MAX_POOL_IMAGES,
     TASKS_FOLDER,
     InputSpec,
     check_task_name,
@@ -24,6 +25,7 @@ from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.outputs import check_output
 from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
+from supsup_deploy.train import RunData
 from supsup_deploy.train_config import TrainConfig
 
 PACKED_METRICS = ("test_accuracy", "classes")
@@ -37,6 +39,7 @@ def pack_run(
     norm_dtype: str = "float32",
     alpha_dtype: str = "float32",
     mask_encoding: str = "packed",
+    pool: int = 0,
     force: bool = False,
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
@@ -54,6 +57,9 @@ def pack_run(
         alpha_dtype: ``"float32"`` or ``"float16"`` for the alpha tables of the alpha tasks
             (basis tasks' one-hot tables are exact in either and keep float32).
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
+        pool: store a calibration pool of this many training images of each basis task (the
+            first ones of its training split, in stored order; the run's data must be at hand),
+            so that tasks learned later can store no statistics; 0 for none. BatchNorm only.
         force: replace an existing bundle at ``out`` once the new one is complete.
 
     Returns:
@@ -78,6 +84,7 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
+    pool_images = _calibration_pool(config, pool, input_spec) if pool else None
     tasks = (
         _task_data(run_dir, index, config, *stored_dtypes)
         for index in range(config.num_tasks)
@@ -92,8 +99,36 @@ def pack_run(
         encoding=mask_encoding,
         extra={"dataset": dataset["name"], "tasks": record["tasks"], "seeds": record["seeds"]},
         replace=force,
+        pool=pool_images,
     )
     return load_bundle(out)
+
+
+def _calibration_pool(config: TrainConfig, per_task: int, spec: InputSpec) -> torch.Tensor:
+    """The first ``per_task`` training images of each basis task, as uint8 pixels."""
+    if config.norm != "batch":
+        raise ConfigError(f"--pool needs a BatchNorm run; this one uses norm {config.norm!r}")
+    if not 1 <= per_task * config.basis <= MAX_POOL_IMAGES:
+        raise ConfigError(
+            f"--pool {per_task} with {config.basis} basis tasks: the pool holds 1 to "
+            f"{MAX_POOL_IMAGES} images, so use 1 to {MAX_POOL_IMAGES // config.basis} per task"
+        )
+    run_data = RunData.load(config)
+    parts = []
+    for index in range(config.basis):
+        batches = run_data.splits(index).train.batches(
+            batch_size=per_task, shuffle=False, generator=None
+        )
+        parts.append(next(iter(batches))[0])
+    return _pixels(torch.cat(parts), spec)
+
+
+def _pixels(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Normalised images back to the uint8 pixels they were made from (exact: the error of
+    normalising in float32 is far below half a pixel step)."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:

@@ -565,21 +565,28 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
 
     The basis holds ``|B|`` masks per layer: bitmasks (``packed``), or with a compressed
     encoding the streams the encoder gives for the bundle's masks plus one int64 size per mask
-    (``basis.mask_sizes``). Each task holds an alpha table of its stored dtype and the
-    normalisation statistics of its stored dtype.
+    (``basis.mask_sizes``), and its calibration pool's pixels (``basis.pool``, one byte each).
+    Each task holds an alpha table of its stored dtype (an int8 table and one scale per layer)
+    and the normalisation statistics of their stored dtype, unless it stores none.
     """
     summary = bundle.summary
     predicted = {"basis.masks": basis_mask_bytes(bundle)}
     if bundle_mask_encoding(bundle) != "packed":
         predicted["basis.mask_sizes"] = 8 * bundle.num_basis * summary.masked_layers
+    if bundle.pool is not None:
+        predicted["basis.pool"] = bundle.pool.numel()
     for info in bundle.tasks:
-        tensors = bundle.task_tensors(info.index)
+        tensors = bundle.stored_tensors(info.index)
         alpha = tensors["alpha"]
-        norm_dtype = _stored_norm_dtype(tensors)
-        predicted[f"{info.name}.alpha"] = (
-            alpha.element_size() * bundle.num_basis * summary.masked_layers
+        scale = tensors.get("alpha.scale")
+        predicted[f"{info.name}.alpha"] = alpha.element_size() * bundle.num_basis * (
+            summary.masked_layers
+        ) + (0 if scale is None else scale.element_size() * summary.masked_layers)
+        predicted[f"{info.name}.norm"] = (
+            norm_bytes_per_task(summary, _stored_norm_dtype(tensors))
+            if "norm.running_mean" in tensors
+            else 0
         )
-        predicted[f"{info.name}.norm"] = norm_bytes_per_task(summary, norm_dtype)
     return predicted
 
 
@@ -597,10 +604,18 @@ def basis_density(bundle: Bundle) -> float:
     return kept / (bundle.num_basis * bundle.summary.masked_weights)
 
 
+def _statistics_source(bundle: Bundle, stored: dict[str, torch.Tensor]) -> str | None:
+    """Where a task's normalisation statistics come from: ``"stored"`` in its file, ``"pool"``
+    (computed from the bundle's calibration pool), or None (a statistic-free norm)."""
+    if bundle.config.norm != "batch":
+        return None
+    return "stored" if "norm.running_mean" in stored else "pool"
+
+
 def _dtype_name(tensor: torch.Tensor | None) -> str | None:
     if tensor is None:
         return None
-    return next(name for name, dtype in FLOAT_DTYPES.items() if dtype == tensor.dtype)
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def bundle_mask_encoding(bundle: Bundle) -> str:
@@ -634,12 +649,13 @@ def measured_bundle_bytes(bundle: Bundle) -> dict[str, int]:
         "basis.mask_sizes": sum(
             size for name, size in payload.items() if name.startswith("mask_sizes.")
         ),
+        "basis.pool": payload.get("pool", 0),
         "basis.header": header,
         "basis.file": bundle.basis_path.stat().st_size,
     }
     for info in bundle.tasks:
         header, payload = safetensors_layout(info.path)
-        measured[f"{info.name}.alpha"] = payload.get("alpha", 0)
+        measured[f"{info.name}.alpha"] = payload.get("alpha", 0) + payload.get("alpha.scale", 0)
         measured[f"{info.name}.norm"] = sum(
             size for name, size in payload.items() if name.startswith("norm.")
         )
@@ -695,7 +711,7 @@ def bundle_storage(bundle: Bundle) -> StorageRow:
     """
     norm_dtype = "float32"
     if bundle.tasks:
-        norm_dtype = _stored_norm_dtype(bundle.task_tensors(bundle.tasks[0].index))
+        norm_dtype = _stored_norm_dtype(bundle.stored_tensors(bundle.tasks[0].index))
     density = basis_density(bundle)
     settings = StorageSettings(
         num_basis=bundle.num_basis,
@@ -737,7 +753,7 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
     basis_bytes = bundle.basis_path.stat().st_size
     tasks = []
     for info in bundle.tasks:
-        tensors = bundle.task_tensors(info.index)
+        tensors = bundle.stored_tensors(info.index)
         tasks.append(
             {
                 "index": info.index,
@@ -749,6 +765,7 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
                 "state_bytes": info.state_bytes,
                 "alpha_dtype": _dtype_name(tensors["alpha"]),
                 "norm_dtype": _dtype_name(tensors.get("norm.running_mean")),
+                "statistics": _statistics_source(bundle, tensors),
                 "test_accuracy": info.metrics.get("test_accuracy"),
             }
         )
@@ -767,6 +784,7 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
         "num_basis": bundle.num_basis,
         "mask_encoding": bundle_mask_encoding(bundle),
         "basis_density": basis_density(bundle),
+        "pool_images": 0 if bundle.pool is None else len(bundle.pool),
         "basis_sha256": bundle.basis_sha256,
         "basis_file_bytes": basis_bytes,
         "basis_bits_per_weight": 8 * basis_bytes / bundle.summary.masked_weights,

@@ -47,11 +47,11 @@ TASK_KINDS = ("basis", "alpha")
 """A task file's kind, as bundles spell it."""
 OLDER_KINDS = {"mask": "basis"}
 """Kinds that older runs wrote, and what they mean now."""
-_PURPOSES = {"scores": 1, "shuffle": 2}
+_PURPOSES = {"scores": 1, "shuffle": 2, "reference": 3}
 
 
 def derive_seed(seed: int, purpose: str, task: int) -> int:
-    """A 63-bit seed for one purpose (``"scores"``, ``"shuffle"``) of one task."""
+    """A 63-bit seed for one purpose (``"scores"``, ``"shuffle"``, ``"reference"``) of one task."""
     state = np.random.SeedSequence([seed, _PURPOSES[purpose], task]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 

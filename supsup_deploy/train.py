@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.bundles.format import POOL_BATCH
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import save_safetensors_atomic
@@ -35,7 +36,12 @@ from supsup_deploy.image_folder import (
     scan_image_folder,
 )
 from supsup_deploy.models import build_model
-from supsup_deploy.normalization import set_task, task_norms
+from supsup_deploy.normalization import (
+    average_batch_statistics,
+    reference_batch,
+    set_task,
+    task_norms,
+)
 from supsup_deploy.outputs import check_output
 from supsup_deploy.runs import (
     RUN,
@@ -53,6 +59,8 @@ from supsup_deploy.weight_sources import use_alpha, use_scores
 
 DISTRIBUTED_MODES = ("tasks", "data")
 NORM_REFRESH_IMAGES = 2048
+REFERENCE_IMAGES = 64
+"""Pool images that set the normalisation statistics of each step when training against a pool."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,7 @@ def train_task(
     outputs: int | None = None,
     parallel: _Distributed | None = None,
     reporter: Reporter | None = None,
+    pool: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train one task in ``model`` and leave the model holding its best epoch.
 
@@ -288,6 +297,11 @@ def train_task(
             with fewer classes than the model has outputs); default every output.
         parallel: the distributed setting (default one process).
         reporter: progress events.
+        pool: a bundle's calibration pool as model inputs (a BatchNorm model only): every step
+            normalises its batch with the statistics of ``REFERENCE_IMAGES`` pool images drawn
+            at random (:func:`~supsup_deploy.normalization.reference_batch`), and each epoch's
+            statistics come from the pool, as a bundle computes them for a task that stores
+            none (:data:`~supsup_deploy.bundles.format.POOL_BATCH` images at a time).
 
     Returns:
         The task's metrics (validation accuracy of the best epoch, test accuracy, sizes).
@@ -317,6 +331,7 @@ def train_task(
         optimizer, T_max=max(1, steps_per_epoch * recipe.epochs)
     )
     shuffle = torch.Generator().manual_seed(derive_seed(recipe.seed, "shuffle", index))
+    draw = torch.Generator().manual_seed(derive_seed(recipe.seed, "reference", index))
     reporter.task_started(index, kind, steps_per_epoch * recipe.epochs)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     train_loss = float("nan")
@@ -328,7 +343,14 @@ def train_task(
             images, labels = _shard(images, labels, parallel)
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(trainer(images)[:, :outputs], labels)
+            if pool is None:
+                logits = trainer(images)
+            else:
+                chosen = torch.randperm(len(pool), generator=draw)[:REFERENCE_IMAGES]
+                reference = pool[chosen].to(device)
+                with reference_batch(model, len(reference)):
+                    logits = trainer(torch.cat([reference, images]))[len(reference) :]
+            loss = F.cross_entropy(logits[:, :outputs], labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -336,7 +358,10 @@ def train_task(
             count += len(labels)
             reporter.step()
         train_loss = total / max(count, 1)
-        refresh_norm_statistics(model, slot, train, recipe.batch_size, device)
+        if pool is None:
+            refresh_norm_statistics(model, slot, train, recipe.batch_size, device)
+        else:
+            refresh_norm_statistics(model, slot, pool, POOL_BATCH, device)
         val_accuracy = evaluate(model, splits.val, device, recipe.batch_size, outputs=outputs)
         reporter.epoch_finished(
             index, epoch, {"train_loss": train_loss, "val_accuracy": val_accuracy}
@@ -400,23 +425,8 @@ def refresh_norm_statistics(
         batch_size: images per forward pass.
         device: where the model runs.
     """
-    norms = task_norms(model)
-    if not norms:
-        return
-    was_training = model.training
-    model.train()
-    saved = [(module.momentum, module.task) for module in norms]
-    for module in norms:
-        module.set_task(task)
-    try:
-        for number, batch in enumerate(_first_images(images, batch_size), start=1):
-            for module in norms:
-                module.momentum = 1.0 / number
-            model(batch.to(device))
-    finally:
-        for module, (momentum, slot) in zip(norms, saved, strict=True):
-            module.momentum, module.task = momentum, slot
-        model.train(was_training)
+    batches = (batch.to(device) for batch in _first_images(images, batch_size))
+    average_batch_statistics(model, task, batches)
 
 
 def _first_images(

@@ -44,6 +44,16 @@ def content_sha256(text: str, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def alpha_table(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """A task's float32 alpha table: a float table converted, or (format 3) int8 codes times
+    their layer's scale, each a float32 multiplication."""
+    alpha = tensors["alpha"]
+    if alpha.dtype == np.int8:
+        scale = tensors["alpha.scale"].astype(np.float32)
+        return (alpha.astype(np.float32) * scale[:, None]).astype(np.float32)
+    return alpha.astype(np.float32)
+
+
 def weight_constant(shape) -> np.float32:
     return np.float32(math.sqrt(2.0) / math.sqrt(math.prod(shape[1:])))
 

@@ -67,7 +67,15 @@ def test_closed_sets_match_the_library():
     from typing import get_args
 
     from cli import _choices
-    from supsup_deploy import data, mask_compression, normalization, runtime, train
+    from supsup_deploy import (
+        alpha_codes,
+        data,
+        learn,
+        mask_compression,
+        normalization,
+        runtime,
+        train,
+    )
     from supsup_deploy.bundles.format import FLOAT_DTYPES
     from supsup_deploy.models import resnet
     from supsup_deploy.onnx_graphs import task_graph
@@ -79,6 +87,8 @@ def test_closed_sets_match_the_library():
         "Norm": normalization.NORM_KINDS,
         "DistributedMode": train.DISTRIBUTED_MODES,
         "FloatDtype": tuple(FLOAT_DTYPES),
+        "AlphaDtype": alpha_codes.ALPHA_DTYPES,
+        "Statistics": learn.STATISTICS,
         "MaskEncoding": mask_compression.ENCODINGS,
         "Exporter": task_graph.EXPORTERS,
         "Runtime": runtime.RUNTIMES,

@@ -2,8 +2,10 @@
 
 A bundle is a folder::
 
-    basis.safetensors               model config, input preprocessing, bit-packed basis masks
-    tasks/<id>.<name>.safetensors   one per task: alpha table, normalisation statistics, classes
+    basis.safetensors               model config, input preprocessing, bit-packed basis masks,
+                                    and (format 3, BatchNorm) an optional calibration pool
+    tasks/<id>.<name>.safetensors   one per task: alpha table, normalisation statistics (none
+                                    when the basis has a pool), classes
 
 No weight is stored: the backbone is regenerated from the model config's seed. Every task,
 basis tasks included (one-hot alpha), is an alpha table over the basis masks. The byte layout is
@@ -24,10 +26,16 @@ from supsup_deploy.errors import ConfigError, FormatError, SupsupError
 from supsup_deploy.files import metadata_text, safetensors_metadata, save_safetensors_atomic
 from supsup_deploy.outputs import Output, is_empty_folder
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The version writers write."""
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 """The versions readers read."""
+POOL_TENSOR = "pool"
+"""Format 3: the basis tensor holding the calibration pool (uint8 images)."""
+MAX_POOL_IMAGES = 2048
+"""Most images a calibration pool may hold."""
+POOL_BATCH = 64
+"""Pool images per forward pass when a task's statistics are computed from the pool."""
 CONTENT_HASH_KEY = "supsup_sha256"
 """Format 2: the header ``__metadata__`` key holding the content hash of metadata and tensors."""
 BASIS_FORMAT = "supsup-basis"

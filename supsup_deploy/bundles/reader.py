@@ -3,6 +3,11 @@
 Opening a bundle reads and checks its basis and lists ``tasks/`` by file name; a task file is
 read, checked and cached the first time the task is used (format 1 bundles, whose file names
 carry no id, are read whole when opened). The checks are :mod:`supsup_deploy.bundles.validation`.
+
+A task serves a float alpha table and, with BatchNorm, normalisation statistics
+(:meth:`Bundle.task_tensors`). Format 3 may store the table as int8 codes with per-layer scales,
+and may leave the statistics out when the basis holds a calibration pool: they are then computed
+from the pool under the task's weights, once per opened bundle.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import torch
 from torch import nn
 
 from supsup_deploy import backbone
+from supsup_deploy import data as datasets
 from supsup_deploy.binary_masks import code_value_table, codes_from_packed, unpack_bits
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
+    POOL_BATCH,
     TASKS_FOLDER,
     TaskEntry,
     TaskInfo,
@@ -33,11 +40,12 @@ from supsup_deploy.bundles.validation import (
     read_basis,
     read_task,
     read_version_1_tasks,
+    stored_alpha,
 )
 from supsup_deploy.bundles.weights import TaskWeights
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import MaskedModel, ModelConfig, build_model, masked_layers
-from supsup_deploy.normalization import load_norm_state
+from supsup_deploy.normalization import average_batch_statistics, load_norm_state, norm_state
 from supsup_deploy.weight_sources import use_fixed
 
 MAX_LISTED_TASKS = 10
@@ -90,6 +98,8 @@ class Bundle:
         self.dataset = basis.header.dataset  # the training dataset's name ("" when not recorded)
         self.basis_sha256 = file_sha256(self.basis_path)
         self._packed_masks = basis.packed_masks
+        self.pool = basis.pool  # the calibration pool, uint8 [N, C, size, size], or None
+        self._pool_statistics: dict[int, dict[str, torch.Tensor]] = {}
         self._task_folder = self.path / TASKS_FOLDER
         self._checked: dict[int, tuple[TaskInfo, dict[str, torch.Tensor]]] = {}
         if self.format_version >= 2:
@@ -196,9 +206,48 @@ class Bundle:
             input=self.input,
         )
 
-    def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
-        """A task's tensors (alpha table, norm statistics), read and checked on first use."""
+    def stored_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
+        """A task's tensors as its file stores them, read and checked on first use."""
         return dict(self._checked_task(self._entry(task))[1])
+
+    def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
+        """A task's tensors as it serves: ``alpha`` (float: an int8 table times its scales) and,
+        with BatchNorm, ``norm.running_mean`` and ``norm.running_var`` (computed from the
+        calibration pool, float32, when the file stores none)."""
+        entry = self._entry(task)
+        stored = self._checked_task(entry)[1]
+        served = {"alpha": stored_alpha(stored)}
+        served |= {key: value for key, value in stored.items() if key.startswith("norm.")}
+        if set(self.task_tensor_shapes) - set(served):
+            if entry.index not in self._pool_statistics:
+                self._pool_statistics[entry.index] = self.pool_statistics(served["alpha"])
+            served |= self._pool_statistics[entry.index]
+        return served
+
+    def pool_statistics(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The normalisation statistics an alpha table gets from the calibration pool.
+
+        The pool's images, normalised as the bundle's inputs, run through the table's model in
+        training mode, :data:`~supsup_deploy.bundles.format.POOL_BATCH` at a time in stored
+        order; each statistic is the plain average of the batch statistics (the unbiased
+        variance), in float32 on the CPU.
+
+        Args:
+            alpha: ``[num_layers, |B|]`` table.
+
+        Returns:
+            ``norm.running_mean`` and ``norm.running_var``, float32.
+
+        Raises:
+            ConfigError: the bundle has no calibration pool.
+        """
+        if self.pool is None:
+            raise ConfigError(f"{self.path} has no calibration pool (pack it with --pool)")
+        model = build_model(single_task_config(self.config))
+        use_fixed(model, self._materialize(alpha, "cpu", None))
+        images = datasets.preprocess_images(self.pool, self.input)
+        average_batch_statistics(model, 0, images.split(POOL_BATCH))
+        return norm_state(model, 0)
 
     def packed_basis(self, layer: int) -> torch.Tensor:
         """The basis masks of one masked layer, bit-packed: uint8 ``[|B|, ceil(numel / 8)]``."""

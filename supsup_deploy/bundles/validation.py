@@ -21,12 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from supsup_deploy.alpha_codes import dequantize_alpha
 from supsup_deploy.binary_masks import MAX_BASIS
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
     BASIS_FORMAT,
     CONTENT_HASH_KEY,
     FLOAT_DTYPES,
+    MAX_POOL_IMAGES,
+    POOL_TENSOR,
     READ_VERSIONS,
     SIGN_HASH,
     TASK_FILE_PATTERN,
@@ -140,6 +143,13 @@ class BasisHeader:
     num_basis: int
     encoding: str
     dataset: str
+    pool_images: int = 0
+    """Format 3: images in the basis's calibration pool (0: no pool)."""
+
+    @property
+    def pool_shape(self) -> tuple[int, int, int, int]:
+        """The calibration pool's shape: ``[images, channels, size, size]``."""
+        return (self.pool_images, self.input.channels, self.input.size, self.input.size)
 
     def max_file_bytes(self) -> int:
         """The largest basis file this architecture can need; larger ones are never read."""
@@ -147,10 +157,11 @@ class BasisHeader:
         data = self.num_basis * sum(mask_bytes)
         if self.encoding != "packed":
             data = 2 * data + self.num_basis * len(mask_bytes) * ENCODED_MASK_SLACK
-        return 8 + MAX_HEADER_BYTES + data
+        return 8 + MAX_HEADER_BYTES + data + math.prod(self.pool_shape)
 
     def task_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The tensors every task file of this basis holds, by name: shape."""
+        """The tensors every task serves (as :meth:`Bundle.task_tensors` gives them), by name:
+        shape. A task file may store them in another form: see :func:`stored_task_forms`."""
         expected = {"alpha": (self.summary.masked_layers, self.num_basis)}
         if self.config.norm == "batch":
             channels = (self.summary.norm_channels,)
@@ -158,9 +169,10 @@ class BasisHeader:
         return expected
 
     def max_task_bytes(self, _metadata: dict[str, Any]) -> int:
-        """The largest task file this basis can need (float32 tensors); larger ones are not read."""
+        """The largest task file this basis can need (float32 tensors, plus the per-layer
+        scales of an int8 table); larger ones are not read."""
         elements = sum(math.prod(shape) for shape in self.task_tensor_shapes().values())
-        return 8 + MAX_HEADER_BYTES + 4 * elements
+        return 8 + MAX_HEADER_BYTES + 4 * (elements + self.summary.masked_layers)
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ class CheckedBasis:
     metadata: dict[str, Any]
     packed_masks: list[torch.Tensor]
     """Each masked layer's ``[|B|, ceil(numel / 8)]`` uint8 masks (decoded when compressed)."""
+    pool: torch.Tensor | None
+    """The calibration pool: uint8 ``[images, channels, size, size]``, or None."""
 
 
 def read_basis(path: Path) -> CheckedBasis:
@@ -189,7 +203,8 @@ def read_basis(path: Path) -> CheckedBasis:
     tensors, metadata = load_checked(path, BASIS_FORMAT, READ_VERSIONS, max_bytes)
     header = headers[0]
     check_basis_tensors(path, header, tensors)
-    return CheckedBasis(header, metadata, _unpack_basis(path, header, tensors))
+    pool = tensors.get(POOL_TENSOR)
+    return CheckedBasis(header, metadata, _unpack_basis(path, header, tensors), pool)
 
 
 def basis_header(path: Path, metadata: dict[str, Any]) -> BasisHeader:
@@ -215,9 +230,31 @@ def basis_header(path: Path, metadata: dict[str, Any]) -> BasisHeader:
     if not isinstance(dataset, str):
         raise FormatError(f"{path}: extra.dataset must be a string")
     spec = _input_spec(path, metadata.get("input"), config)
+    version = metadata["format_version"]
     return BasisHeader(
-        metadata["format_version"], config, summary, spec, num_basis, encoding, dataset
+        version,
+        config,
+        summary,
+        spec,
+        num_basis,
+        encoding,
+        dataset,
+        _pool_images(path, metadata, config),
     )
+
+
+def _pool_images(path: Path, metadata: dict[str, Any], config: ModelConfig) -> int:
+    """Format 3's optional ``pool_images``: 1..MAX_POOL_IMAGES, in a BatchNorm basis only."""
+    if "pool_images" not in metadata:
+        return 0
+    count = metadata["pool_images"]
+    if metadata["format_version"] < 3:
+        return 0
+    if not _is_int(count) or not 1 <= count <= MAX_POOL_IMAGES:
+        raise FormatError(f"{path}: pool_images {_short(count)} out of range 1..{MAX_POOL_IMAGES}")
+    if config.norm != "batch":
+        raise FormatError(f"{path}: a calibration pool needs norm 'batch', not {config.norm!r}")
+    return count
 
 
 def _model_config(path: Path, values: Any) -> ModelConfig:
@@ -280,6 +317,8 @@ def check_basis_tensors(path: Path, header: BasisHeader, tensors: dict[str, torc
     expected = {f"mask.{layer:03d}" for layer in layers}
     if header.encoding != "packed":
         expected |= {f"mask_sizes.{layer:03d}" for layer in layers}
+    if header.pool_images:
+        expected.add(POOL_TENSOR)
     if set(tensors) != expected:
         missing = sorted(expected - set(tensors))[:3]
         unknown = sorted(set(tensors) - expected)[:3]
@@ -287,6 +326,13 @@ def check_basis_tensors(path: Path, header: BasisHeader, tensors: dict[str, torc
             f"{path}: tensors do not match {header.config.arch} "
             f"(missing {missing}, unexpected {unknown})"
         )
+    if header.pool_images:
+        pool = tensors[POOL_TENSOR]
+        if pool.dtype != torch.uint8 or tuple(pool.shape) != header.pool_shape:
+            raise FormatError(
+                f"{path}: pool is {pool.dtype} {list(pool.shape)}, expected uint8 "
+                f"{list(header.pool_shape)}"
+            )
     for layer, shape in enumerate(header.summary.weight_shapes):
         name = f"mask.{layer:03d}"
         if header.encoding == "packed":
@@ -468,11 +514,9 @@ def read_task(
             f"{file}: {len(class_names)} class names for {header.config.num_classes} outputs "
             "(a task has 2 classes up to one per output)"
         )
-    float_dtypes = tuple(FLOAT_DTYPES)
-    shapes = header.task_tensor_shapes()
-    check_task_tensors(file, tensors, {key: (shape, float_dtypes) for key, shape in shapes.items()})
+    check_task_tensors(file, tensors, stored_task_forms(header, tensors))
     if kind == "basis":
-        _check_one_hot(file, tensors["alpha"])
+        _check_one_hot(file, stored_alpha(tensors))
     state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     info = TaskInfo(
         index,
@@ -485,6 +529,38 @@ def read_task(
         _task_metrics(file, metadata),
     )
     return info, tensors
+
+
+def stored_task_forms(
+    header: BasisHeader, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The tensors a task file of this basis must hold, given which it holds: name to shape and
+    allowed dtypes.
+
+    The alpha table is float32 or float16, or (format 3) int8 codes with ``alpha.scale``, one
+    float16 or float32 scale per layer. The statistics are stored with BatchNorm, except that a
+    task of a basis with a calibration pool may leave both out (they are computed from the pool).
+    """
+    shapes = header.task_tensor_shapes()
+    floats = tuple(FLOAT_DTYPES)
+    forms = {key: (shape, floats) for key, shape in shapes.items()}
+    alpha = tensors.get("alpha")
+    if header.version >= 3 and alpha is not None and alpha.dtype == torch.int8:
+        forms["alpha"] = (shapes["alpha"], ("int8",))
+        forms["alpha.scale"] = ((header.summary.masked_layers,), floats)
+    if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
+        forms.pop("norm.running_mean", None)
+        forms.pop("norm.running_var", None)
+    return forms
+
+
+def stored_alpha(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A task file's alpha table as it serves: int8 codes times their scales (float32), or the
+    stored float table."""
+    alpha = tensors["alpha"]
+    if alpha.dtype == torch.int8:
+        return dequantize_alpha(alpha, tensors["alpha.scale"])
+    return alpha
 
 
 def check_task_tensors(

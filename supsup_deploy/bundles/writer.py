@@ -1,5 +1,5 @@
 """Writing bundles: :func:`save_bundle` for a whole bundle, :func:`save_basis` and
-:func:`save_task` for its single files (every file written atomically, format 2)."""
+:func:`save_task` for its single files (every file written atomically, format 3)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from supsup_deploy.bundles.format import (
     BASIS_FILE,
     BASIS_FORMAT,
     FORMAT_VERSION,
+    MAX_POOL_IMAGES,
+    POOL_TENSOR,
     SIGN_HASH,
     TASK_FORMAT,
     TASKS_FOLDER,
@@ -39,11 +41,14 @@ class TaskData:
     Attributes:
         index: task id, unique within the bundle.
         name: task name (letters, digits, ``_.-``; also its file name).
-        alpha: ``[num_layers, |B|]`` table, float32 or float16.
-        norm_state: ``norm.running_mean`` / ``norm.running_var`` (empty for statistic-free norms).
+        alpha: ``[num_layers, |B|]`` table, float32 or float16; or int8 codes with
+            ``alpha_scale`` (:func:`~supsup_deploy.alpha_codes.quantize_alpha`).
+        norm_state: ``norm.running_mean`` / ``norm.running_var``; empty for statistic-free norms
+            and for a task whose statistics come from the bundle's calibration pool.
         class_names: one per classifier output.
         kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
         extra: more JSON metadata (e.g. training metrics).
+        alpha_scale: with int8 ``alpha``, one float16 scale per layer.
     """
 
     index: int
@@ -53,6 +58,7 @@ class TaskData:
     class_names: list[str] | tuple[str, ...]
     kind: str = "alpha"
     extra: dict[str, Any] | None = None
+    alpha_scale: torch.Tensor | None = None
 
 
 def save_bundle(
@@ -65,6 +71,7 @@ def save_bundle(
     encoding: str = "packed",
     extra: dict[str, Any] | None = None,
     replace: bool = False,
+    pool: torch.Tensor | None = None,
 ) -> Path:
     """Write a new bundle folder: its basis file and one file per task.
 
@@ -83,6 +90,7 @@ def save_bundle(
         extra: more JSON metadata for the basis file (e.g. the training dataset's name).
         replace: replace an existing ``out`` once the new bundle is complete (the caller has
             checked it may go: :func:`supsup_deploy.outputs.check_output`).
+        pool: a calibration pool for a BatchNorm model (see :func:`save_basis`), or None.
 
     Returns:
         ``out``, which :func:`~supsup_deploy.bundles.reader.load_bundle` opens.
@@ -103,6 +111,7 @@ def save_bundle(
             input_spec,
             encoding=encoding,
             extra=extra,
+            pool=pool,
         )
         for task in tasks:
             save_task(
@@ -115,6 +124,7 @@ def save_bundle(
                 basis_sha256=basis_sha256,
                 kind=task.kind,
                 extra=task.extra,
+                alpha_scale=task.alpha_scale,
             )
     return out
 
@@ -127,6 +137,7 @@ def save_basis(
     *,
     encoding: str = "packed",
     extra: dict[str, Any] | None = None,
+    pool: torch.Tensor | None = None,
 ) -> str:
     """Write a basis file and return its SHA-256.
 
@@ -138,6 +149,10 @@ def save_basis(
         encoding: how masks are stored: ``"packed"`` (1 bit per weight), ``"rice"`` or
             ``"sparse"`` (compressed; see :mod:`supsup_deploy.mask_compression`).
         extra: more JSON metadata (e.g. where the masks came from).
+        pool: a calibration pool, uint8 images ``[N, channels, size, size]`` (``N`` up to
+            :data:`~supsup_deploy.bundles.format.MAX_POOL_IMAGES`) of the basis tasks' training
+            data, for a BatchNorm model: a task that stores no statistics gets them from these
+            images under its own weights.
 
     Returns:
         The file's SHA-256, which every task file of the bundle records.
@@ -165,6 +180,8 @@ def save_basis(
         blob = bytearray(b"".join(streams))
         tensors[f"mask.{layer:03d}"] = torch.frombuffer(blob, dtype=torch.uint8)
         tensors[f"mask_sizes.{layer:03d}"] = torch.tensor([len(item) for item in streams])
+    if pool is not None:
+        tensors[POOL_TENSOR] = _checked_pool(pool, model_config, input_spec)
     metadata = {
         "format": BASIS_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -178,10 +195,27 @@ def save_basis(
         ],
         "norm_channels": summary.norm_channels,
         "input": input_spec.to_dict(),
+        **({"pool_images": len(pool)} if pool is not None else {}),
         **({"extra": extra} if extra else {}),
     }
     save_sealed(path, tensors, metadata)
     return file_sha256(Path(path))
+
+
+def _checked_pool(pool: torch.Tensor, config: ModelConfig, spec: InputSpec) -> torch.Tensor:
+    shape = (spec.channels, spec.size, spec.size)
+    if config.norm != "batch":
+        raise ConfigError(f"a calibration pool needs norm 'batch', this model has {config.norm!r}")
+    if pool.dtype != torch.uint8 or pool.dim() != 4 or tuple(pool.shape[1:]) != shape:
+        raise ConfigError(
+            f"the calibration pool must be uint8 [N, {', '.join(map(str, shape))}], got "
+            f"{pool.dtype} {list(pool.shape)}"
+        )
+    if not 1 <= len(pool) <= MAX_POOL_IMAGES:
+        raise ConfigError(
+            f"a calibration pool holds 1 to {MAX_POOL_IMAGES} images, not {len(pool)}"
+        )
+    return pool.contiguous()
 
 
 def save_task(
@@ -195,24 +229,36 @@ def save_task(
     basis_sha256: str,
     kind: str = "alpha",
     extra: dict[str, Any] | None = None,
+    alpha_scale: torch.Tensor | None = None,
+    version: int = FORMAT_VERSION,
 ) -> None:
     """Write one task file (atomically), e.g. a task shipped on its own for ``supsup add-task``.
 
     Args:
         path: file to write; inside a bundle it is ``tasks/`` +
             :func:`~supsup_deploy.bundles.format.task_file_name`.
-        index, name, alpha, norm_state, class_names, kind, extra: as :class:`TaskData`.
+        index, name, alpha, norm_state, class_names, kind, extra, alpha_scale: as
+            :class:`TaskData`.
         basis_sha256: SHA-256 of the basis file this task belongs to.
+        version: the format version of that basis (2 or 3); an int8 table needs 3.
 
     Example:
         >>> save_task("b/tasks/3.t3.safetensors", index=3, name="t3", alpha=table,
         ...           norm_state={}, class_names=["a", "b"], basis_sha256=digest)
     """
     check_task_name(name)
+    if version not in (2, FORMAT_VERSION):
+        raise ConfigError(f"task files are written in format 2 or {FORMAT_VERSION}, not {version}")
     tensors = {"alpha": alpha, **norm_state}
+    if (alpha.dtype == torch.int8) != (alpha_scale is not None):
+        raise ConfigError("an int8 alpha table needs its scales, and only an int8 table has them")
+    if alpha_scale is not None:
+        if version < 3:
+            raise ConfigError("an int8 alpha table needs a format 3 bundle")
+        tensors["alpha.scale"] = alpha_scale
     metadata = {
         "format": TASK_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "index": int(index),
         "name": name,
         "kind": kind,
