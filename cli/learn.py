@@ -62,8 +62,8 @@ def learn_command(
     alpha_dtype: Annotated[
         AlphaDtype | None,
         typer.Option(
-            help="Precision of the stored table; int8 keeps one scale per layer (default: as "
-            "the bundle's newest alpha task, else int8 with a calibration pool, else float32)."
+            help="Precision of the stored table; int8 keeps one scale per layer (default: int8 "
+            "with pool statistics, else as the bundle's newest alpha task, else float32)."
         ),
     ] = None,
     norm_dtype: Annotated[

@@ -190,8 +190,8 @@ def learn_task(
         test_fraction: share of each class held out for testing, for a folder without ``test/``.
         max_train_samples: cap on training images (a seeded subset), or None.
         alpha_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (codes with one scale per
-            layer; format 3 bundles); default the dtype of the bundle's newest alpha task, or
-            int8 over a bundle with a calibration pool and no alpha task.
+            layer; format 3 bundles); default int8 with ``statistics="pool"``, else the dtype of
+            the bundle's newest alpha task.
         norm_dtype: ``"float32"`` or ``"float16"`` for stored statistics; default likewise.
         statistics: ``"pool"`` (train against the bundle's calibration pool, store no
             statistics; the default when the bundle has a pool) or ``"task"`` (the task's own
@@ -212,7 +212,7 @@ def learn_task(
     check_learnable(bundle, name, install=False)
     recipe = _recipe(epochs, batch_size, alpha_lr, weight_decay, seed)
     statistics = _statistics(bundle, statistics)
-    alpha_dtype = _alpha_dtype(bundle, alpha_dtype)
+    alpha_dtype = _alpha_dtype(bundle, alpha_dtype, statistics)
     norm_stored = float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean", "float32"))
     if (data is None) == (dataset is None):
         raise ConfigError("give the images: an image folder (--data) or --dataset with --classes")
@@ -315,11 +315,12 @@ def _statistics(bundle: Bundle, statistics: str | None) -> str:
     return statistics
 
 
-def _alpha_dtype(bundle: Bundle, alpha_dtype: str | None) -> str:
-    """The stored alpha dtype: as asked, else the newest alpha task's, else int8 over a bundle
-    with a pool (float32 without)."""
-    fallback = "int8" if bundle.pool is not None else "float32"
-    alpha_dtype = alpha_dtype or _stored_dtype(bundle, "alpha", fallback)
+def _alpha_dtype(bundle: Bundle, alpha_dtype: str | None, statistics: str) -> str:
+    """The stored alpha dtype: as asked, else int8 for a task whose statistics come from the
+    pool (its file then stays under 1 KB), else the newest alpha task's, else float32."""
+    if alpha_dtype is None and statistics == "pool":
+        alpha_dtype = "int8"
+    alpha_dtype = alpha_dtype or _stored_dtype(bundle, "alpha", "float32")
     if alpha_dtype not in ALPHA_DTYPES:
         raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: use {', '.join(ALPHA_DTYPES)}")
     if alpha_dtype == "int8" and bundle.format_version < 3:

@@ -12,6 +12,7 @@ from version_1 import read as read_version_1
 from version_1 import version_1_bundle
 from version_1 import write as write_version_1
 
+from supsup_deploy.bundles.format import FORMAT_VERSION
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.errors import ConfigError, FormatError
@@ -98,7 +99,9 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
     header_size = int.from_bytes(data[:8], "little")
     flipped = bytearray(data)
     flipped[-1] ^= 0x01
-    header = data[8 : 8 + header_size].replace(b'format_version\\":2', b'format_version\\":9')
+    header = data[8 : 8 + header_size].replace(
+        f'format_version\\":{FORMAT_VERSION}'.encode(), b'format_version\\":9'
+    )
     return {
         "truncated": data[: len(data) // 2],
         "bit flip": bytes(flipped),
@@ -159,7 +162,7 @@ def version_1_dir(bundle_dir, tmp_path) -> Path:
 
 def test_version_1_bundles_still_load_and_run_the_same(bundle_dir, version_1_dir):
     new, old = load_bundle(bundle_dir), load_bundle(version_1_dir)
-    assert (new.format_version, old.format_version) == (2, 1)
+    assert (new.format_version, old.format_version) == (FORMAT_VERSION, 1)
     assert [task.path.name for task in old.tasks] == [
         f"task_{index}.safetensors" for index in range(3)
     ]
@@ -183,11 +186,11 @@ def test_version_1_bundles_still_load_and_run_the_same(bundle_dir, version_1_dir
 def test_add_task_keeps_a_bundle_in_its_version(bundle_dir, version_1_dir, tmp_path):
     shipped = tmp_path / "task_2.safetensors"
     shutil.move(version_1_dir / "tasks" / "task_2.safetensors", shipped)
-    with pytest.raises(FormatError, match="format version 2, expected 1"):
+    with pytest.raises(FormatError, match=f"format version {FORMAT_VERSION}, expected 1"):
         add_task(version_1_dir, bundle_dir / "tasks" / "2.task_2.safetensors")
     bundle = add_task(version_1_dir, shipped)
     assert bundle.format_version == 1 and bundle.task(2).path.name == "task_2.safetensors"
-    with pytest.raises(FormatError, match="format version 1, expected 2"):
+    with pytest.raises(FormatError, match=f"format version 1, expected {FORMAT_VERSION}"):
         add_task(bundle_dir, shipped)
 
 

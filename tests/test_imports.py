@@ -16,8 +16,8 @@ FOLDERS = {"supsup_deploy": "supsup_deploy", "cli": "supsup_cli"}
 LAYERS = (
     (
         "foundation",
-        "errors locking files outputs devices steps backbone binary_masks alpha_codes mask_compression "
-        "normalization data images image_folder hot_tasks",
+        "errors locking files outputs devices steps backbone binary_masks alpha_codes "
+        "mask_compression normalization data images image_folder hot_tasks",
     ),
     (
         "models",

@@ -545,7 +545,8 @@ def stored_task_forms(
     floats = tuple(FLOAT_DTYPES)
     forms = {key: (shape, floats) for key, shape in shapes.items()}
     alpha = tensors.get("alpha")
-    if header.version >= 3 and alpha is not None and alpha.dtype == torch.int8:
+    quantized = alpha is not None and alpha.dtype == torch.int8
+    if header.version >= 3 and (quantized or "alpha.scale" in tensors):
         forms["alpha"] = (shapes["alpha"], ("int8",))
         forms["alpha.scale"] = ((header.summary.masked_layers,), floats)
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
