@@ -34,12 +34,10 @@ one fp16 scale per row, and fp16 statistics when the variant stores them).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,15 +56,14 @@ from bench.accuracy import (
 from supsup_deploy.alpha_codes import quantize_alpha
 from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import build_model
-from supsup_deploy.normalization import TaskBatchNorm2d, set_task, task_norms
+from supsup_deploy.normalization import reference_batch, set_task
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics, derive_seed, read_task_masks, task_path
-from supsup_deploy.train import RunData, evaluate, refresh_norm_statistics
+from supsup_deploy.train import REFERENCE_IMAGES, RunData, evaluate, refresh_norm_statistics
 from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import WeightSource, use_alpha
 
 POOL_IMAGES_PER_BASIS_TASK = 32
-REFERENCE_IMAGES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,27 +136,6 @@ class AlignedClassifier(WeightSource):
         return torch.einsum("t,t...->...", self.alpha, self.rows)
 
 
-@contextlib.contextmanager
-def reference_statistics(model: nn.Module, count: int) -> Iterator[None]:
-    """In training mode, every BatchNorm normalises its input with the first ``count`` samples'
-    statistics (the reference batch) instead of the whole batch's."""
-
-    def normalise(module: TaskBatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        (values,) = inputs
-        variance, mean = torch.var_mean(values[:count], dim=(0, 2, 3), unbiased=False)
-        shape = (1, -1, 1, 1)
-        return (values - mean.view(shape)) / torch.sqrt(variance.view(shape) + module.eps)
-
-    originals = task_norms(model)
-    for norm in originals:
-        norm.forward = lambda values, norm=norm: normalise(norm, (values,))
-    try:
-        yield
-    finally:
-        for norm in originals:
-            del norm.forward
-
-
 def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> list[nn.Parameter]:
     """Give the model the variant's trainable sources; returns their alpha parameters."""
     sources = use_alpha(model, basis)
@@ -199,7 +175,7 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
             optimizer.zero_grad(set_to_none=True)
             if by_pool:
                 reference = pool[torch.randperm(len(pool), generator=draw)[:REFERENCE_IMAGES]]
-                with reference_statistics(model, len(reference)):
+                with reference_batch(model, len(reference)):
                     logits = model(torch.cat([reference, images]))[len(reference) :]
             else:
                 logits = model(images)
