@@ -230,16 +230,9 @@ def basis_header(path: Path, metadata: dict[str, Any]) -> BasisHeader:
     if not isinstance(dataset, str):
         raise FormatError(f"{path}: extra.dataset must be a string")
     spec = _input_spec(path, metadata.get("input"), config)
-    version = metadata["format_version"]
+    pool_images = _pool_images(path, metadata, config)
     return BasisHeader(
-        version,
-        config,
-        summary,
-        spec,
-        num_basis,
-        encoding,
-        dataset,
-        _pool_images(path, metadata, config),
+        metadata["format_version"], config, summary, spec, num_basis, encoding, dataset, pool_images
     )
 
 
