@@ -16,5 +16,7 @@ Statistics = Literal["task", "pool"]
 MaskEncoding = Literal["packed", "rice", "sparse"]
 Exporter = Literal["dynamo", "legacy"]
 Runtime = Literal["torch", "onnx"]
-TaskInferenceMethod = Literal["auto", "classes", "statistics", "information", "oneshot"]
+TaskInferenceMethod = Literal[
+    "auto", "classes", "signatures", "statistics", "information", "oneshot"
+]
 Stem = Literal["imagenet", "cifar"]

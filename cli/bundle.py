@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._choices import FloatDtype, MaskEncoding
+from ._choices import AlphaDtype, FloatDtype, MaskEncoding
 from ._common import (
     DEFAULT_BUNDLE,
     DEFAULT_RUN,
@@ -33,9 +33,12 @@ def pack_command(
         ),
     ] = "float32",
     alpha_dtype: Annotated[
-        FloatDtype,
-        typer.Option(help="Precision of the alpha tasks' coefficient tables."),
-    ] = "float32",
+        AlphaDtype | None,
+        typer.Option(
+            help="Precision of the alpha tasks' coefficient tables; int8 keeps one scale per "
+            "layer (default: int8 for a run trained with --pool, else float32).",
+        ),
+    ] = None,
     mask_encoding: Annotated[
         MaskEncoding,
         typer.Option(
@@ -44,14 +47,15 @@ def pack_command(
         ),
     ] = "packed",
     pool: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help="Store a calibration pool of this many training images per basis task "
             "(BatchNorm runs; the run's data must be at hand). Tasks learned into the bundle "
-            "then store no statistics: an int8 table under 1 KB. 0: no pool.",
+            "then store no statistics: an int8 table under 1 KB. Default: the run's own pool "
+            "(`supsup train --pool`), else none.",
         ),
-    ] = 0,
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Replace an existing bundle at --out (never another folder).")
     ] = False,
@@ -148,7 +152,7 @@ def _print_bundle(bundle, as_json: bool) -> None:
         "name",
         "kind",
         "classes",
-        "alpha/norm",
+        "stored",
         "file bytes",
         "state bytes",
         "test acc",
@@ -162,10 +166,17 @@ def _print_bundle(bundle, as_json: bool) -> None:
             task["name"],
             task["kind"],
             ", ".join(task["class_names"]),
-            "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"] or task["statistics"]))),
+            _stored(task),
             f"{task['file_bytes']:,}",
             f"{task['state_bytes']:,}",
             "" if accuracy is None else f"{accuracy:.4f}",
         )
     console.print(table)
     console.print(f"total bytes on disk: {report['total_bytes']:,}")
+
+
+def _stored(task: dict) -> str:
+    """What a task's file holds: ``alpha dtype/norm dtype`` (``/pool`` when the statistics come
+    from the calibration pool), and ``+signature`` when it stores one."""
+    stored = "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"] or task["statistics"])))
+    return stored + ("+signature" if task["signature"] else "")

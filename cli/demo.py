@@ -145,10 +145,15 @@ def print_bundle_storage(storage: dict) -> None:
         )
     console = wide_console()
     console.print(table)
-    console.print(
-        f"per-task bytes include {row['norm_bytes_per_task']:,} bytes of normalisation statistics"
-    )
     bundle = storage["bundle"]
+    statistics = row["norm_bytes_per_task"]
+    line = f"per-task bytes include {statistics:,} bytes of normalisation statistics"
+    if bundle["pool_images"]:
+        line += (
+            f"; this bundle's alpha tasks store none: they get theirs from the calibration pool "
+            f"of {bundle['pool_images']} images in its basis (files below)"
+        )
+    console.print(line)
     checks = storage["bytes_check"]
     exact = sum(check["ok"] for check in checks)
     task_bytes = ", ".join(f"{task['file_bytes']:,}" for task in bundle["tasks"])

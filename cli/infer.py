@@ -45,10 +45,13 @@ def infer_command(
     task_inference: Annotated[
         TaskInferenceMethod,
         typer.Option(
-            help="With --task auto: statistics (batch statistics against each task's stored "
-            "norm statistics), information (confident and diverse predictions), oneshot "
-            "(SupSup's entropy gradient, cost independent of the number of tasks) or auto "
-            "(statistics for BatchNorm bundles, else information).",
+            help="With --task auto: classes (the class set the batch covers, scored by the "
+            "basis tasks), signatures (the batch's mean features against each task's stored "
+            "signature), statistics (batch statistics against each task's norm statistics), "
+            "information (confident and diverse predictions), oneshot (SupSup's entropy "
+            "gradient) or auto (classes when class names tell the tasks apart, else signatures "
+            "when every task stores one, else statistics for BatchNorm bundles, else "
+            "information).",
         ),
     ] = "auto",
     shortlist: Annotated[

@@ -84,6 +84,16 @@ def train_command(
             help="batch (per-task statistics) or group (statistic-free).",
         ),
     ] = "batch",
+    pool: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Train the alpha tasks against a calibration pool of this many training images "
+            "per basis task (BatchNorm): `supsup pack` stores the pool once in the basis and "
+            "each alpha task as an int8 table with no statistics, under 1 KB. 0: none, each "
+            "alpha task stores its own statistics.",
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of backbone, task split, data and init.")] = 0,
     val_fraction: Annotated[
         float, typer.Option(help="Share of training data held out for validation.")

@@ -27,7 +27,6 @@ from supsup_deploy import data as datasets
 from supsup_deploy.alpha_codes import ALPHA_DTYPES, dequantize_alpha, quantize_alpha
 from supsup_deploy.bundles.format import (
     FORMAT_VERSION,
-    POOL_BATCH,
     TASKS_FOLDER,
     TaskInfo,
     check_task_name,
@@ -43,9 +42,16 @@ from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import norm_state
 from supsup_deploy.pack import install_task_file
-from supsup_deploy.train import Reporter, evaluate, refresh_norm_statistics, train_task
+from supsup_deploy.task_signatures import (
+    REFERENCE_TASK,
+    SIGNATURE_IMAGES,
+    TaskClasses,
+    class_sets_tell_tasks_apart,
+    task_signature,
+)
+from supsup_deploy.train import Reporter, serve_table, train_task
 from supsup_deploy.train_config import TaskRecipe
-from supsup_deploy.weight_sources import alpha_table, load_alpha_table
+from supsup_deploy.weight_sources import alpha_table
 
 STATISTICS = ("task", "pool")
 """Where a learned task's normalisation statistics come from: its own training images (stored in
@@ -72,6 +78,9 @@ class LearnedTask:
             split), sizes and timing.
         data: where the images came from and how they were split (seeded), as recorded.
         stored_metrics: the metrics the task file keeps.
+        alpha_scale: with an int8 ``alpha``, one float16 scale per layer.
+        signature: float16 ``[SIGNATURE_SIZE]`` when class names cannot tell the task apart
+            (:mod:`supsup_deploy.task_signatures`), else None.
     """
 
     name: str
@@ -82,6 +91,7 @@ class LearnedTask:
     data: dict[str, Any]
     stored_metrics: dict[str, Any]
     alpha_scale: torch.Tensor | None = None
+    signature: torch.Tensor | None = None
 
     def save(self, path: str | Path, *, index: int, bundle: Bundle) -> Path:
         """Write the task file for ``bundle`` (atomically), e.g. to ship it or ``add-task`` it.
@@ -105,6 +115,7 @@ class LearnedTask:
             kind="alpha",
             extra={"metrics": self.stored_metrics},
             alpha_scale=self.alpha_scale,
+            signature=self.signature,
             version=bundle.format_version,
         )
         return Path(path)
@@ -251,7 +262,7 @@ def learn_task(
     alpha_scale = None
     if alpha_dtype == "int8":
         alpha, alpha_scale = quantize_alpha(alpha_table(model).float().cpu())
-        _serve_table(model, dequantize_alpha(alpha, alpha_scale), splits, recipe, pool, metrics)
+        serve_table(model, dequantize_alpha(alpha, alpha_scale), splits, recipe, pool, metrics)
     else:
         alpha = alpha_table(model).float().cpu().to(float_dtype(alpha_dtype, what="alpha"))
     test_accuracy = metrics["test_accuracy"]
@@ -262,7 +273,9 @@ def learn_task(
     stored_metrics = {"test_accuracy": metrics["test_accuracy"]}
     if record.get("dataset") is not None and record["dataset"] == bundle.dataset:
         stored_metrics["classes"] = record["classes"]
-    stored = [alpha, *norms.values(), *([] if alpha_scale is None else [alpha_scale])]
+    signature = _signature(bundle, record["class_names"], splits, device)
+    stored = [alpha, *norms.values()]
+    stored += [tensor for tensor in (alpha_scale, signature) if tensor is not None]
     metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
     metrics["name"] = name
     metrics["statistics"] = statistics
@@ -275,29 +288,23 @@ def learn_task(
         data=record,
         stored_metrics=stored_metrics,
         alpha_scale=alpha_scale,
+        signature=signature,
     )
 
 
-def _serve_table(
-    model: torch.nn.Module,
-    table: torch.Tensor,
-    splits: datasets.TaskSplits,
-    recipe: TaskRecipe,
-    pool: torch.Tensor | None,
-    metrics: dict[str, Any],
-) -> None:
-    """Give the model the table as stored (int8 codes times scales), its statistics recomputed
-    under it, and measure the test accuracy of what the task file will serve."""
-    device = str(next(model.parameters()).device)
-    load_alpha_table(model, table.to(device))
-    if pool is None:
-        refresh_norm_statistics(model, 0, splits.train, recipe.batch_size, device)
-    else:
-        refresh_norm_statistics(model, 0, pool, POOL_BATCH, device)
-    outputs = len(splits.task.classes)
-    metrics["test_accuracy"] = evaluate(
-        model, splits.test, device, recipe.batch_size, outputs=outputs
-    )
+def _signature(
+    bundle: Bundle, class_names: list[str], splits: datasets.TaskSplits, device: str
+) -> torch.Tensor | None:
+    """The new task's signature, when its class names would not tell it apart from the
+    installed tasks and the bundle can hold one (format 3, basis task ``REFERENCE_TASK``)."""
+    tasks = [*bundle.tasks, TaskClasses(kind="alpha", class_names=class_names)]
+    if bundle.format_version < 3 or class_sets_tell_tasks_apart(tasks):
+        return None
+    reference = next((info for info in bundle.tasks if info.index == REFERENCE_TASK), None)
+    if reference is None or reference.kind != "basis":
+        return None
+    batches = splits.train.batches(batch_size=SIGNATURE_IMAGES, shuffle=False, generator=None)
+    return task_signature(bundle.model(REFERENCE_TASK, device=device), next(iter(batches))[0])
 
 
 def _statistics(bundle: Bundle, statistics: str | None) -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
+from supsup_deploy.alpha_codes import ALPHA_DTYPES, quantize_alpha
 from supsup_deploy.bundles.format import (
     BUNDLE,
-    MAX_POOL_IMAGES,
     TASKS_FOLDER,
     InputSpec,
     check_task_name,
@@ -24,9 +25,21 @@ from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
 from supsup_deploy.models import ModelConfig, build_model
 from supsup_deploy.outputs import check_output
-from supsup_deploy.runs import read_run_record, read_task_file, read_task_masks, task_path
-from supsup_deploy.train import RunData
-from supsup_deploy.train_config import TrainConfig
+from supsup_deploy.runs import (
+    load_task,
+    read_run_record,
+    read_task_file,
+    read_task_masks,
+    task_path,
+)
+from supsup_deploy.task_signatures import (
+    REFERENCE_TASK,
+    SIGNATURE_IMAGES,
+    class_sets_tell_tasks_apart,
+    task_signature,
+)
+from supsup_deploy.train import RunData, calibration_pool
+from supsup_deploy.train_config import TrainConfig, check_pool
 
 PACKED_METRICS = ("test_accuracy", "classes")
 """The training metrics a packed task file keeps (the run folder keeps them all)."""
@@ -37,9 +50,9 @@ def pack_run(
     out: str | Path,
     *,
     norm_dtype: str = "float32",
-    alpha_dtype: str = "float32",
+    alpha_dtype: str | None = None,
     mask_encoding: str = "packed",
-    pool: int = 0,
+    pool: int | None = None,
     force: bool = False,
 ) -> Bundle:
     """Pack a training run's finished tasks into a new bundle folder.
@@ -54,12 +67,15 @@ def pack_run(
         out: the bundle folder to create; it must not exist yet, unless ``force`` (see
             :func:`supsup_deploy.outputs.check_output`).
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
-        alpha_dtype: ``"float32"`` or ``"float16"`` for the alpha tables of the alpha tasks
-            (basis tasks' one-hot tables are exact in either and keep float32).
+        alpha_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (codes with one scale per
+            layer) for the alpha tables of the alpha tasks (basis tasks' one-hot tables are exact
+            in any and keep float32); default int8 for a run trained with a pool, else float32.
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
         pool: store a calibration pool of this many training images of each basis task (the
             first ones of its training split, in stored order; the run's data must be at hand),
             so that tasks learned later can store no statistics; 0 for none. BatchNorm only.
+            Default: the run's own pool (``supsup train --pool``), whose alpha tasks were
+            trained against it and store no statistics; a run with a pool takes no other.
         force: replace an existing bundle at ``out`` once the new one is complete.
 
     Returns:
@@ -69,10 +85,20 @@ def pack_run(
         >>> bundle = pack_run("artifacts/run", "artifacts/bundle")
     """
     run_dir, out = Path(run_dir), Path(out)
-    stored_dtypes = float_dtype(norm_dtype), float_dtype(alpha_dtype, what="alpha")
     record = read_run_record(run_dir)
     check_output(out, BUNDLE, force=force)
     config = TrainConfig(**record["config"])
+    if pool is None:
+        pool = config.pool
+    elif config.pool and pool != config.pool:
+        raise ConfigError(
+            f"{run_dir} trained its alpha tasks against a pool of {config.pool} images per basis "
+            f"task: pack it with that pool (leave out --pool), not {pool}"
+        )
+    alpha_dtype = alpha_dtype or ("int8" if config.pool else "float32")
+    if alpha_dtype not in ALPHA_DTYPES:
+        raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: {', '.join(ALPHA_DTYPES)}")
+    norm_stored = float_dtype(norm_dtype)
     model_config = ModelConfig.from_dict(record["model"])
     with torch.device("meta"):
         model = build_model(model_config)
@@ -84,12 +110,14 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
-    pool_images = _calibration_pool(config, pool, input_spec) if pool else None
-    tasks = (
-        _task_data(run_dir, index, config, *stored_dtypes)
+    pool_images = _calibration_pool(config, pool) if pool else None
+    tasks = [
+        _task_data(run_dir, index, config, norm_stored, alpha_dtype)
         for index in range(config.num_tasks)
         if task_path(run_dir, index).exists()
-    )
+    ]
+    if not class_sets_tell_tasks_apart(tasks):
+        tasks = _signed(run_dir, config, model_config, tasks)
     save_bundle(
         out,
         model_config=model_config,
@@ -104,31 +132,30 @@ def pack_run(
     return load_bundle(out)
 
 
-def _calibration_pool(config: TrainConfig, per_task: int, spec: InputSpec) -> torch.Tensor:
+def _calibration_pool(config: TrainConfig, per_task: int) -> torch.Tensor:
     """The first ``per_task`` training images of each basis task, as uint8 pixels."""
-    if config.norm != "batch":
-        raise ConfigError(f"--pool needs a BatchNorm run; this one uses norm {config.norm!r}")
-    if not 1 <= per_task * config.basis <= MAX_POOL_IMAGES:
-        raise ConfigError(
-            f"--pool {per_task} with {config.basis} basis tasks: the pool holds 1 to "
-            f"{MAX_POOL_IMAGES} images, so use 1 to {MAX_POOL_IMAGES // config.basis} per task"
-        )
+    check_pool(config.norm, config.basis, per_task)
+    return calibration_pool(RunData.load(config), config.basis, per_task)
+
+
+def _signed(
+    run_dir: Path, config: TrainConfig, model_config: ModelConfig, tasks: list[TaskData]
+) -> list[TaskData]:
+    """The tasks with their signatures, measured on the run's training images (its data must be
+    at hand) with basis task ``REFERENCE_TASK`` as the reference network."""
+    model = build_model(model_config)
+    basis = [read_task_masks(task_path(run_dir, index), model) for index in range(config.basis)]
+    load_task(model, run_dir, REFERENCE_TASK, basis)
+    model.eval()
     run_data = RunData.load(config)
-    parts = []
-    for index in range(config.basis):
-        batches = run_data.splits(index).train.batches(
-            batch_size=per_task, shuffle=False, generator=None
+    signed = []
+    for task in tasks:
+        batches = run_data.splits(task.index).train.batches(
+            batch_size=SIGNATURE_IMAGES, shuffle=False, generator=None
         )
-        parts.append(next(iter(batches))[0])
-    return _pixels(torch.cat(parts), spec)
-
-
-def _pixels(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """Normalised images back to the uint8 pixels they were made from (exact: the error of
-    normalising in float32 is far below half a pixel step)."""
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        signature = task_signature(model, next(iter(batches))[0])
+        signed.append(dataclasses.replace(task, signature=signature))
+    return signed
 
 
 def _basis_masks(run_dir: Path, index: int, model) -> list[torch.Tensor]:
@@ -143,18 +170,21 @@ def _task_data(
     index: int,
     config: TrainConfig,
     norm_dtype: torch.dtype,
-    alpha_dtype: torch.dtype,
+    alpha_dtype: str,
 ) -> TaskData:
     """A finished task of the run as a bundle task: a basis task's mask as a one-hot table."""
     tensors, metadata = read_task_file(task_path(run_dir, index))
     metrics = metadata["metrics"]
     kind = metadata["kind"]
+    alpha_scale = None
     if kind == "basis":
         layers = sum(key.startswith("mask.") for key in tensors)
         alpha = torch.zeros(layers, config.basis)
         alpha[:, index] = 1.0
+    elif alpha_dtype == "int8":
+        alpha, alpha_scale = quantize_alpha(tensors["alpha"])
     else:
-        alpha = tensors["alpha"].to(alpha_dtype)
+        alpha = tensors["alpha"].to(float_dtype(alpha_dtype, what="alpha"))
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
     }
@@ -166,6 +196,7 @@ def _task_data(
         class_names=metrics["class_names"],
         kind=kind,
         extra={"metrics": {key: metrics[key] for key in PACKED_METRICS if key in metrics}},
+        alpha_scale=alpha_scale,
     )
 
 

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
-from supsup_deploy.bundles.format import FLOAT_DTYPES, float_dtype
+from supsup_deploy.bundles.format import (
+    FLOAT_DTYPES,
+    SIGNATURE_SIZE,
+    SIGNATURE_TENSOR,
+    float_dtype,
+)
 from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
@@ -566,8 +571,9 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     The basis holds ``|B|`` masks per layer: bitmasks (``packed``), or with a compressed
     encoding the streams the encoder gives for the bundle's masks plus one int64 size per mask
     (``basis.mask_sizes``), and its calibration pool's pixels (``basis.pool``, one byte each).
-    Each task holds an alpha table of its stored dtype (an int8 table and one scale per layer)
-    and the normalisation statistics of their stored dtype, unless it stores none.
+    Each task holds an alpha table of its stored dtype (an int8 table and one scale per layer),
+    the normalisation statistics of their stored dtype unless it stores none, and its float16
+    signature if it has one.
     """
     summary = bundle.summary
     predicted = {"basis.masks": basis_mask_bytes(bundle)}
@@ -587,6 +593,8 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
             if "norm.running_mean" in tensors
             else 0
         )
+        signed = SIGNATURE_TENSOR in tensors
+        predicted[f"{info.name}.signature"] = 2 * SIGNATURE_SIZE if signed else 0
     return predicted
 
 
@@ -659,6 +667,7 @@ def measured_bundle_bytes(bundle: Bundle) -> dict[str, int]:
         measured[f"{info.name}.norm"] = sum(
             size for name, size in payload.items() if name.startswith("norm.")
         )
+        measured[f"{info.name}.signature"] = payload.get(SIGNATURE_TENSOR, 0)
         measured[f"{info.name}.header"] = header
         measured[f"{info.name}.file"] = info.path.stat().st_size
     return measured
@@ -766,6 +775,7 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
                 "alpha_dtype": _dtype_name(tensors["alpha"]),
                 "norm_dtype": _dtype_name(tensors.get("norm.running_mean")),
                 "statistics": _statistics_source(bundle, tensors),
+                "signature": SIGNATURE_TENSOR in tensors,
                 "test_accuracy": info.metrics.get("test_accuracy"),
             }
         )

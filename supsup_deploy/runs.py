@@ -150,15 +150,19 @@ def prepare_run_dir(run_dir: Path, record: dict[str, Any], resume: bool) -> None
 
 
 @torch.no_grad()
-def task_state(model: nn.Module, index: int, kind: str) -> dict[str, torch.Tensor]:
-    """The tensors that define a trained task: packed masks or alpha table, and norm state."""
+def task_state(
+    model: nn.Module, index: int, kind: str, *, statistics: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors that define a trained task: packed masks or alpha table, and norm state
+    (unless ``statistics`` is false: an alpha task trained against a calibration pool)."""
     if kind == "basis":
         tensors = {
             f"mask.{layer:03d}": pack_bits(mask) for layer, mask in enumerate(current_masks(model))
         }
     else:
         tensors = {"alpha": alpha_table(model).float()}
-    tensors.update(norm_state(model, index))
+    if statistics:
+        tensors.update(norm_state(model, index))
     return tensors
 
 

@@ -133,8 +133,8 @@ class TaskInferrer:
     Args:
         bundle: a loaded bundle.
         device: where to run.
-        method: ``"statistics"``, ``"information"``, ``"oneshot"`` or ``"auto"`` (statistics
-            when the bundle's norm layers keep per-task statistics, else information).
+        method: a name in :data:`~supsup_deploy.task_inference_methods.METHODS`; ``"auto"``
+            picks one (:func:`~supsup_deploy.task_inference_methods.resolve_method`).
         normalize_alpha: one-shot only: scale each task's alpha rows to unit norm.
         steps: one-shot only: forward and backward passes (each one updates ``beta``).
         step_size: one-shot only: exponentiated-gradient step on the standardised gradient.

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from supsup_deploy.bundles.format import TaskInfo
 from supsup_deploy.bundles.reader import Bundle, single_task_config
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import build_model, masked_layers
 from supsup_deploy.normalization import TaskBatchNorm2d, task_norms
 from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
+from supsup_deploy.task_signatures import (
+    REFERENCE_TASK,
+    class_sets_tell_tasks_apart,
+    image_features,
+)
 from supsup_deploy.weight_sources import AlphaMask
 
 DEFAULT_SHORTLIST = 5
@@ -231,9 +235,72 @@ class ClassSetMethod(InferenceMethod):
         return scores
 
 
+class SignatureMethod(InferenceMethod):
+    """The task whose stored signature points the way the batch's mean features do.
+
+    The batch runs once through the reference network (basis task 0); a task's score is the
+    cosine distance (1 - cosine similarity) between its signature and the batch's mean pooled
+    features (:mod:`supsup_deploy.task_signatures`), which ignores how bright or contrasted a
+    batch is overall. The cost is one forward pass whatever the number of installed tasks, and no
+    task needs stored statistics; every task needs a signature.
+    """
+
+    name = "signatures"
+
+    def __init__(self, bundle: Bundle, *, device: str, options: InferenceOptions) -> None:
+        super().__init__(bundle, device=device, options=options)
+        check_signatures(bundle)
+        signatures = [bundle.task_signature(index) for index in self.task_ids]
+        self.signatures = torch.stack(signatures).float().to(device)
+        self.reference = bundle.model(REFERENCE_TASK, device=device)
+
+    def scores(self, images: torch.Tensor, candidates: list[int]) -> list[float | None]:
+        mean = image_features(self.reference, images).mean(dim=0, keepdim=True)
+        distances = 1.0 - F.cosine_similarity(self.signatures[candidates], mean, eps=1e-12)
+        scores: list[float | None] = [None] * len(self.task_ids)
+        for position, distance in zip(candidates, distances.tolist(), strict=True):
+            scores[position] = distance
+        return scores
+
+
+def check_signatures(bundle: Bundle) -> None:
+    """Refuse a bundle the signatures method cannot run on, naming why.
+
+    Raises:
+        ConfigError: no basis task :data:`REFERENCE_TASK`, or a task without a signature.
+    """
+    reference = next((info for info in bundle.tasks if info.index == REFERENCE_TASK), None)
+    if reference is None or reference.kind != "basis":
+        raise ConfigError(
+            f"{bundle.path}: task signatures are measured with basis task {REFERENCE_TASK}, "
+            "which is not installed"
+        )
+    unsigned = [info.name for info in bundle.tasks if bundle.task_signature(info.index) is None]
+    if unsigned:
+        raise ConfigError(
+            f"{bundle.path}: {len(unsigned)} task(s) store no signature ({', '.join(unsigned[:5])}"
+            f"{', ...' if len(unsigned) > 5 else ''}); pack the run again to add them"
+        )
+
+
+def has_signatures(bundle: Bundle) -> bool:
+    """Whether the signatures method can run on this bundle."""
+    try:
+        check_signatures(bundle)
+    except ConfigError:
+        return False
+    return True
+
+
 TASK_INFERENCE_METHODS: dict[str, type[InferenceMethod]] = {
     method.name: method
-    for method in (ClassSetMethod, StatisticsMethod, InformationMethod, OneShotMethod)
+    for method in (
+        ClassSetMethod,
+        SignatureMethod,
+        StatisticsMethod,
+        InformationMethod,
+        OneShotMethod,
+    )
 }
 METHODS = ("auto", *TASK_INFERENCE_METHODS)
 """The names a user may choose: every registered method, and ``auto``."""
@@ -242,9 +309,10 @@ METHODS = ("auto", *TASK_INFERENCE_METHODS)
 def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
     """The method class for ``method`` on ``bundle``.
 
-    ``auto`` is classes when :func:`class_sets_tell_tasks_apart` (every task has its own class
-    set, and every class is known to at least two basis tasks); otherwise statistics when
-    the bundle's norm layers keep per-task statistics, else information.
+    ``auto`` is classes when :func:`~supsup_deploy.task_signatures.class_sets_tell_tasks_apart`
+    (every task has its own class set, and every class is known to at least two basis tasks);
+    otherwise signatures when every task stores one; otherwise statistics when the bundle's norm
+    layers keep per-task statistics, else information.
 
     Raises:
         ConfigError: an unknown name, or a method the bundle cannot run.
@@ -254,6 +322,8 @@ def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
     has_statistics = bundle.config.norm == "batch"
     if method == "auto" and class_sets_tell_tasks_apart(bundle.tasks):
         method = ClassSetMethod.name
+    elif method == "auto" and has_signatures(bundle):
+        method = SignatureMethod.name
     elif method == "auto":
         method = "statistics" if has_statistics else "information"
     chosen = TASK_INFERENCE_METHODS[method]
@@ -263,20 +333,6 @@ def resolve_method(bundle: Bundle, method: str) -> type[InferenceMethod]:
             "use --task-inference information or oneshot"
         )
     return chosen
-
-
-def class_sets_tell_tasks_apart(tasks: Sequence[TaskInfo]) -> bool:
-    """Whether the classes method can tell these tasks apart: no two tasks have the same class
-    set, and every class of every task is a class of two basis tasks or more."""
-    known: dict[str, int] = {}
-    for info in tasks:
-        if info.kind == "basis":
-            for name in info.class_names:
-                known[name] = known.get(name, 0) + 1
-    sets = [frozenset(info.class_names) for info in tasks]
-    return len(set(sets)) == len(sets) and all(
-        known.get(name, 0) >= 2 for names in sets for name in names
-    )
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_deploy import data as datasets
+from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
 from supsup_deploy.bundles.format import POOL_BATCH
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
@@ -55,7 +56,7 @@ from supsup_deploy.runs import (
     write_metrics,
 )
 from supsup_deploy.train_config import TaskRecipe, TrainConfig
-from supsup_deploy.weight_sources import use_alpha, use_scores
+from supsup_deploy.weight_sources import alpha_table, load_alpha_table, use_alpha, use_scores
 
 DISTRIBUTED_MODES = ("tasks", "data")
 NORM_REFRESH_IMAGES = 2048
@@ -212,6 +213,7 @@ def train_run(
 
         model = build_model(config.model_config(spec)).to(device)
         basis: list[list[torch.Tensor]] = [[] for _ in range(config.basis)]
+        pool: torch.Tensor | None = None
         phases = (range(config.basis), range(config.basis, config.num_tasks))
         for phase in phases:
             for index in phase:
@@ -230,8 +232,12 @@ def train_run(
                     device=device,
                     parallel=parallel,
                     reporter=reporter,
+                    pool=pool,
                 )
-                tensors = task_state(model, index, kind)
+                if pool is not None:
+                    table = dequantize_alpha(*quantize_alpha(alpha_table(model).float().cpu()))
+                    serve_table(model, table, splits, config.recipe, pool, metrics, slot=index)
+                tensors = task_state(model, index, kind, statistics=pool is None)
                 metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
                 metrics["class_names"] = [spec.class_names[c] for c in metrics["classes"]]
                 if parallel.rank == 0 or parallel.mode == "tasks":
@@ -241,6 +247,9 @@ def train_run(
             parallel.barrier()
             if phase is phases[0]:
                 basis = [read_task_masks(task_path(run_dir, t), model) for t in phase]
+                if config.pool:
+                    pixels = calibration_pool(run_data, config.basis, config.pool)
+                    pool = datasets.preprocess_images(pixels, spec).to(device)
         results = collect_metrics(run_dir, config.num_tasks)
         if parallel.rank == 0:
             write_metrics(run_dir, results)
@@ -248,6 +257,44 @@ def train_run(
     finally:
         if parallel.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def calibration_pool(run_data: RunData, basis: int, per_task: int) -> torch.Tensor:
+    """A run's calibration pool: the first ``per_task`` training images of each of its ``basis``
+    basis tasks, in stored order, as uint8 pixels (what ``supsup pack`` stores in the basis)."""
+    parts = []
+    for index in range(basis):
+        batches = run_data.splits(index).train.batches(
+            batch_size=per_task, shuffle=False, generator=None
+        )
+        parts.append(next(iter(batches))[0])
+    return datasets.pixels_from_inputs(torch.cat(parts), run_data.spec)
+
+
+def serve_table(
+    model: nn.Module,
+    table: torch.Tensor,
+    splits: datasets.TaskSplits,
+    recipe: TaskRecipe,
+    pool: torch.Tensor | None,
+    metrics: dict[str, Any],
+    *,
+    slot: int = 0,
+) -> None:
+    """Give an alpha task's model the table as it will be stored (int8 codes times scales), its
+    statistics recomputed under it (from ``pool``, else the task's training images), and record
+    the test accuracy of what the task file will serve in ``metrics``."""
+    device = str(next(model.parameters()).device)
+    set_task(model, slot)
+    load_alpha_table(model, table.to(device))
+    if pool is None:
+        refresh_norm_statistics(model, slot, splits.train, recipe.batch_size, device)
+    else:
+        refresh_norm_statistics(model, slot, pool, POOL_BATCH, device)
+    outputs = len(splits.task.classes)
+    metrics["test_accuracy"] = evaluate(
+        model, splits.test, device, recipe.batch_size, outputs=outputs
+    )
 
 
 def _start_distributed(mode: str, device: str) -> _Distributed:

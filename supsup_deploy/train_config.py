@@ -12,6 +12,7 @@ from typing import Any
 
 from supsup_deploy import data as datasets
 from supsup_deploy.binary_masks import check_num_basis, resolve_densities
+from supsup_deploy.bundles.format import MAX_POOL_IMAGES
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import ModelConfig, get_model_entry
 
@@ -67,6 +68,7 @@ class TrainConfig:
     data: str | None = None
     image_size: int | None = None
     test_fraction: float = 0.1
+    pool: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +78,7 @@ class TrainConfig:
             (self.lr > 0 and self.alpha_lr > 0, "learning rates must be positive"),
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.seed >= 0, f"--seed must not be negative, got {self.seed}"),
+            (self.pool >= 0, f"--pool must not be negative, got {self.pool}"),
             (
                 1 <= self.basis <= self.num_tasks,
                 f"--basis must be in 1..--num-tasks ({self.num_tasks}), got {self.basis}",
@@ -96,13 +99,20 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.pool:
+            check_pool(self.norm, self.basis, self.pool)
         if self.basis < self.num_tasks:
             check_num_basis(self.basis)
         resolve_densities([(1, 1)], self.density)
         get_model_entry(self.arch)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as ``run.json`` records them (``pool`` only when there is one, so a run
+        without a pool records what it did before pools existed)."""
+        settings = dataclasses.asdict(self)
+        if not self.pool:
+            del settings["pool"]
+        return settings
 
     @property
     def recipe(self) -> TaskRecipe:
@@ -128,4 +138,24 @@ class TrainConfig:
             seed=self.seed,
             norm=self.norm,
             num_tasks=self.num_tasks,
+        )
+
+
+def check_pool(norm: str, basis: int, per_task: int) -> None:
+    """Refuse a calibration pool a bundle cannot hold.
+
+    Args:
+        norm: the run's norm (a pool serves BatchNorm statistics only).
+        basis: the number of basis tasks, each giving ``per_task`` images.
+        per_task: pool images per basis task.
+
+    Raises:
+        ConfigError: not BatchNorm, or a pool outside 1 .. ``MAX_POOL_IMAGES`` images.
+    """
+    if norm != "batch":
+        raise ConfigError(f"--pool needs BatchNorm (--norm batch); this run uses norm {norm!r}")
+    if not 1 <= per_task * basis <= MAX_POOL_IMAGES:
+        raise ConfigError(
+            f"--pool {per_task} with {basis} basis tasks: the pool holds 1 to "
+            f"{MAX_POOL_IMAGES} images, so use 1 to {MAX_POOL_IMAGES // basis} per task"
         )

@@ -103,9 +103,9 @@ def test_closed_sets_match_the_library():
     "command, listed",
     [
         (("train",), ("split|random", "batch|group", "tasks|data", "fashion-mnist|cifar10")),
-        (("pack",), ("packed|rice|sparse", "float32|float16")),
+        (("pack",), ("packed|rice|sparse", "float32|float16", "float32|float16|int8")),
         (("export",), ("dynamo|legacy",)),
-        (("infer",), ("torch|onnx", "auto|classes|statistics|information|oneshot")),
+        (("infer",), ("torch|onnx", "auto|classes|signatures|statistics|information|oneshot")),
         (("report", "storage"), ("imagenet|cifar", "float32|float16")),
     ],
 )

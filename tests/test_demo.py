@@ -7,13 +7,19 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from supsup_deploy import demo
+from supsup_deploy import demo, load_bundle
 from supsup_deploy.data import DEBIAN_FASHION_MNIST, load_dataset
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="needs apt-get install dataset-fashion-mnist"
 )
-TINY = {"epochs": 1, "max_train_samples": 96, "max_test_samples": 64, "val_fraction": 0.05}
+TINY = {
+    "epochs": 1,
+    "max_train_samples": 256,
+    "max_test_samples": 64,
+    "val_fraction": 0.05,
+    "pool": demo.DEMO_TRAIN["pool"],
+}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -37,7 +43,11 @@ def test_demo_writes_everything_and_reruns_identically(tmp_path, monkeypatch, ca
     inferred = summary["inference"]["task_inferred"]
     assert [row["true_task"] for row in inferred] == [0, 1, 2, 3, 4]
     assert [row["inferred_task"] for row in inferred] == [0, 1, 2, 3, 4]
+    assert summary["inference"]["method"] == "signatures"
     assert all(check["ok"] for check in summary["storage"]["bytes_check"])
+    bundle = load_bundle(root / "bundle")
+    alpha_tasks = [info for info in bundle.tasks if info.kind == "alpha"]
+    assert alpha_tasks and all(info.file_bytes <= 1024 for info in alpha_tasks)
     for name in ("accuracy_plot", "storage_plot"):
         assert (root / f"{name.split('_')[0]}.png").read_bytes()[:8] == PNG
     assert (root / "onnx" / "task_3.onnx").is_file()
@@ -71,7 +81,6 @@ def assert_images_are_the_tasks_test_images(root, metrics) -> None:
 
 def predictions_from_disk(root, task: int) -> list[int]:
     """The task's classes for its written images, from the bundle and PNG files on disk."""
-    from supsup_deploy import load_bundle
     from supsup_deploy.runtime import Runner, load_images
 
     bundle = load_bundle(root / "bundle")

@@ -27,7 +27,7 @@ LAYERS = (
     (
         "formats",
         "bundles bundles.format bundles.validation bundles.writer bundles.weights bundles.reader "
-        "train_config runs synthetic",
+        "train_config runs synthetic task_signatures",
     ),
     ("training", "train pack learn"),
     (

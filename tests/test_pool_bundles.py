@@ -12,6 +12,7 @@ import pytest
 import spec_reference
 import torch
 from cli_runner import run_cli_in_process
+from conftest import SMALL_RUN
 
 from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
 from supsup_deploy.bundles.format import POOL_BATCH, InputSpec, save_sealed, task_file_name
@@ -27,7 +28,10 @@ from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
 from supsup_deploy.pack import pack_run
 from supsup_deploy.predictor import predict
 from supsup_deploy.report import bundle_report, compare_bundle_bytes
+from supsup_deploy.runs import read_run_record
 from supsup_deploy.synthetic import write_random_bundle
+from supsup_deploy.train import RunData, evaluate, train_run
+from supsup_deploy.train_config import TrainConfig
 
 SIZE = 16
 POOL_IMAGES = 24
@@ -179,7 +183,7 @@ def test_learning_over_a_pool_stores_no_statistics_and_reports_what_it_serves(sm
     )
     info = teach(bundle, name="shoes", **settings)
     assert info.file_bytes < 1024
-    assert sorted(bundle.stored_tensors("shoes")) == ["alpha", "alpha.scale"]
+    assert sorted(bundle.stored_tensors("shoes")) == ["alpha", "alpha.scale", "signature"]
     test = load_dataset("fashion-mnist", split="test")
     keep = (test.labels == 7) | (test.labels == 5)
     predictions = predict(bundle, test.images[keep], task="shoes")
@@ -299,3 +303,24 @@ def test_writers_refuse_what_the_format_cannot_hold(pooled, tmp_path):
             input_spec=pooled.input, tasks=[], pool=pooled.pool,
         )  # fmt: skip
     assert not (tmp_path / "g").exists()
+
+
+def test_a_run_trained_with_a_pool_packs_its_alpha_tasks_under_1_kb(tmp_path):
+    config = TrainConfig(**SMALL_RUN, pool=8)
+    run = tmp_path / "run"
+    train_run(config, run)
+    assert read_run_record(run)["config"]["pool"] == 8
+    assert "pool" not in TrainConfig(**SMALL_RUN).to_dict()
+    bundle = pack_run(run, tmp_path / "bundle")
+    assert bundle.pool.shape == (16, 1, 28, 28)
+    info = bundle.task(2)
+    assert sorted(bundle.stored_tensors(2)) == ["alpha", "alpha.scale", "signature"]
+    assert bundle.stored_tensors(2)["alpha"].dtype == torch.int8
+    assert info.file_bytes < 1024
+    test = RunData.load(config).splits(2).test
+    served = evaluate(bundle.model(2), test, "cpu", 64)
+    assert served == pytest.approx(info.metrics["test_accuracy"], abs=1 / len(test))
+    with pytest.raises(ConfigError, match="trained its alpha tasks against a pool of 8"):
+        pack_run(run, tmp_path / "other", pool=4)
+    with pytest.raises(ConfigError, match="--pool needs BatchNorm"):
+        TrainConfig(**SMALL_RUN, pool=8, norm="group")

@@ -32,10 +32,10 @@ from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.task_inference import TaskInferrer, _batch_slices
 from supsup_deploy.task_inference_methods import (
     TASK_INFERENCE_METHODS,
-    class_sets_tell_tasks_apart,
     prediction_information,
     statistics_divergence,
 )
+from supsup_deploy.task_signatures import class_sets_tell_tasks_apart
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_mixed_test_images_of_a_trained_run_are_flagged(small_run, tmp_path):
 
     pure = run_infer_auto(bundle, tmp_path / "pure", {"b": 2}, count=128)
     assert pure.returncode == 0, pure.stderr
-    assert "task auto (statistics): task 2, score " in pure.stderr
+    assert "task auto (signatures): task 2, score " in pure.stderr
     assert "runner-up task" in pure.stderr and "margin" in pure.stderr
     assert "warning" not in pure.stderr
     mixed = run_infer_auto(bundle, tmp_path / "mixed", {"a": 0, "b": 2}, count=64)
@@ -433,7 +433,8 @@ def test_class_sets_tell_tasks_apart(basis, alpha, expected):
 def test_auto_keeps_its_choice_where_class_sets_cannot_tell_tasks_apart(
     bundles, small_run, tmp_path
 ):
-    """Split tasks (each class known to one basis task) and bundles whose tasks all share one
-    class set keep statistics (BatchNorm) or information (GroupNorm)."""
-    assert TaskInferrer(pack_run(small_run, tmp_path / "bundle")).method == "statistics"
+    """Split tasks (each class known to one basis task) are packed with signatures and found by
+    them; bundles whose tasks all share one class set and store no signatures keep statistics
+    (BatchNorm) or information (GroupNorm)."""
+    assert TaskInferrer(pack_run(small_run, tmp_path / "bundle")).method == "signatures"
     assert TaskInferrer(load_bundle(bundles[8])).method == "statistics"

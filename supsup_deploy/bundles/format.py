@@ -36,6 +36,10 @@ MAX_POOL_IMAGES = 2048
 """Most images a calibration pool may hold."""
 POOL_BATCH = 64
 """Pool images per forward pass when a task's statistics are computed from the pool."""
+SIGNATURE_TENSOR = "signature"
+"""Format 3: the optional task tensor telling a task's images apart (float16 ``[64]``)."""
+SIGNATURE_SIZE = 64
+"""Numbers in a task signature."""
 CONTENT_HASH_KEY = "supsup_sha256"
 """Format 2: the header ``__metadata__`` key holding the content hash of metadata and tensors."""
 BASIS_FORMAT = "supsup-basis"

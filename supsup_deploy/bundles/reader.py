@@ -27,6 +27,7 @@ from supsup_deploy.binary_masks import code_value_table, codes_from_packed, unpa
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
     POOL_BATCH,
+    SIGNATURE_TENSOR,
     TASKS_FOLDER,
     TaskEntry,
     TaskInfo,
@@ -223,6 +224,11 @@ class Bundle:
                 self._pool_statistics[entry.index] = self.pool_statistics(served["alpha"])
             served |= self._pool_statistics[entry.index]
         return served
+
+    def task_signature(self, task: int | str) -> torch.Tensor | None:
+        """A task's stored signature (float16 ``[SIGNATURE_SIZE]``, see
+        :mod:`supsup_deploy.task_signatures`), or None when its file holds none."""
+        return self._checked_task(self._entry(task))[1].get(SIGNATURE_TENSOR)
 
     def pool_statistics(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """The normalisation statistics an alpha table gets from the calibration pool.

@@ -32,6 +32,8 @@ from supsup_deploy.bundles.format import (
     POOL_TENSOR,
     READ_VERSIONS,
     SIGN_HASH,
+    SIGNATURE_SIZE,
+    SIGNATURE_TENSOR,
     TASK_FILE_PATTERN,
     TASK_FILE_SUFFIX,
     TASK_FORMAT,
@@ -533,6 +535,7 @@ def stored_task_forms(
     The alpha table is float32 or float16, or (format 3) int8 codes with ``alpha.scale``, one
     float16 or float32 scale per layer. The statistics are stored with BatchNorm, except that a
     task of a basis with a calibration pool may leave both out (they are computed from the pool).
+    A format 3 task may hold a float16 ``signature``.
     """
     shapes = header.task_tensor_shapes()
     floats = tuple(FLOAT_DTYPES)
@@ -542,6 +545,8 @@ def stored_task_forms(
     if header.version >= 3 and (quantized or "alpha.scale" in tensors):
         forms["alpha"] = (shapes["alpha"], ("int8",))
         forms["alpha.scale"] = ((header.summary.masked_layers,), floats)
+    if header.version >= 3 and SIGNATURE_TENSOR in tensors:
+        forms[SIGNATURE_TENSOR] = ((SIGNATURE_SIZE,), ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
         forms.pop("norm.running_mean", None)
         forms.pop("norm.running_var", None)

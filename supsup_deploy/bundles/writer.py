@@ -19,6 +19,7 @@ from supsup_deploy.bundles.format import (
     MAX_POOL_IMAGES,
     POOL_TENSOR,
     SIGN_HASH,
+    SIGNATURE_TENSOR,
     TASK_FORMAT,
     TASKS_FOLDER,
     InputSpec,
@@ -49,6 +50,7 @@ class TaskData:
         kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
         extra: more JSON metadata (e.g. training metrics).
         alpha_scale: with int8 ``alpha``, one float16 scale per layer.
+        signature: float16 ``[SIGNATURE_SIZE]`` (:mod:`supsup_deploy.task_signatures`), or None.
     """
 
     index: int
@@ -59,6 +61,7 @@ class TaskData:
     kind: str = "alpha"
     extra: dict[str, Any] | None = None
     alpha_scale: torch.Tensor | None = None
+    signature: torch.Tensor | None = None
 
 
 def save_bundle(
@@ -125,6 +128,7 @@ def save_bundle(
                 kind=task.kind,
                 extra=task.extra,
                 alpha_scale=task.alpha_scale,
+                signature=task.signature,
             )
     return out
 
@@ -230,6 +234,7 @@ def save_task(
     kind: str = "alpha",
     extra: dict[str, Any] | None = None,
     alpha_scale: torch.Tensor | None = None,
+    signature: torch.Tensor | None = None,
     version: int = FORMAT_VERSION,
 ) -> None:
     """Write one task file (atomically), e.g. a task shipped on its own for ``supsup add-task``.
@@ -237,10 +242,11 @@ def save_task(
     Args:
         path: file to write; inside a bundle it is ``tasks/`` +
             :func:`~supsup_deploy.bundles.format.task_file_name`.
-        index, name, alpha, norm_state, class_names, kind, extra, alpha_scale: as
+        index, name, alpha, norm_state, class_names, kind, extra, alpha_scale, signature: as
             :class:`TaskData`.
         basis_sha256: SHA-256 of the basis file this task belongs to.
-        version: the format version of that basis (2 or 3); an int8 table needs 3.
+        version: the format version of that basis (2 or 3); an int8 table and a signature
+            need 3.
 
     Example:
         >>> save_task("b/tasks/3.t3.safetensors", index=3, name="t3", alpha=table,
@@ -256,6 +262,10 @@ def save_task(
         if version < 3:
             raise ConfigError("an int8 alpha table needs a format 3 bundle")
         tensors["alpha.scale"] = alpha_scale
+    if signature is not None:
+        if version < 3:
+            raise ConfigError("a task signature needs a format 3 bundle")
+        tensors[SIGNATURE_TENSOR] = signature
     metadata = {
         "format": TASK_FORMAT,
         "format_version": version,

@@ -1,0 +1,155 @@
+"""Task signatures: tasks told apart without statistics, by the mean features of their images.
+
+``pack`` and ``learn`` store a signature when class names cannot tell a task apart (a split
+protocol's tasks); the ``signatures`` method finds a batch's task with one forward pass whatever
+the number of tasks; writers and readers refuse signatures the format cannot hold.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from cli_runner import run_cli_in_process
+from PIL import Image
+
+from supsup_deploy.bundles.format import SIGNATURE_SIZE, save_sealed, task_file_name
+from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.writer import save_task
+from supsup_deploy.data import load_dataset, preprocess_images
+from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.learn import teach
+from supsup_deploy.pack import pack_run
+from supsup_deploy.runs import read_run_record
+from supsup_deploy.runtime import Runner
+from supsup_deploy.task_inference import TaskInferrer, evaluate_task_inference
+from supsup_deploy.task_inference_methods import (
+    InferenceOptions,
+    SignatureMethod,
+    resolve_method,
+)
+from supsup_deploy.task_signatures import REFERENCE_TASK, SIGNATURE_IMAGES, image_features
+from supsup_deploy.train import RunData
+from supsup_deploy.train_config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def signed(small_run, tmp_path_factory):
+    """The small split run packed with a calibration pool: every task signed."""
+    return pack_run(small_run, tmp_path_factory.mktemp("signed") / "bundle", pool=8)
+
+
+def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed, small_run):
+    for info in signed.tasks:
+        signature = signed.task_signature(info.index)
+        assert signature.dtype == torch.float16 and signature.shape == (SIGNATURE_SIZE,)
+    run_data = RunData.load(TrainConfig(**read_run_record(small_run)["config"]))
+    for index in range(len(signed.tasks)):
+        images = run_data.splits(index).train.images[:SIGNATURE_IMAGES]
+        expected = image_features(signed.model(REFERENCE_TASK), images).mean(dim=0)
+        stored = signed.task_signature(index).float()
+        assert torch.allclose(stored, expected, rtol=2e-3, atol=1e-4), (stored - expected).abs()
+    again = pack_run(small_run, signed.path.parent / "again", pool=8)
+    for info in signed.tasks:
+        assert info.path.read_bytes() == again.task(info.index).path.read_bytes()
+
+
+def test_auto_finds_each_batchs_task_by_signatures_in_one_forward_pass(signed):
+    assert resolve_method(signed, "auto") is SignatureMethod
+    result = evaluate_task_inference(signed, Runner(signed), limit=512, method="auto")
+    assert result["method"] == "signatures"
+    assert result["task_inference_accuracy"] >= 0.9, result
+    method = SignatureMethod(signed, device="cpu", options=InferenceOptions())
+    calls = []
+    method.reference.register_forward_hook(lambda *_: calls.append(1))
+    images = load_dataset("fashion-mnist", split="test").images[:64]
+    scores = method.scores(preprocess_images(images, signed.input), list(range(3)))
+    assert len(calls) == 1 and all(score is not None for score in scores)
+
+
+def test_a_task_learned_on_new_classes_is_signed_and_found(signed, tmp_path):
+    bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
+    info = teach(
+        bundle,
+        name="bags",
+        dataset="fashion-mnist",
+        classes="8,9",
+        epochs=1,
+        max_train_samples=64,
+        device="cpu",
+    )
+    assert sorted(bundle.stored_tensors("bags")) == ["alpha", "alpha.scale", "signature"]
+    assert info.file_bytes < 1024
+    test = load_dataset("fashion-mnist", split="test")
+    batch = test.images[(test.labels == 8) | (test.labels == 9)][:64]
+    guess = TaskInferrer(bundle).infer(preprocess_images(batch, bundle.input))
+    assert (guess.method, guess.task) == ("signatures", info.index)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number, image in enumerate(batch):
+        Image.fromarray(image[0].numpy()).save(folder / f"{number}.png")
+    result = run_cli_in_process("infer", str(bundle.path), "--task", "auto", "--json", str(folder))
+    assert result.returncode == 0, result.stderr
+    guess = json.loads(result.stdout)["task_guess"]
+    assert (guess["method"], guess["task"], guess["unsure"]) == ("signatures", info.index, False)
+
+
+def test_a_task_without_a_signature_leaves_auto_to_another_method(signed, tmp_path):
+    bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
+    _rewrite(bundle, 2, drop="signature")
+    bundle = load_bundle(bundle.path)
+    assert resolve_method(bundle, "auto").name == "statistics"
+    with pytest.raises(ConfigError, match=r"1 task\(s\) store no signature"):
+        TaskInferrer(bundle, method="signatures")
+
+
+BAD_SIGNATURES = {
+    "float32": (lambda s: s.float(), "signature is torch.float32 [64], expected float16 [64]"),
+    "too short": (lambda s: s[:32].clone(), "signature is torch.float16 [32]"),
+    "not finite": (lambda s: torch.full_like(s, float("nan")), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SIGNATURES))
+def test_bad_signatures_are_refused_naming_the_file(signed, tmp_path, case):
+    bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
+    make, message = BAD_SIGNATURES[case]
+    path = _rewrite(bundle, 2, change=make)
+    with pytest.raises(FormatError) as error:
+        load_bundle(bundle.path).task(2)
+    assert str(path) in str(error.value) and message in str(error.value), str(error.value)
+    result = run_cli_in_process("inspect", str(bundle.path))
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_signature_needs_format_3(signed, tmp_path):
+    alpha = signed.stored_tensors(2)["alpha"]
+    with pytest.raises(ConfigError, match="a task signature needs a format 3 bundle"):
+        save_task(
+            tmp_path / "t.safetensors", index=9, name="t", alpha=alpha, norm_state={},
+            class_names=["a", "b"], basis_sha256="0" * 64, version=2,
+            signature=signed.task_signature(2),
+        )  # fmt: skip
+
+
+def _rewrite(bundle, index, *, drop=None, change=None):
+    """Write task ``index`` of ``bundle`` again, its signature dropped or changed (hashed)."""
+    info = bundle.task(index)
+    tensors = bundle.stored_tensors(index)
+    if drop:
+        del tensors[drop]
+    if change:
+        tensors["signature"] = change(tensors["signature"])
+    metadata = {
+        "format": "supsup-task",
+        "format_version": bundle.format_version,
+        "index": index,
+        "name": info.name,
+        "kind": info.kind,
+        "class_names": list(info.class_names),
+        "basis_sha256": bundle.basis_sha256,
+    }
+    path = bundle.path / "tasks" / task_file_name(index, info.name)
+    save_sealed(path, tensors, metadata)
+    return path
