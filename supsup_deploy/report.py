@@ -21,7 +21,7 @@ import torch
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
 from supsup_deploy.bundles.format import (
     FLOAT_DTYPES,
-    SIGNATURE_SIZE,
+    SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
     float_dtype,
 )
@@ -594,7 +594,7 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
             else 0
         )
         signed = SIGNATURE_TENSOR in tensors
-        predicted[f"{info.name}.signature"] = 2 * SIGNATURE_SIZE if signed else 0
+        predicted[f"{info.name}.signature"] = 2 * math.prod(SIGNATURE_SHAPE) if signed else 0
     return predicted
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from supsup_deploy.bundles.reader import Bundle, single_task_config
 from supsup_deploy.errors import ConfigError
@@ -31,6 +30,8 @@ from supsup_deploy.weight_sources import AlphaMask
 
 DEFAULT_SHORTLIST = 5
 """Tasks the statistics method runs in full after the first-layer shortlist."""
+VARIANCE_FLOOR = 0.01
+"""The signatures method adds this share of the features' mean variance to each variance."""
 
 
 @dataclass(frozen=True)
@@ -236,13 +237,14 @@ class ClassSetMethod(InferenceMethod):
 
 
 class SignatureMethod(InferenceMethod):
-    """The task whose stored signature points the way the batch's mean features do.
+    """The task whose signature's mean features are nearest the batch's.
 
     The batch runs once through the reference network (basis task 0); a task's score is the
-    cosine distance (1 - cosine similarity) between its signature and the batch's mean pooled
-    features (:mod:`supsup_deploy.task_signatures`), which ignores how bright or contrasted a
-    batch is overall. The cost is one forward pass whatever the number of installed tasks, and no
-    task needs stored statistics; every task needs a signature.
+    squared distance between its signature's means and the batch's mean pooled features, each
+    feature divided by the installed tasks' average variance of it (plus 1% of that variance's
+    mean over features, so a feature that hardly varies cannot dominate;
+    :mod:`supsup_deploy.task_signatures`). The cost is one forward pass whatever the number of
+    installed tasks, and no task needs stored statistics; every task needs a signature.
     """
 
     name = "signatures"
@@ -250,13 +252,15 @@ class SignatureMethod(InferenceMethod):
     def __init__(self, bundle: Bundle, *, device: str, options: InferenceOptions) -> None:
         super().__init__(bundle, device=device, options=options)
         check_signatures(bundle)
-        signatures = [bundle.task_signature(index) for index in self.task_ids]
-        self.signatures = torch.stack(signatures).float().to(device)
+        signatures = torch.stack([bundle.task_signature(index) for index in self.task_ids])
+        self.means = signatures[:, 0].float().to(device)
+        variance = signatures[:, 1].float().mean(dim=0)
+        self.scale = (variance + VARIANCE_FLOOR * variance.mean()).clamp_min(1e-12).to(device)
         self.reference = bundle.model(REFERENCE_TASK, device=device)
 
     def scores(self, images: torch.Tensor, candidates: list[int]) -> list[float | None]:
-        mean = image_features(self.reference, images).mean(dim=0, keepdim=True)
-        distances = 1.0 - F.cosine_similarity(self.signatures[candidates], mean, eps=1e-12)
+        mean = image_features(self.reference, images).mean(dim=0)
+        distances = ((self.means[candidates] - mean).square() / self.scale).sum(dim=1)
         scores: list[float | None] = [None] * len(self.task_ids)
         for position, distance in zip(candidates, distances.tolist(), strict=True):
             scores[position] = distance

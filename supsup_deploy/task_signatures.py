@@ -4,12 +4,13 @@ signature of what their images look like.
 A batch of one task's images names its task when the tasks' class sets differ and each class is
 known to two basis tasks or more (:func:`class_sets_tell_tasks_apart`; the ``classes`` method of
 task inference reads the class names alone). When they are not (a task with classes no basis
-task saw, as on split protocols), a task stores a *signature*: the mean, over its training
-images, of the classifier inputs of the bundle's reference network (basis task
+task saw, as on split protocols), a task stores a *signature*: the mean and variance, over its
+training images, of the classifier inputs of the bundle's reference network (basis task
 :data:`REFERENCE_TASK` as installed), averaged over consecutive channels into
 :data:`~supsup_deploy.bundles.format.SIGNATURE_SIZE` bins and stored in float16 (task tensor
 ``signature``, format 3). The ``signatures`` method compares a batch's mean to every task's
-signature by cosine similarity: one forward pass, whatever the number of tasks.
+mean, each feature scaled by the tasks' average variance: one forward pass, whatever the number
+of tasks.
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def task_signature(reference: MaskedModel, images: torch.Tensor) -> torch.Tensor
         images: the task's normalised training images, in stored order.
 
     Returns:
-        float16 ``[SIGNATURE_SIZE]`` on the CPU.
+        float16 ``[2, SIGNATURE_SIZE]`` on the CPU: the pooled features' means over the images,
+        then their (biased) variances.
 
     Example:
         >>> signature = task_signature(bundle.model(REFERENCE_TASK), train.images)
     """
     images = images[:SIGNATURE_IMAGES].to(model_device(reference))
     features = image_features(reference, images)
-    return features.mean(dim=0).cpu().half()
+    variance, mean = torch.var_mean(features, dim=0, unbiased=False)
+    return torch.stack([mean, variance]).cpu().half()

@@ -42,11 +42,13 @@ def signed(small_run, tmp_path_factory):
 def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed, small_run):
     for info in signed.tasks:
         signature = signed.task_signature(info.index)
-        assert signature.dtype == torch.float16 and signature.shape == (SIGNATURE_SIZE,)
+        assert signature.dtype == torch.float16 and signature.shape == (2, SIGNATURE_SIZE)
+        assert bool((signature[1] > 0).any()) and bool((signature[1] >= 0).all())
     run_data = RunData.load(TrainConfig(**read_run_record(small_run)["config"]))
     for index in range(len(signed.tasks)):
         images = run_data.splits(index).train.images[:SIGNATURE_IMAGES]
-        expected = image_features(signed.model(REFERENCE_TASK), images).mean(dim=0)
+        features = image_features(signed.model(REFERENCE_TASK), images)
+        expected = torch.stack([features.mean(dim=0), features.var(dim=0, unbiased=False)])
         stored = signed.task_signature(index).float()
         assert torch.allclose(stored, expected, rtol=2e-3, atol=1e-4), (stored - expected).abs()
     again = pack_run(small_run, signed.path.parent / "again", pool=8)
@@ -104,9 +106,13 @@ def test_a_task_without_a_signature_leaves_auto_to_another_method(signed, tmp_pa
 
 
 BAD_SIGNATURES = {
-    "float32": (lambda s: s.float(), "signature is torch.float32 [64], expected float16 [64]"),
-    "too short": (lambda s: s[:32].clone(), "signature is torch.float16 [32]"),
+    "float32": (
+        lambda s: s.float(),
+        "signature is torch.float32 [2, 64], expected float16 [2, 64]",
+    ),
+    "means only": (lambda s: s[:1].clone(), "signature is torch.float16 [1, 64]"),
     "not finite": (lambda s: torch.full_like(s, float("nan")), "non-finite"),
+    "negative variance": (lambda s: s * -1, "the signature's variances hold negative values"),
 }
 
 

@@ -37,9 +37,11 @@ MAX_POOL_IMAGES = 2048
 POOL_BATCH = 64
 """Pool images per forward pass when a task's statistics are computed from the pool."""
 SIGNATURE_TENSOR = "signature"
-"""Format 3: the optional task tensor telling a task's images apart (float16 ``[64]``)."""
+"""Format 3: the optional task tensor telling a task's images apart (float16 ``[2, 64]``)."""
 SIGNATURE_SIZE = 64
-"""Numbers in a task signature."""
+"""Pooled features in a task signature (each with its mean and variance)."""
+SIGNATURE_SHAPE = (2, SIGNATURE_SIZE)
+"""A task signature's shape: the features' means, then their variances."""
 CONTENT_HASH_KEY = "supsup_sha256"
 """Format 2: the header ``__metadata__`` key holding the content hash of metadata and tensors."""
 BASIS_FORMAT = "supsup-basis"

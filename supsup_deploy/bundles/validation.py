@@ -32,7 +32,7 @@ from supsup_deploy.bundles.format import (
     POOL_TENSOR,
     READ_VERSIONS,
     SIGN_HASH,
-    SIGNATURE_SIZE,
+    SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
     TASK_FILE_PATTERN,
     TASK_FILE_SUFFIX,
@@ -546,7 +546,7 @@ def stored_task_forms(
         forms["alpha"] = (shapes["alpha"], ("int8",))
         forms["alpha.scale"] = ((header.summary.masked_layers,), floats)
     if header.version >= 3 and SIGNATURE_TENSOR in tensors:
-        forms[SIGNATURE_TENSOR] = ((SIGNATURE_SIZE,), ("float16",))
+        forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
         forms.pop("norm.running_mean", None)
         forms.pop("norm.running_var", None)
@@ -598,6 +598,8 @@ def check_task_tensors(
             raise FormatError(f"{file}: {key} holds non-finite values")
     if "norm.running_var" in tensors and (tensors["norm.running_var"] < 0).any():
         raise FormatError(f"{file}: norm.running_var holds negative values")
+    if SIGNATURE_TENSOR in tensors and (tensors[SIGNATURE_TENSOR][1] < 0).any():
+        raise FormatError(f"{file}: the signature's variances hold negative values")
 
 
 def _check_one_hot(path: Path, alpha: torch.Tensor) -> None:
