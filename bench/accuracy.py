@@ -1,32 +1,39 @@
 """The bytes/accuracy frontier of alpha tasks against dedicated SupSup masks, on Fashion-MNIST.
 
-Run: ``python -m bench.accuracy [--quick] [--work artifacts/bench_accuracy]`` (resumable: runs and
-evaluations already in ``--work`` are reused). About an hour on 2 idle CPU cores; ``--quick``
-about 8 minutes.
+Run: ``python -m bench.accuracy [--seeds 0 1] [--quick] [--work artifacts/bench_accuracy]``
+(resumable: runs and evaluations already in ``--work`` are reused). About an hour per seed on one
+idle CPU core; ``--quick`` about 10 minutes.
 
-Protocols (``gem_resnet18``, 1-channel stem, seed 0, 2 epochs, <= 3,000 training and 1,000 test
-images per task): ``split`` 5 x 2 classes with 3 basis masks, and ``random`` 20 x 5-way with 15
-basis masks. Each protocol is trained twice, with per-task BatchNorm and with GroupNorm; the
+Protocols (``gem_resnet18``, 1-channel stem, 2 epochs, <= 3,000 training and 1,000 test images per
+task), each under every ``--seeds`` seed (which draws the random protocol's classes and seeds the
+training): ``split`` 5 x 2 classes with 3 basis masks, and ``random`` 20 x 5-way with 15 basis
+masks. Each protocol is trained twice, with per-task BatchNorm and with GroupNorm; the
 *dedicated* baseline trains a SupSup mask for every alpha task with the same budget (basis files
-shared). The ratio's denominator is the better of the two dedicated means, never a weaker one.
+shared). The ratio's denominator is the better of the two dedicated means, never a weaker one;
+the table shows the means over seeds of each seed's ratio.
 
-Options for the alpha tasks (``product``: what ``supsup pack`` writes today):
+Options for the alpha tasks (``product``: what ``supsup pack`` and ``supsup learn`` write):
 
 - ``bn_fp32`` / ``bn_fp16`` (product): per-task BatchNorm statistics and alpha table in that
   precision (``pack --norm-dtype/--alpha-dtype``);
+- ``bn_pool_int8`` (product): the run's basis tasks packed with ``--pool 32`` (32 training images
+  of each basis task, stored once in the basis), then each alpha task taught to the bundle with
+  ``supsup learn`` at its defaults over a pool (int8 table, statistics computed from the pool, a
+  signature when class names cannot tell the task apart), the same classes, epochs and image cap;
 - ``bn_recalibrated_int8``: no statistics stored; re-estimated from 64 unlabelled images of the
   task at run time (transductive: needs a batch of the task's data when deployed);
-- ``bn_calibrated_int8``: no statistics stored; computed under the task's alpha from a shared
-  calibration pool (32 training images of each basis task, stored once per bundle);
+- ``bn_calibrated_int8``: no statistics stored; the run's table (trained against its own
+  statistics) served with statistics computed from the shared calibration pool;
 - ``bn_calibrated_classes_int8``: as above from the pool images of the task's own classes (the
   whole pool when the basis tasks saw none of them, as on ``split``);
 - ``group_fp32`` / ``group_fp16`` (product): GroupNorm (4 groups), nothing stored per task;
 - ``group_int8``: GroupNorm with the alpha table as int8 with one fp16 scale per layer.
 
-Bytes are measured on disk: product options from the files ``pack_run`` writes, the others from a
-task file written with the same metadata and the option's tensors (``alpha.q`` int8 and
-``alpha.scale`` fp16 for int8 tables). Task inference (``--task auto``, batches of 64 from one
-task, as ``bench.task_inference``) is measured on the product options' bundles.
+Bytes are measured on disk: product options from the files ``pack_run`` and ``learn`` write, the
+others from a task file written with the same metadata and the option's tensors (an int8
+``alpha`` with its fp16 ``alpha.scale``, and the packed file's signature if it has one). Task
+inference (``--task auto``, batches of 64 from one task, as ``bench.task_inference``) is measured
+on every product option's bundle, with the method ``auto`` picks for it.
 """
 
 from __future__ import annotations
@@ -45,8 +52,10 @@ from safetensors.torch import load_file
 
 from bench._common import machine_info, print_table, write_result
 from supsup_deploy.alpha_codes import quantize_alpha
-from supsup_deploy.bundles.format import TASK_FORMAT, content_sha256
+from supsup_deploy.bundles.format import SIGNATURE_TENSOR, TASK_FORMAT, content_sha256
+from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
+from supsup_deploy.learn import teach
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import load_norm_state
 from supsup_deploy.pack import pack_run
@@ -76,6 +85,8 @@ CALIBRATION_IMAGES_PER_BASIS_TASK = 32
 TASK_INFERENCE_IMAGES = 320
 GOAL_RATIO = 0.95
 GOAL_BYTES = 1024
+SEEDS = (0, 1)
+POOL_OPTION = "bn_pool_int8"
 PRODUCT_OPTIONS = {
     "bn_fp32": ("batch", "float32", "float32"),
     "bn_fp16": ("batch", "float16", "float16"),
@@ -202,46 +213,100 @@ def option_bytes(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, di
             )
             results[option] = {
                 "file_bytes": _mean([info.file_bytes for info in infos]),
+                "file_bytes_max": max(info.file_bytes for info in infos),
                 "state_bytes": _mean([info.state_bytes for info in infos]),
-                "task_inference": {
-                    key: inference[key]
-                    for key in (
-                        "method",
-                        "task_inference_accuracy",
-                        "accuracy_inferred_task",
-                        "accuracy_true_task",
-                    )
-                },
+                "task_inference": _inference_summary(inference),
             }
             if option.endswith("fp32"):
                 packed = [info.path for info in infos]
         for option in CANDIDATE_OPTIONS[config.norm]:
             sizes, states = [], []
             for path in packed:
-                codes, scale = quantize_alpha(load_file(str(path))["alpha"])
-                tensors = {"alpha.q": codes, "alpha.scale": scale}
+                stored = load_file(str(path))
+                codes, scale = quantize_alpha(stored["alpha"])
+                tensors = {"alpha": codes, "alpha.scale": scale}
+                if SIGNATURE_TENSOR in stored:
+                    tensors[SIGNATURE_TENSOR] = stored[SIGNATURE_TENSOR]
                 sizes.append(candidate_file_bytes(folder, path, tensors))
-                states.append(codes.numel() + 2 * scale.numel())
+                states.append(sum(t.numel() * t.element_size() for t in tensors.values()))
             results[option] = {
                 "file_bytes": _mean(sizes),
+                "file_bytes_max": max(sizes),
                 "state_bytes": _mean(states),
                 "task_inference": None,
             }
     return results
 
 
+def pool_option(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, Any]:
+    """``bn_pool_int8``: the run's basis packed with a pool, each alpha task taught with learn.
+
+    Returns the alpha tasks' test accuracies (on the run's test images of each task, served as a
+    reader serves them), their files' bytes, and task inference on the bundle (basis tasks and
+    learned tasks only).
+    """
+    cache = work / f"{run_dir.name}_{POOL_OPTION}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    basis_run = work / f"{run_dir.name}_basis_only"
+    (basis_run / "tasks").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / RUN_FILE, basis_run / RUN_FILE)
+    for index in range(config.basis):
+        shutil.copyfile(task_path(run_dir, index), task_path(basis_run, index))
+    bundle_dir = work / f"{run_dir.name}_{POOL_OPTION}_bundle"
+    bundle = pack_run(basis_run, bundle_dir, pool=CALIBRATION_IMAGES_PER_BASIS_TASK, force=True)
+    run_data = RunData.load(config)
+    accuracies, file_bytes, state_bytes = [], [], []
+    for index in range(config.basis, config.num_tasks):
+        splits = run_data.splits(index)
+        info = teach(
+            bundle,
+            name=f"learned_{index}",
+            dataset=config.dataset,
+            classes=",".join(str(c) for c in splits.task.classes),
+            epochs=config.epochs,
+            max_train_samples=config.max_train_samples,
+            seed=config.seed,
+            device="cpu",
+        )
+        served = load_bundle(bundle_dir).model(info.index)
+        outputs = len(splits.task.classes)
+        accuracies.append(evaluate(served, splits.test, "cpu", 256, outputs=outputs))
+        file_bytes.append(info.file_bytes)
+        state_bytes.append(info.state_bytes)
+    bundle = load_bundle(bundle_dir)
+    inference = evaluate_task_inference(
+        bundle, Runner(bundle), limit=TASK_INFERENCE_IMAGES, method="auto"
+    )
+    record = {
+        "accuracies": accuracies,
+        "file_bytes": file_bytes,
+        "state_bytes": state_bytes,
+        "pool_images": len(bundle.pool),
+        "task_inference": _inference_summary(inference),
+    }
+    cache.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _inference_summary(inference: dict[str, Any]) -> dict[str, Any]:
+    keys = ("method", "task_inference_accuracy", "accuracy_inferred_task", "accuracy_true_task")
+    return {key: inference[key] for key in keys}
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run_protocol(name: str, work: Path, budget: dict) -> list[dict]:
-    cache = work / f"{name}_rows.json"
+def run_protocol(name: str, work: Path, budget: dict, seed: int) -> list[dict]:
+    """One protocol's rows under one seed (cached in ``<work>/<name>_seed<seed>_rows.json``)."""
+    cache = work / f"{name}_seed{seed}_rows.json"
     if cache.exists():
         return json.loads(cache.read_text())
     trained = {}
     for norm in ("batch", "group"):
-        config = TrainConfig(**PROTOCOLS[name], **budget, norm=norm)
-        run_dir, dedicated_dir = train_pair(config, work, f"{name}_{norm}")
+        config = TrainConfig(**PROTOCOLS[name], **budget, norm=norm, seed=seed)
+        run_dir, dedicated_dir = train_pair(config, work, f"{name}_{norm}_seed{seed}")
         dedicated = [
             row["test_accuracy"]
             for row in collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
@@ -254,16 +319,28 @@ def run_protocol(name: str, work: Path, budget: dict) -> list[dict]:
         basis_rows = collect_metrics(run_dir, config.num_tasks)[: config.basis]
         basis_accuracy = [row["test_accuracy"] for row in basis_rows]
         sizes = option_bytes(config, run_dir, work)
-        for option, accuracies in evaluate_options(config, run_dir).items():
+        options = evaluate_options(config, run_dir)
+        if config.norm == "batch":
+            learned = pool_option(config, run_dir, work)
+            options[POOL_OPTION] = learned["accuracies"]
+            sizes[POOL_OPTION] = {
+                "file_bytes": _mean(learned["file_bytes"]),
+                "file_bytes_max": max(learned["file_bytes"]),
+                "state_bytes": _mean(learned["state_bytes"]),
+                "task_inference": learned["task_inference"],
+            }
+        for option, accuracies in options.items():
             alpha_mean = _mean(accuracies)
             rows.append(
                 {
                     "protocol": name,
+                    "seed": seed,
                     "option": option,
-                    "product": option in PRODUCT_OPTIONS,
+                    "product": option in PRODUCT_OPTIONS or option == POOL_OPTION,
                     "basis": config.basis,
                     "alpha_tasks": len(accuracies),
                     "file_bytes": sizes[option]["file_bytes"],
+                    "file_bytes_max": sizes[option]["file_bytes_max"],
                     "state_bytes": sizes[option]["state_bytes"],
                     "alpha_accuracy": alpha_mean,
                     "basis_mask_accuracy": _mean(basis_accuracy),
@@ -276,9 +353,50 @@ def run_protocol(name: str, work: Path, budget: dict) -> list[dict]:
                     "dedicated_accuracy_per_task": dedicated,
                 }
             )
-    _mark_frontier(rows)
     cache.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per protocol and option: means over seeds (per-seed rows kept under ``seeds``),
+    frontier marked within each protocol."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["option"]), []).append(row)
+    summary = []
+    for (protocol, option), members in groups.items():
+        inference = [row["task_inference"] for row in members if row["task_inference"]]
+        summary.append(
+            {
+                "protocol": protocol,
+                "option": option,
+                "product": members[0]["product"],
+                "seeds": [row["seed"] for row in members],
+                "file_bytes": _mean([row["file_bytes"] for row in members]),
+                "file_bytes_max": max(row["file_bytes_max"] for row in members),
+                "state_bytes": _mean([row["state_bytes"] for row in members]),
+                "alpha_accuracy": _mean([row["alpha_accuracy"] for row in members]),
+                "best_dedicated_accuracy": _mean(
+                    [row["best_dedicated_accuracy"] for row in members]
+                ),
+                "best_dedicated_norms": [row["best_dedicated_norm"] for row in members],
+                "ratio": _mean([row["ratio"] for row in members]),
+                "ratio_per_seed": [row["ratio"] for row in members],
+                "task_inference": {
+                    "methods": sorted({found["method"] for found in inference}),
+                    "task_inference_accuracy": _mean(
+                        [found["task_inference_accuracy"] for found in inference]
+                    ),
+                    "per_seed": [found["task_inference_accuracy"] for found in inference],
+                }
+                if inference
+                else None,
+                "per_seed": members,
+            }
+        )
+    for protocol in dict.fromkeys(row["protocol"] for row in summary):
+        _mark_frontier([row for row in summary if row["protocol"] == protocol])
+    return summary
 
 
 def _mark_frontier(rows: list[dict]) -> None:
@@ -299,28 +417,41 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("artifacts/bench_accuracy"))
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--quick", action="store_true", help="a small budget, for a smoke run")
     args = parser.parse_args(argv)
     budget = QUICK_BUDGET if args.quick else BUDGET
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
-    rows = [row for name in args.protocols for row in run_protocol(name, work, budget)]
+    torch.set_num_threads(1)
+    per_seed = [
+        row
+        for name in args.protocols
+        for seed in args.seeds
+        for row in run_protocol(name, work, budget, seed)
+    ]
+    rows = aggregate(per_seed)
 
     def inference(row: dict) -> str:
         found = row["task_inference"]
-        return "-" if found is None else f"{found['task_inference_accuracy']:.2f} {found['method']}"
+        if found is None:
+            return "-"
+        return f"{found['task_inference_accuracy']:.2f} {'/'.join(found['methods'])}"
 
     print_table(
-        "alpha tasks vs the best dedicated masks (Fashion-MNIST, gem_resnet18)",
+        f"alpha tasks vs the best dedicated masks (Fashion-MNIST, gem_resnet18, seeds "
+        f"{', '.join(map(str, args.seeds))})",
         (
             "protocol",
             "option",
             "product",
             "file bytes",
+            "largest file",
             "state bytes",
             "alpha acc",
             "best dedicated",
             "ratio",
+            "ratio per seed",
             "task inference",
             "frontier",
         ),
@@ -330,10 +461,12 @@ def main(argv: list[str] | None = None) -> None:
                 row["option"],
                 "yes" if row["product"] else "no",
                 f"{row['file_bytes']:,.0f}",
+                f"{row['file_bytes_max']:,.0f}",
                 f"{row['state_bytes']:,.0f}",
                 f"{row['alpha_accuracy']:.4f}",
-                f"{row['best_dedicated_accuracy']:.4f} ({row['best_dedicated_norm']})",
+                f"{row['best_dedicated_accuracy']:.4f} ({'/'.join(row['best_dedicated_norms'])})",
                 f"{row['ratio']:.3f}",
+                " ".join(f"{ratio:.3f}" for ratio in row["ratio_per_seed"]),
                 inference(row),
                 "*" if row["frontier"] else "",
             ]
@@ -345,16 +478,19 @@ def main(argv: list[str] | None = None) -> None:
         "setup": {
             "budget": budget,
             "protocols": {k: PROTOCOLS[k] for k in args.protocols},
+            "seeds": args.seeds,
             "class_splits": {
-                name: [
+                f"{name}_seed{seed}": [
                     list(task.classes)
-                    for task in RunData.load(TrainConfig(**PROTOCOLS[name], **budget)).tasks
+                    for task in RunData.load(
+                        TrainConfig(**PROTOCOLS[name], **budget, seed=seed)
+                    ).tasks
                 ]
                 for name in args.protocols
+                for seed in args.seeds
             },
             "arch": "gem_resnet18",
             "dataset": "fashion-mnist",
-            "seed": 0,
             "alpha_lr": TrainConfig.alpha_lr,
             "recalibration_images": RECALIBRATION_IMAGES,
             "calibration_images_per_basis_task": CALIBRATION_IMAGES_PER_BASIS_TASK,

@@ -6,11 +6,13 @@ Run: ``python -m bench.task_inference [--limit 320] [--runs artifacts/.../split_
 Each run is packed into a temporary bundle; every task's test images are cut into batches of 64
 (from one task each) and the task of every batch is inferred. ``statistics`` runs on BatchNorm
 runs only (GroupNorm keeps no statistics); ``information`` on every run; ``oneshot`` with one pass
-(SupSup's rule) and with the default three; ``classes`` on every run.
+(SupSup's rule) and with the default three; ``classes`` on every run; ``signatures`` on runs whose
+packed tasks store signatures (split runs, where class names cannot tell tasks apart).
 
-``--scaling`` times ``classes`` per batch of 64 on the random BatchNorm run's bundle with more
-tasks installed (copies of its first alpha task under random 5-class sets of its classes), to
-show that its cost does not grow with the number of tasks.
+``--scaling`` times ``classes`` per batch of 64 on the random BatchNorm run's bundle, and
+``signatures`` on the split BatchNorm run's, with more tasks installed (copies of its first alpha
+task, signature included, under random class sets of its classes), to show that their cost does
+not grow with the number of tasks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runtime import Runner, dataset_split
 from supsup_deploy.task_inference import TaskInferrer, evaluate_task_inference
+from supsup_deploy.task_inference_methods import has_signatures
 
 RUNS = (
     "artifacts/bench_accuracy/full/split_batch_seed0",
@@ -35,10 +38,14 @@ RUNS = (
     "artifacts/bench_accuracy/full/split_group_seed0",
     "artifacts/bench_accuracy/full/random_group_seed0",
 )
-SCALING_RUN = "artifacts/bench_accuracy/full/random_batch_seed0"
+SCALING_RUNS = {
+    "classes": "artifacts/bench_accuracy/full/random_batch_seed0",
+    "signatures": "artifacts/bench_accuracy/full/split_batch_seed0",
+}
 SCALING_TASKS = (20, 100, 1000)
 VARIANTS = (
     ("classes", {}),
+    ("signatures", {}),
     ("statistics", {"shortlist": 5}),
     ("statistics", {"shortlist": 0}),
     ("information", {}),
@@ -53,6 +60,8 @@ def measure(run: str, method: str, options: dict, *, limit: int | None) -> dict 
         bundle = pack_run(run, Path(folder) / "bundle")
         if method == "statistics" and bundle.config.norm != "batch":
             return None
+        if method == "signatures" and not has_signatures(bundle):
+            return None
         start = time.perf_counter()
         summary = evaluate_task_inference(
             bundle, Runner(bundle), limit=limit, method=method, **options
@@ -62,6 +71,8 @@ def measure(run: str, method: str, options: dict, *, limit: int | None) -> dict 
         cost = f"{options['steps']} forward+backward"
     elif method == "classes":
         cost = f"{bundle.num_basis} forwards"
+    elif method == "signatures":
+        cost = "1 forward"
     elif summary.get("shortlist"):
         cost = f"{summary['shortlist']} forwards + {bundle.num_basis} stem convs"
     else:
@@ -71,14 +82,17 @@ def measure(run: str, method: str, options: dict, *, limit: int | None) -> dict 
     return summary
 
 
-def scaling(run: str, counts: tuple[int, ...] = SCALING_TASKS, batches: int = 5) -> list[dict]:
-    """Seconds per batch of ``classes`` with ``counts`` tasks installed (one bundle, grown)."""
+def scaling(
+    method: str, run: str, counts: tuple[int, ...] = SCALING_TASKS, batches: int = 5
+) -> list[dict]:
+    """Seconds per batch of ``method`` with ``counts`` tasks installed (one bundle, grown)."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bundle"
         bundle = pack_run(run, path)
         template = next(info for info in bundle.tasks if info.kind == "alpha")
         tensors = bundle.task_tensors(template.index)
+        signature = bundle.task_signature(template.index)
         names = sorted({name for info in bundle.tasks for name in info.class_names})
         draw = random.Random(0)
         batch = dataset_split(bundle, template.index, split="test", limit=64)[0]
@@ -93,9 +107,10 @@ def scaling(run: str, counts: tuple[int, ...] = SCALING_TASKS, batches: int = 5)
                     norm_state={k: v for k, v in tensors.items() if k.startswith("norm.")},
                     class_names=draw.sample(names, len(template.class_names)),
                     basis_sha256=digest,
+                    signature=signature,
                 )
             bundle = load_bundle(path)
-            inferrer = TaskInferrer(bundle, method="classes")
+            inferrer = TaskInferrer(bundle, method=method)
             inferrer.infer(batch, check_mixed=False)
             start = time.perf_counter()
             for _ in range(batches):
@@ -110,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS))
     parser.add_argument("--limit", type=int, default=320, help="test images per task")
     parser.add_argument(
-        "--scaling", action="store_true", help="also time classes up to 1,000 tasks"
+        "--scaling",
+        action="store_true",
+        help="also time classes and signatures (those of --methods) up to 1,000 tasks",
     )
     parser.add_argument(
         "--methods",
@@ -159,15 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     result = {"machine": machine_info(), "results": rows}
     if args.scaling:
-        result["classes_scaling"] = scaling(SCALING_RUN)
-        print_table(
-            "classes: time per batch of 64 against installed tasks",
-            ("tasks", "ms/batch"),
-            [
-                [str(row["tasks_installed"]), f"{1000 * row['seconds_per_batch']:.0f}"]
-                for row in result["classes_scaling"]
-            ],
-        )
+        for method, run in SCALING_RUNS.items():
+            if method not in args.methods:
+                continue
+            result[f"{method}_scaling"] = scaling(method, run)
+            print_table(
+                f"{method}: time per batch of 64 against installed tasks",
+                ("tasks", "ms/batch"),
+                [
+                    [str(row["tasks_installed"]), f"{1000 * row['seconds_per_batch']:.0f}"]
+                    for row in result[f"{method}_scaling"]
+                ],
+            )
     write_result(args.result, result)
 
 
