@@ -2,13 +2,16 @@
 
 ``pack`` and ``learn`` store a signature when class names cannot tell a task apart (a split
 protocol's tasks); the ``signatures`` method finds a batch's task with one forward pass whatever
-the number of tasks; writers and readers refuse signatures the format cannot hold.
+the number of tasks; a signed task's weights and graphs are those of its table alone; writers and
+readers refuse signatures the format cannot hold.
 """
 
 import json
 import shutil
 
+import numpy as np
 import pytest
+import spec_reference
 import torch
 from cli_runner import run_cli_in_process
 from PIL import Image
@@ -18,7 +21,9 @@ from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import save_task
 from supsup_deploy.data import load_dataset, preprocess_images
 from supsup_deploy.errors import ConfigError, FormatError
+from supsup_deploy.files import read_safetensors
 from supsup_deploy.learn import teach
+from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import read_run_record
 from supsup_deploy.runtime import Runner
@@ -94,6 +99,29 @@ def test_a_task_learned_on_new_classes_is_signed_and_found(signed, tmp_path):
     assert result.returncode == 0, result.stderr
     guess = json.loads(result.stdout)["task_guess"]
     assert (guess["method"], guess["task"], guess["unsure"]) == ("signatures", info.index, False)
+    assert_weights_and_parity(bundle, "bags", tmp_path)
+
+
+def assert_weights_and_parity(bundle, task, folder) -> None:
+    """A signed task's weights are the page's, bit for bit, and both graph forms match PyTorch."""
+    basis = read_safetensors(bundle.basis_path, max_bytes=lambda _: 1 << 30).tensors
+    basis = {key: value.numpy() for key, value in basis.items()}
+    stored = {key: value.numpy() for key, value in bundle.stored_tensors(task).items()}
+    alpha = spec_reference.alpha_table(stored)
+    for layer, (weight, entry) in enumerate(
+        zip(bundle.materialize(task), bundle.metadata["layers"], strict=True)
+    ):
+        rows = spec_reference.basis_rows(basis, bundle.metadata, layer)
+        expected = spec_reference.effective_weight(
+            bundle.config.seed, layer, entry["shape"], rows, alpha[layer]
+        )
+        assert np.array_equal(weight.numpy().view(np.uint32), expected.view(np.uint32))
+    report = TaskExporter(bundle).export(task, folder / f"{task}.onnx")
+    assert report.argmax_equal and report.max_abs_diff <= report.tolerance
+    shared = export_shared(bundle, folder / "shared")
+    row = next(r for r in shared if r.task == bundle.task(task).index)
+    assert row.max_abs_diff_adapter <= row.tolerance
+    assert row.max_abs_diff_inputs <= row.tolerance
 
 
 def test_a_task_without_a_signature_leaves_auto_to_another_method(signed, tmp_path):
