@@ -41,7 +41,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from supsup_deploy.binary_masks import MAX_BASIS
-from supsup_deploy.bundles.format import InputSpec, task_file_name
+from supsup_deploy.bundles.format import SIGNATURE_TENSOR, InputSpec, task_file_name
 from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.bundles.validation import MAX_MASKED_WEIGHTS
 from supsup_deploy.bundles.writer import save_basis, save_task
@@ -309,7 +309,10 @@ class ReplaceTensor:
         data = path.read_bytes()
         header, _ = split_file(data)
         tensors = load(data)
-        name = sorted(tensors)[self.pick % len(tensors)]
+        names = sorted(tensors)
+        if self.kind == "missing":  # a task may leave its signature out, so drop another
+            names = [name for name in names if name != SIGNATURE_TENSOR]
+        name = names[self.pick % len(names)]
         tensors = self._replaced(tensors, name)
         text = header["__metadata__"]["supsup"]
         digest = content_hash(text, tensors)

@@ -16,7 +16,7 @@ def test_quick_verify_passes():
     results = json.loads(result.stdout)
     assert [row["arch"] for row in results] == ["gem_resnet18", "resnet18"]
     for row in results:
-        assert row["ok"] and row["bytes_ok"] and row["bytes_checked"] == 14
+        assert row["ok"] and row["bytes_ok"] and row["bytes_checked"] == 18  # 2 + 4 per task
         assert row["max_abs_diff"] <= 1e-4 and row["shared_max_abs_diff"] <= 1e-4
         assert row["specialized_max_abs_diff"] <= 1e-4
         assert set(row["seconds"]) == {
@@ -50,7 +50,8 @@ def test_trained_bundle_has_accuracy_parity(small_run, tmp_path, encoding):
     pack_run(small_run, tmp_path / "bundle", mask_encoding=encoding)
     result = verify_bundle(tmp_path / "bundle", tmp_path / "work")
     assert result.ok, result.error
-    assert result.bytes_ok and result.bytes_checked == (2 if encoding == "packed" else 3) + 9
+    basis_components = 2 if encoding == "packed" else 3
+    assert result.bytes_ok and result.bytes_checked == basis_components + 4 * 3  # 4 per task
     assert len(result.accuracy) == result.tasks
     for row in result.accuracy:
         assert row["differing_predictions"] == row["shared_differing_predictions"] == 0
