@@ -556,6 +556,11 @@ def preprocess_images(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     return (images.to(torch.float32) / 255.0 - mean) / std
 
 
+def first_images(images: LabelledImages, count: int) -> torch.Tensor:
+    """The first ``count`` images of a split (fewer if it holds fewer), in stored order."""
+    return next(iter(images.batches(batch_size=count, shuffle=False, generator=None)))[0]
+
+
 def pixels_from_inputs(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """The uint8 pixels that :func:`preprocess_images` made ``images`` from (exact: the error of
     normalising in float32 is far below half a pixel step)."""

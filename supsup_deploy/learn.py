@@ -47,6 +47,7 @@ from supsup_deploy.task_signatures import (
     SIGNATURE_IMAGES,
     TaskClasses,
     class_sets_tell_tasks_apart,
+    has_reference_task,
     task_signature,
 )
 from supsup_deploy.train import Reporter, serve_table, train_task
@@ -79,7 +80,7 @@ class LearnedTask:
         data: where the images came from and how they were split (seeded), as recorded.
         stored_metrics: the metrics the task file keeps.
         alpha_scale: with an int8 ``alpha``, one float16 scale per layer.
-        signature: float16 ``[SIGNATURE_SIZE]`` when class names cannot tell the task apart
+        signature: float16 ``[2, SIGNATURE_SIZE]`` when class names cannot tell the task apart
             (:mod:`supsup_deploy.task_signatures`), else None.
     """
 
@@ -300,11 +301,10 @@ def _signature(
     tasks = [*bundle.tasks, TaskClasses(kind="alpha", class_names=class_names)]
     if bundle.format_version < 3 or class_sets_tell_tasks_apart(tasks):
         return None
-    reference = next((info for info in bundle.tasks if info.index == REFERENCE_TASK), None)
-    if reference is None or reference.kind != "basis":
+    if not has_reference_task(bundle.tasks):
         return None
-    batches = splits.train.batches(batch_size=SIGNATURE_IMAGES, shuffle=False, generator=None)
-    return task_signature(bundle.model(REFERENCE_TASK, device=device), next(iter(batches))[0])
+    images = datasets.first_images(splits.train, SIGNATURE_IMAGES)
+    return task_signature(bundle.model(REFERENCE_TASK, device=device), images)
 
 
 def _statistics(bundle: Bundle, statistics: str | None) -> str:

@@ -20,6 +20,7 @@ from supsup_deploy.bundles.format import (
 from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.bundles.validation import check_bundle_folder
 from supsup_deploy.bundles.writer import TaskData, save_bundle
+from supsup_deploy.data import first_images
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import atomic_write_bytes, remove_scratch_files
 from supsup_deploy.locking import LOCK_TIMEOUT, folder_lock
@@ -110,14 +111,18 @@ def pack_run(
         mean=tuple(dataset["mean"]),
         std=tuple(dataset["std"]),
     )
-    pool_images = _calibration_pool(config, pool) if pool else None
     tasks = [
         _task_data(run_dir, index, config, norm_stored, alpha_dtype)
         for index in range(config.num_tasks)
         if task_path(run_dir, index).exists()
     ]
-    if not class_sets_tell_tasks_apart(tasks):
-        tasks = _signed(run_dir, config, model_config, tasks)
+    signing = not class_sets_tell_tasks_apart(tasks)
+    if pool:
+        check_pool(config.norm, config.basis, pool)
+    run_data = RunData.load(config) if pool or signing else None
+    pool_images = calibration_pool(run_data, config.basis, pool) if pool else None
+    if signing:
+        tasks = _signed(run_dir, run_data, model_config, tasks)
     save_bundle(
         out,
         model_config=model_config,
@@ -132,29 +137,20 @@ def pack_run(
     return load_bundle(out)
 
 
-def _calibration_pool(config: TrainConfig, per_task: int) -> torch.Tensor:
-    """The first ``per_task`` training images of each basis task, as uint8 pixels."""
-    check_pool(config.norm, config.basis, per_task)
-    return calibration_pool(RunData.load(config), config.basis, per_task)
-
-
 def _signed(
-    run_dir: Path, config: TrainConfig, model_config: ModelConfig, tasks: list[TaskData]
+    run_dir: Path, run_data: RunData, model_config: ModelConfig, tasks: list[TaskData]
 ) -> list[TaskData]:
     """The tasks with their signatures, measured on the run's training images (its data must be
     at hand) with basis task ``REFERENCE_TASK`` as the reference network."""
     model = build_model(model_config)
-    basis = [read_task_masks(task_path(run_dir, index), model) for index in range(config.basis)]
+    basis_tasks = range(run_data.config.basis)
+    basis = [read_task_masks(task_path(run_dir, index), model) for index in basis_tasks]
     load_task(model, run_dir, REFERENCE_TASK, basis)
     model.eval()
-    run_data = RunData.load(config)
     signed = []
     for task in tasks:
-        batches = run_data.splits(task.index).train.batches(
-            batch_size=SIGNATURE_IMAGES, shuffle=False, generator=None
-        )
-        signature = task_signature(model, next(iter(batches))[0])
-        signed.append(dataclasses.replace(task, signature=signature))
+        images = first_images(run_data.splits(task.index).train, SIGNATURE_IMAGES)
+        signed.append(dataclasses.replace(task, signature=task_signature(model, images)))
     return signed
 
 

@@ -24,6 +24,7 @@ from supsup_deploy.stem_statistics import StemStatistics, gaussian_divergence
 from supsup_deploy.task_signatures import (
     REFERENCE_TASK,
     class_sets_tell_tasks_apart,
+    has_reference_task,
     image_features,
 )
 from supsup_deploy.weight_sources import AlphaMask
@@ -273,8 +274,7 @@ def check_signatures(bundle: Bundle) -> None:
     Raises:
         ConfigError: no basis task :data:`REFERENCE_TASK`, or a task without a signature.
     """
-    reference = next((info for info in bundle.tasks if info.index == REFERENCE_TASK), None)
-    if reference is None or reference.kind != "basis":
+    if not has_reference_task(bundle.tasks):
         raise ConfigError(
             f"{bundle.path}: task signatures are measured with basis task {REFERENCE_TASK}, "
             "which is not installed"

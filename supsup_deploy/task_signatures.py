@@ -41,6 +41,12 @@ class LabelledTask(Protocol):
     class_names: Sequence[str]
 
 
+class IndexedTask(LabelledTask, Protocol):
+    """An installed task, as the reference-task rule reads it."""
+
+    index: int
+
+
 @dataclass(frozen=True)
 class TaskClasses:
     """A task not written yet, as the class-set rule reads it."""
@@ -61,6 +67,12 @@ def class_sets_tell_tasks_apart(tasks: Sequence[LabelledTask]) -> bool:
     return len(set(sets)) == len(sets) and all(
         known.get(name, 0) >= 2 for names in sets for name in names
     )
+
+
+def has_reference_task(tasks: Sequence[IndexedTask]) -> bool:
+    """Whether task :data:`REFERENCE_TASK` is among ``tasks`` and is a basis task (signatures are
+    measured with it)."""
+    return any(task.index == REFERENCE_TASK and task.kind == "basis" for task in tasks)
 
 
 @torch.no_grad()
@@ -94,7 +106,8 @@ def task_signature(reference: MaskedModel, images: torch.Tensor) -> torch.Tensor
 
     Args:
         reference: an eval-mode model running the reference task.
-        images: the task's normalised training images, in stored order.
+        images: the task's normalised training images, in stored order (the first
+            ``SIGNATURE_IMAGES`` count).
 
     Returns:
         float16 ``[2, SIGNATURE_SIZE]`` on the CPU: the pooled features' means over the images,

@@ -262,12 +262,8 @@ def train_run(
 def calibration_pool(run_data: RunData, basis: int, per_task: int) -> torch.Tensor:
     """A run's calibration pool: the first ``per_task`` training images of each of its ``basis``
     basis tasks, in stored order, as uint8 pixels (what ``supsup pack`` stores in the basis)."""
-    parts = []
-    for index in range(basis):
-        batches = run_data.splits(index).train.batches(
-            batch_size=per_task, shuffle=False, generator=None
-        )
-        parts.append(next(iter(batches))[0])
+    splits = (run_data.splits(index) for index in range(basis))
+    parts = [datasets.first_images(task.train, per_task) for task in splits]
     return datasets.pixels_from_inputs(torch.cat(parts), run_data.spec)
 
 

@@ -226,7 +226,7 @@ class Bundle:
         return served
 
     def task_signature(self, task: int | str) -> torch.Tensor | None:
-        """A task's stored signature (float16 ``[SIGNATURE_SIZE]``, see
+        """A task's stored signature (float16 ``[2, SIGNATURE_SIZE]``, see
         :mod:`supsup_deploy.task_signatures`), or None when its file holds none."""
         return self._checked_task(self._entry(task))[1].get(SIGNATURE_TENSOR)
 

@@ -50,7 +50,7 @@ class TaskData:
         kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
         extra: more JSON metadata (e.g. training metrics).
         alpha_scale: with int8 ``alpha``, one float16 scale per layer.
-        signature: float16 ``[SIGNATURE_SIZE]`` (:mod:`supsup_deploy.task_signatures`), or None.
+        signature: float16 ``[2, SIGNATURE_SIZE]`` (:mod:`supsup_deploy.task_signatures`), or None.
     """
 
     index: int
