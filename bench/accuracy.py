@@ -75,9 +75,10 @@ from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import load_alpha_table
 
 PROTOCOLS = {
-    "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3),
-    "random": dict(protocol="random", classes_per_task=5, num_tasks=20, basis=15),
+    "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, pool=0),
+    "random": dict(protocol="random", classes_per_task=5, num_tasks=20, basis=15, pool=0),
 }
+"""The runs store per-task statistics (``pool=0``); ``bn_pool_int8`` is built from their basis."""
 BUDGET = dict(epochs=2, max_train_samples=3000, max_test_samples=1000)
 QUICK_BUDGET = dict(epochs=1, max_train_samples=600, max_test_samples=500)
 RECALIBRATION_IMAGES = 64

@@ -47,7 +47,9 @@ from supsup_deploy.runs import collect_metrics
 from supsup_deploy.train import Reporter, RunData, train_run, train_task
 from supsup_deploy.train_config import TaskRecipe, TrainConfig
 
-RUN = dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, seed=0, val_fraction=0.05)
+RUN = dict(
+    protocol="split", classes_per_task=2, num_tasks=5, basis=3, seed=0, val_fraction=0.05, pool=0
+)
 BUDGET = dict(epochs=4, max_train_samples=1000, max_test_samples=1000)
 QUICK_BUDGET = dict(epochs=2, max_train_samples=300, max_test_samples=300)
 GOAL_TIME_RATIO = 1 / 3

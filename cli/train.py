@@ -85,15 +85,16 @@ def train_command(
         ),
     ] = "batch",
     pool: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help="Train the alpha tasks against a calibration pool of this many training images "
             "per basis task (BatchNorm): `supsup pack` stores the pool once in the basis and "
-            "each alpha task as an int8 table with no statistics, under 1 KB. 0: none, each "
-            "alpha task stores its own statistics.",
+            "each alpha task as an int8 table with no statistics, under 1 KB. Default: 32 for "
+            "a BatchNorm run with alpha tasks, else 0. 0: none, each alpha task stores its own "
+            "statistics (13 KB per task).",
         ),
-    ] = 0,
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of backbone, task split, data and init.")] = 0,
     val_fraction: Annotated[
         float, typer.Option(help="Share of training data held out for validation.")
@@ -189,18 +190,18 @@ def _train_config(context: typer.Context, out: Path, resume: bool):
         raise ConfigError("--data FOLDER is the dataset: leave out --dataset and --data-root")
     if not (resume and (out / "run.json").is_file()):
         return TrainConfig(**settings)
-    stored = read_run_record(out)["config"]
-    changed = [name for name in names if name in given and settings[name] != stored.get(name)]
+    stored = TrainConfig.from_record(read_run_record(out)["config"])
+    changed = [name for name in given if settings[name] != getattr(stored, name)]
     if changed:
         differences = ", ".join(
-            f"--{name.replace('_', '-')} {settings[name]} (run.json: {stored.get(name)})"
+            f"--{name.replace('_', '-')} {settings[name]} (run.json: {getattr(stored, name)})"
             for name in changed
         )
         raise ConfigError(
             f"cannot resume {out} with different settings: {differences}; leave these flags "
             "out to resume with the recorded ones"
         )
-    return TrainConfig(**{name: stored[name] for name in names if name in stored})
+    return stored
 
 
 def _interrupted_message(out: Path) -> str:

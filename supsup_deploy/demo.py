@@ -21,7 +21,7 @@ from supsup_deploy.files import atomic_write_bytes, atomic_write_json
 from supsup_deploy.outputs import FOLDER, check_output
 from supsup_deploy.steps import StepTimer
 
-DEMO_TRAIN = {"epochs": 2, "max_train_samples": 1500, "max_test_samples": 1000, "pool": 32}
+DEMO_TRAIN = {"epochs": 2, "max_train_samples": 1500, "max_test_samples": 1000}
 DEMO_IMAGES_PER_TASK = 32
 DEMO_PREDICTIONS_SHOWN = 8
 

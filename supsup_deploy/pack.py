@@ -88,7 +88,7 @@ def pack_run(
     run_dir, out = Path(run_dir), Path(out)
     record = read_run_record(run_dir)
     check_output(out, BUNDLE, force=force)
-    config = TrainConfig(**record["config"])
+    config = TrainConfig.from_record(record["config"])
     if pool is None:
         pool = config.pool
     elif config.pool and pool != config.pool:

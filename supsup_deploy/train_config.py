@@ -41,9 +41,18 @@ class TaskRecipe:
     seed: int
 
 
+DEFAULT_POOL = 32
+"""Calibration pool images per basis task of a BatchNorm run with alpha tasks, unless told."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a run's result (the device does not, on a given machine)."""
+    """Everything that determines a run's result (the device does not, on a given machine).
+
+    ``pool`` left as ``None`` becomes :func:`default_pool`'s: a BatchNorm run with alpha tasks
+    trains them against a calibration pool (int8 task files under 1 KB, no statistics), any
+    other run gets none (0). Read a recorded run with :meth:`from_record`.
+    """
 
     dataset: str = "fashion-mnist"
     data_root: str | None = None
@@ -68,9 +77,11 @@ class TrainConfig:
     data: str | None = None
     image_size: int | None = None
     test_fraction: float = 0.1
-    pool: int = 0
+    pool: int | None = None
 
     def __post_init__(self) -> None:
+        if self.pool is None:
+            object.__setattr__(self, "pool", default_pool(self.norm, self.basis, self.num_tasks))
         checks = [
             (self.num_tasks >= 1, f"--num-tasks must be at least 1, got {self.num_tasks}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
@@ -106,6 +117,22 @@ class TrainConfig:
         resolve_densities([(1, 1)], self.density)
         get_model_entry(self.arch)
 
+    @classmethod
+    def from_record(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The settings ``run.json`` records (a record without ``pool`` predates pools: none).
+
+        Args:
+            settings: ``run.json``'s ``config``; keys this version does not know are ignored.
+
+        Returns:
+            The run's settings.
+
+        Example:
+            >>> config = TrainConfig.from_record(read_run_record("artifacts/run")["config"])
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{"pool": 0, **{name: settings[name] for name in names & settings.keys()}})
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as ``run.json`` records them (``pool`` only when there is one, so a run
         without a pool records what it did before pools existed)."""
@@ -139,6 +166,23 @@ class TrainConfig:
             norm=self.norm,
             num_tasks=self.num_tasks,
         )
+
+
+def default_pool(norm: str, basis: int, num_tasks: int) -> int:
+    """Pool images per basis task a run gets unless told: :data:`DEFAULT_POOL` (fewer where the
+    bundle's pool limit needs it) for a BatchNorm run with alpha tasks, else 0.
+
+    Args:
+        norm: the run's norm.
+        basis: basis tasks, each giving the pool its images.
+        num_tasks: tasks in the run; those after the basis are alpha tasks.
+
+    Returns:
+        Images per basis task; 0 for no pool.
+    """
+    if norm != "batch" or basis >= num_tasks or basis < 1:
+        return 0
+    return min(DEFAULT_POOL, MAX_POOL_IMAGES // basis)
 
 
 def check_pool(norm: str, basis: int, per_task: int) -> None:

@@ -18,7 +18,9 @@ SMALL_RUN = dict(
     max_test_samples=64,
     val_fraction=0.05,
     batch_size=32,
+    pool=0,
 )
+"""Per-task statistics (no calibration pool), so the tests of stored statistics can use it."""
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ TINY = {
     "max_train_samples": 256,
     "max_test_samples": 64,
     "val_fraction": 0.05,
-    "pool": demo.DEMO_TRAIN["pool"],
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,13 @@ from cli_runner import run_cli_in_process
 from conftest import SMALL_RUN
 
 from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
-from supsup_deploy.bundles.format import POOL_BATCH, InputSpec, save_sealed, task_file_name
+from supsup_deploy.bundles.format import (
+    MAX_POOL_IMAGES,
+    POOL_BATCH,
+    InputSpec,
+    save_sealed,
+    task_file_name,
+)
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import TaskData, save_bundle, save_task
 from supsup_deploy.data import load_dataset
@@ -31,7 +37,7 @@ from supsup_deploy.report import bundle_report, compare_bundle_bytes
 from supsup_deploy.runs import read_run_record
 from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.train import RunData, evaluate, train_run
-from supsup_deploy.train_config import TrainConfig
+from supsup_deploy.train_config import DEFAULT_POOL, TrainConfig, default_pool
 
 SIZE = 16
 POOL_IMAGES = 24
@@ -306,7 +312,7 @@ def test_writers_refuse_what_the_format_cannot_hold(pooled, tmp_path):
 
 
 def test_a_run_trained_with_a_pool_packs_its_alpha_tasks_under_1_kb(tmp_path):
-    config = TrainConfig(**SMALL_RUN, pool=8)
+    config = TrainConfig(**{**SMALL_RUN, "pool": 8})
     run = tmp_path / "run"
     train_run(config, run)
     assert read_run_record(run)["config"]["pool"] == 8
@@ -323,4 +329,17 @@ def test_a_run_trained_with_a_pool_packs_its_alpha_tasks_under_1_kb(tmp_path):
     with pytest.raises(ConfigError, match="trained its alpha tasks against a pool of 8"):
         pack_run(run, tmp_path / "other", pool=4)
     with pytest.raises(ConfigError, match="--pool needs BatchNorm"):
-        TrainConfig(**SMALL_RUN, pool=8, norm="group")
+        TrainConfig(**{**SMALL_RUN, "pool": 8, "norm": "group"})
+
+
+def test_a_batchnorm_run_with_alpha_tasks_gets_a_pool_unless_told():
+    assert TrainConfig().pool == DEFAULT_POOL == 32
+    assert TrainConfig(protocol="random", classes_per_task=5, num_tasks=20, basis=15).pool == 32
+    assert TrainConfig(basis=5).pool == 0  # no alpha tasks
+    assert TrainConfig(norm="group").pool == 0
+    assert TrainConfig(pool=0).pool == 0 and "pool" not in TrainConfig(pool=0).to_dict()
+    assert default_pool("batch", 100, 200) == MAX_POOL_IMAGES // 100
+    recorded = TrainConfig(pool=0).to_dict()
+    assert TrainConfig.from_record(recorded).pool == 0  # a run from before pools has none
+    assert TrainConfig.from_record(TrainConfig().to_dict()) == TrainConfig()
+    assert TrainConfig.from_record({**recorded, "from_a_later_version": 1}) == TrainConfig(pool=0)

@@ -49,7 +49,7 @@ def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed,
         signature = signed.task_signature(info.index)
         assert signature.dtype == torch.float16 and signature.shape == (2, SIGNATURE_SIZE)
         assert bool((signature[1] > 0).any()) and bool((signature[1] >= 0).all())
-    run_data = RunData.load(TrainConfig(**read_run_record(small_run)["config"]))
+    run_data = RunData.load(TrainConfig.from_record(read_run_record(small_run)["config"]))
     for index in range(len(signed.tasks)):
         images = run_data.splits(index).train.images[:SIGNATURE_IMAGES]
         features = image_features(signed.model(REFERENCE_TASK), images)

@@ -44,6 +44,8 @@ CLI_SMALL = [
     "0.05",
     "--batch-size",
     "32",
+    "--pool",
+    "0",
 ]
 
 
@@ -207,7 +209,7 @@ def assert_task_files_reproduce_accuracy(run_dir: Path) -> None:
     from supsup_deploy.runs import collect_metrics, load_task, read_task_masks
     from supsup_deploy.train import RunData, evaluate
 
-    config = TrainConfig(**read_run_record(run_dir)["config"])
+    config = TrainConfig.from_record(read_run_record(run_dir)["config"])
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
