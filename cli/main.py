@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from ._common import print_error
 from .bundle import add_task_command, inspect_command, pack_command
@@ -59,11 +60,24 @@ app.command("learn")(learn_command)
 app.command("verify")(verify_command)
 
 
+def flow_help(command: TyperCommand | TyperGroup) -> TyperCommand | TyperGroup:
+    """Join the lines of every help paragraph of ``command`` and its subcommands, so the terminal
+    wraps them at its own width (typer keeps a docstring's line breaks after its first paragraph).
+    """
+    if command.help:
+        paragraphs = command.help.split("\n\n")
+        command.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for subcommand in getattr(command, "commands", {}).values():
+        flow_help(subcommand)
+    return command
+
+
 def main() -> None:
     """Console-script entry point: usage errors, like the package's own errors, are one line
     on stderr with exit code 2."""
     try:
-        code = typer.main.get_command(app).main(prog_name="supsup", standalone_mode=False)
+        command = flow_help(typer.main.get_command(app))
+        code = command.main(prog_name="supsup", standalone_mode=False)
     except typer.TyperException as error:
         print_error(error.format_message())
         code = error.exit_code

@@ -20,6 +20,16 @@ def test_help_lists_commands():
     assert commands <= listed, f"--help leaves out {sorted(commands - listed)}"
 
 
+def test_help_paragraphs_wrap_at_the_terminal_width():
+    result = run_cli("demo", "--help", env=UNWRAPPED)
+    assert result.returncode == 0, result.stderr
+    assert "packs them into a bundle, exports an alpha task" in result.stdout
+    narrow = run_cli("demo", "--help", env={"COLUMNS": "80"})
+    lines = [line.strip() for line in narrow.stdout.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 80
+    assert "lines say how to point" not in [line[:22] for line in lines]
+
+
 def test_models_json():
     result = run_cli("models", "--json", env=UNWRAPPED)
     assert result.returncode == 0, result.stderr
