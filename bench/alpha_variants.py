@@ -1,15 +1,17 @@
 """Alpha-table variants on overlapping tasks (issue 22): more coefficients, statistics from a pool.
 
-Run: ``python -m bench.alpha_variants [--seeds 0 1] [--variants ...]`` (resumable: the runs of
-``bench.accuracy`` and every finished variant in ``--work`` are reused). About 6 minutes per
-variant and seed on 2 idle CPU cores at the protocol's 2 epochs, after the runs themselves; a
-6-epoch variant takes 15 to 25 minutes, and its 5 dedicated masks about 25 more, once per seed.
+Run: ``python -m bench.alpha_variants [--seeds 0 1] [--variants ...] [--result NAME]``
+(resumable: the runs of ``bench.accuracy`` and every finished variant in ``--work`` are reused).
+About 6 minutes per variant and seed on 2 idle CPU cores at the protocol's 2 epochs, after the
+runs themselves; a 6-epoch variant takes 15 to 25 minutes, and its 5 dedicated masks about 25
+more, once per seed.
 
 Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNIST's 10 classes,
 |B| = 15, per-task BatchNorm, 2 epochs, <= 3,000 training images per task), one run per seed.
 Each variant retrains the 5 alpha tasks over the run's basis masks with the product's recipe
 (Adam, the run's alpha learning rate, cosine schedule, best validation epoch) and changes one
-thing (every variant is served with its alpha as int8 codes and one fp16 scale per row):
+thing (every variant is served with its alpha as int8 codes and one fp16 scale per row, unless
+``code_bits`` says otherwise):
 
 - ``groups``: each masked layer's output channels (the classifier's too, unless ``aligned``) are
   cut into this many contiguous groups, each with its own alpha row (the product: 1 per layer);
@@ -23,12 +25,15 @@ thing (every variant is served with its alpha as int8 codes and one fp16 scale p
   classifier row for the new task's class ``j`` (zero when it lacks that class) instead of its
   row ``j``;
 - ``epochs``: passes over the task's training images (the product: the run's, 2). The basis masks
-  stay the run's; the dedicated masks of the denominator are retrained with the same epochs.
+  stay the run's; the dedicated masks of the denominator are retrained with the same epochs;
+- ``alpha_lr``: Adam's learning rate of the alpha rows (the product: the run's, 0.1);
+- ``code_bits``: 4 serves the trained table as 4-bit codes ``-7 .. 7`` with one fp16 scale per
+  layer (its largest magnitude over 7), stored two codes to a byte; 8 is the product's int8 form.
 
 The ratio's denominator is the run's dedicated masks (``bench.accuracy``'s twin run: a SupSup
 mask per alpha task, same budget and epochs as the variant). Bytes are measured on disk: a task
-file written with the packed task's metadata and the variant's tensors (alpha as int8 codes with
-one fp16 scale per row, and fp16 statistics when the variant stores them).
+file written with the packed task's metadata and the variant's tensors (alpha codes and scales as
+served, and fp16 statistics when the variant stores them).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class Variant:
     statistics: str = "task"
     aligned: bool = False
     epochs: int | None = None
+    alpha_lr: float | None = None
+    code_bits: int = 8
 
 
 PRODUCT = "product"
@@ -90,6 +97,11 @@ VARIANTS = {
     "epochs_6": Variant(epochs=6),
     "pool_epochs_6": Variant(statistics="pool", epochs=6),
     "pool_groups_2_epochs_6": Variant(groups=2, statistics="pool", epochs=6),
+    "pool_groups_2_epochs_6_int4": Variant(groups=2, statistics="pool", epochs=6, code_bits=4),
+    "pool_groups_4_epochs_6": Variant(groups=4, statistics="pool", epochs=6),
+    "pool_lr_0.01": Variant(statistics="pool", alpha_lr=0.01),
+    "pool_lr_0.03": Variant(statistics="pool", alpha_lr=0.03),
+    "pool_lr_0.3": Variant(statistics="pool", alpha_lr=0.3),
 }
 
 
@@ -136,6 +148,27 @@ class AlignedClassifier(WeightSource):
         return torch.einsum("t,t...->...", self.alpha, self.rows)
 
 
+INT4_LIMIT = 7
+
+
+def quantize_layer(rows: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's ``[rows, |B|]`` alpha as codes and scales: int8 per row or int4 per layer."""
+    if code_bits == 8:
+        return quantize_alpha(rows)
+    tiny = torch.finfo(torch.float16).tiny
+    scale = (rows.abs().amax() / INT4_LIMIT).clamp_min(tiny).half().reshape(1)
+    codes = (rows / scale.float()).round().clamp(-INT4_LIMIT, INT4_LIMIT)
+    return codes.to(torch.int8), scale
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``-7 .. 7`` two to a byte (low nibble first), as uint8 ``[ceil(n / 2)]``."""
+    flat = (codes.flatten().to(torch.int16) + 8).to(torch.uint8)
+    if len(flat) % 2:
+        flat = torch.cat([flat, torch.zeros(1, dtype=torch.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
 def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> list[nn.Parameter]:
     """Give the model the variant's trainable sources; returns their alpha parameters."""
     sources = use_alpha(model, basis)
@@ -158,7 +191,8 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
     set_task(model, index)
     basis_classes = [list(run_data.tasks[t].classes) for t in range(config.basis)]
     parameters = attach_variant(model, basis, variant, list(splits.task.classes), basis_classes)
-    optimizer = torch.optim.Adam(parameters, lr=config.alpha_lr, weight_decay=config.weight_decay)
+    learning_rate = variant.alpha_lr or config.alpha_lr
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate, weight_decay=config.weight_decay)
     epochs = variant.epochs or config.epochs
     steps = math.ceil(len(splits.train) / config.batch_size) * epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -193,18 +227,24 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
     with torch.no_grad():
         for parameter, value in zip(parameters, best[2], strict=True):
             parameter.copy_(value)
-        for parameter in parameters:
-            codes, scale = quantize_alpha(parameter.reshape(-1, config.basis))
-            parameter.copy_((codes.float() * scale.float().unsqueeze(1)).view_as(parameter))
-    rows = torch.cat([p.detach().reshape(-1, config.basis) for p in parameters])
-    return {"test_accuracy": evaluate(model, splits.test, "cpu", 256), "alpha": rows}
+        quantized = [
+            quantize_layer(parameter.reshape(-1, config.basis), variant.code_bits)
+            for parameter in parameters
+        ]
+        for parameter, (codes, scale) in zip(parameters, quantized, strict=True):
+            parameter.copy_((codes.float() * scale.float().view(-1, 1)).view_as(parameter))
+    return {
+        "test_accuracy": evaluate(model, splits.test, "cpu", 256),
+        "codes": torch.cat([codes for codes, _ in quantized]),
+        "scale": torch.cat([scale for _, scale in quantized]),
+    }
 
 
-def variant_bytes(bundle, index: int, variant: Variant, rows: torch.Tensor, folder: Path) -> int:
-    """Bytes on disk of the variant's task file: int8 alpha rows, fp16 statistics if stored."""
+def variant_bytes(bundle, index: int, variant: Variant, trained: dict, folder: Path) -> int:
+    """Bytes on disk of the variant's task file: its alpha codes and scales, fp16 statistics."""
     packed = bundle.task(index).path
-    codes, scale = quantize_alpha(rows)
-    tensors = {"alpha.q": codes, "alpha.scale": scale}
+    codes = trained["codes"] if variant.code_bits == 8 else pack_nibbles(trained["codes"])
+    tensors = {"alpha.q": codes, "alpha.scale": trained["scale"]}
     if variant.statistics == "task":
         stored = load_file(str(packed))
         tensors |= {name: value for name, value in stored.items() if name.startswith("norm.")}
@@ -267,10 +307,10 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
                 "variant": dataclasses.asdict(variant),
                 "accuracy_per_task": [t["test_accuracy"] for t in trained],
                 "file_bytes_per_task": [
-                    variant_bytes(bundle, i, variant, t["alpha"], Path(folder))
+                    variant_bytes(bundle, i, variant, t, Path(folder))
                     for i, t in zip(alpha_tasks, trained, strict=True)
                 ],
-                "coefficients": int(trained[0]["alpha"].numel()),
+                "coefficients": int(trained[0]["codes"].numel()),
             }
             cache.write_text(json.dumps(record, indent=1) + "\n")
     return {"seed": seed, **record}
@@ -291,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts/bench_accuracy/full"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--result",
+        default="alpha_variants",
+        help="name of the result file, bench/results/<result>.json (a subset of seeds or "
+        "variants under another name keeps the full table)",
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [measure_seed(seed, args.work, args.variants) for seed in args.seeds]
@@ -343,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
         "per_seed": seeds,
     }
-    print(f"wrote {write_result('alpha_variants', result)}")
+    print(f"wrote {write_result(args.result, result)}")
 
 
 if __name__ == "__main__":
