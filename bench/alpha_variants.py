@@ -11,7 +11,7 @@ Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNI
 Each variant retrains the 5 alpha tasks over the run's basis masks with the product's recipe
 (Adam, the run's alpha learning rate, cosine schedule, best validation epoch) and changes one
 thing (every variant is served with its alpha as int8 codes and one fp16 scale per row, unless
-``code_bits`` says otherwise):
+``code_bits`` says otherwise; every table is also measured served as int8, ``ratio as int8``):
 
 - ``groups``: each masked layer's output channels (the classifier's too, unless ``aligned``) are
   cut into this many contiguous groups, each with its own alpha row (the product: 1 per layer);
@@ -56,7 +56,6 @@ from bench.accuracy import (
     PROTOCOLS,
     candidate_file_bytes,
     train_dedicated_twin,
-    train_pair,
 )
 from supsup_deploy.alpha_codes import quantize_alpha
 from supsup_deploy.masked_layers import masked_layers
@@ -64,7 +63,13 @@ from supsup_deploy.models import build_model
 from supsup_deploy.normalization import reference_batch, set_task
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics, derive_seed, read_task_masks, task_path
-from supsup_deploy.train import REFERENCE_IMAGES, RunData, evaluate, refresh_norm_statistics
+from supsup_deploy.train import (
+    REFERENCE_IMAGES,
+    RunData,
+    evaluate,
+    refresh_norm_statistics,
+    train_run,
+)
 from supsup_deploy.train_config import TrainConfig
 from supsup_deploy.weight_sources import WeightSource, use_alpha
 
@@ -185,7 +190,9 @@ def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> li
 
 
 def train_variant(model, basis, run_data: RunData, index: int, variant: Variant, pool) -> dict:
-    """Train alpha task ``index`` as the variant says; test accuracy and its alpha rows."""
+    """Train alpha task ``index`` as the variant says: its test accuracy as served, its codes and
+    scales, and the test accuracy of the same table served as int8 (the variant's own unless it
+    has fewer code bits)."""
     config = run_data.config
     splits = run_data.splits(index)
     set_task(model, index)
@@ -224,17 +231,19 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
             state = {name: value.detach().clone() for name, value in model.state_dict().items()}
             best = (accuracy, state, [p.detach().clone() for p in parameters])
     model.load_state_dict(best[1])
-    with torch.no_grad():
-        for parameter, value in zip(parameters, best[2], strict=True):
-            parameter.copy_(value)
+    served = {}
+    for code_bits in sorted({8, variant.code_bits}, reverse=True):
         quantized = [
-            quantize_layer(parameter.reshape(-1, config.basis), variant.code_bits)
-            for parameter in parameters
+            quantize_layer(value.reshape(-1, config.basis), code_bits) for value in best[2]
         ]
-        for parameter, (codes, scale) in zip(parameters, quantized, strict=True):
-            parameter.copy_((codes.float() * scale.float().view(-1, 1)).view_as(parameter))
+        with torch.no_grad():
+            for parameter, (codes, scale) in zip(parameters, quantized, strict=True):
+                parameter.copy_((codes.float() * scale.float().view(-1, 1)).view_as(parameter))
+        served[code_bits] = (evaluate(model, splits.test, "cpu", 256), quantized)
+    accuracy, quantized = served[variant.code_bits]
     return {
-        "test_accuracy": evaluate(model, splits.test, "cpu", 256),
+        "test_accuracy": accuracy,
+        "test_accuracy_int8": served[8][0],
         "codes": torch.cat([codes for codes, _ in quantized]),
         "scale": torch.cat([scale for _, scale in quantized]),
     }
@@ -261,19 +270,23 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
     """One seed's record: the dedicated masks' accuracies and every variant's, trained or cached.
 
     ``<work>/random_batch_seed<seed>_variants.json`` keeps the record as it grows; a record that
-    already holds every variant asked for is returned without touching the runs.
+    already holds every variant asked for is returned without touching the runs. The dedicated
+    masks at the run's own epochs (``bench.accuracy``'s twin) are trained only when a variant asked
+    for keeps those epochs.
     """
     cache = work / f"random_batch_seed{seed}_variants.json"
     record = json.loads(cache.read_text()) if cache.exists() else {}
-    results = record.get("variants", {})
-    if "dedicated_per_task" in record and {PRODUCT, *names} <= results.keys():
-        return {"seed": seed, **record}
+    results = record.setdefault("variants", {})
     config = TrainConfig(**PROTOCOLS["random"], **BUDGET, norm="batch", seed=seed)
-    run_dir, dedicated_dir = train_pair(config, work, f"random_batch_seed{seed}")
-    record = {
-        "dedicated_per_task": _alpha_test_accuracies(dedicated_dir, config),
-        "variants": results,
-    }
+    run_epochs = any(VARIANTS[name].epochs in (None, config.epochs) for name in names)
+    if {PRODUCT, *names} <= results.keys() and ("dedicated_per_task" in record or not run_epochs):
+        return {"seed": seed, **record}
+    run_dir = work / f"random_batch_seed{seed}"
+    train_run(config, run_dir, resume=True)
+    if run_epochs:
+        dedicated_dir = work / f"random_batch_seed{seed}_dedicated"
+        train_dedicated_twin(config, run_dir, dedicated_dir)
+        record["dedicated_per_task"] = _alpha_test_accuracies(dedicated_dir, config)
     run_data = RunData.load(config)
     model = build_model(config.model_config(run_data.train.spec))
     basis = [read_task_masks(task_path(run_dir, t), model) for t in range(config.basis)]
@@ -306,6 +319,7 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
                 **dedicated,
                 "variant": dataclasses.asdict(variant),
                 "accuracy_per_task": [t["test_accuracy"] for t in trained],
+                "accuracy_per_task_int8": [t["test_accuracy_int8"] for t in trained],
                 "file_bytes_per_task": [
                     variant_bytes(bundle, i, variant, t, Path(folder))
                     for i, t in zip(alpha_tasks, trained, strict=True)
@@ -345,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = [_mean(s["variants"][name]["accuracy_per_task"]) for s in seeds]
         dedicated = [_mean(_dedicated(s, name)) for s in seeds]
         ratios = [a / d for a, d in zip(accuracy, dedicated, strict=True)]
+        as_int8 = [s["variants"][name].get("accuracy_per_task_int8") for s in seeds]
+        int8_ratios = (
+            [_mean(a) / d for a, d in zip(as_int8, dedicated, strict=True)] if all(as_int8) else []
+        )
         rows.append(
             {
                 "variant": name,
@@ -357,11 +375,21 @@ def main(argv: list[str] | None = None) -> None:
                 "dedicated_accuracy_per_seed": dedicated,
                 "ratio_per_seed": ratios,
                 "ratio": _mean(ratios),
+                **({"ratio_as_int8": _mean(int8_ratios)} if int8_ratios else {}),
             }
         )
     print_table(
         f"alpha variants, random 20 x 5, |B| = 15, BatchNorm, seeds {args.seeds}",
-        ("variant", "coefficients", "stats", "file bytes", "alpha acc", "dedicated", "ratio"),
+        (
+            "variant",
+            "coefficients",
+            "stats",
+            "file bytes",
+            "alpha acc",
+            "dedicated",
+            "ratio",
+            "ratio as int8",
+        ),
         [
             [
                 row["variant"],
@@ -371,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 " ".join(f"{a:.4f}" for a in row["alpha_accuracy_per_seed"]),
                 " ".join(f"{d:.4f}" for d in row["dedicated_accuracy_per_seed"]),
                 f"{row['ratio']:.3f}",
+                f"{row['ratio_as_int8']:.3f}" if "ratio_as_int8" in row else "-",
             ]
             for row in rows
         ],
