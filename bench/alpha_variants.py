@@ -337,7 +337,9 @@ def _mean(values: list[float]) -> float:
 def _dedicated(seed_record: dict, name: str) -> list[float]:
     """The dedicated accuracies a variant is compared with: at its own epochs when it has them."""
     variant = seed_record["variants"][name]
-    return variant.get("dedicated_per_task", seed_record["dedicated_per_task"])
+    if "dedicated_per_task" in variant:
+        return variant["dedicated_per_task"]
+    return seed_record["dedicated_per_task"]
 
 
 def main(argv: list[str] | None = None) -> None:
