@@ -3,8 +3,8 @@
 Run: ``python -m bench.alpha_variants [--seeds 0 1] [--variants ...] [--result NAME]``
 (resumable: the runs of ``bench.accuracy`` and every finished variant in ``--work`` are reused).
 About 6 minutes per variant and seed on 2 idle CPU cores at the protocol's 2 epochs, after the
-runs themselves; a 6-epoch variant takes 15 to 25 minutes, and its 5 dedicated masks about 25
-more, once per seed.
+runs themselves; a 6-epoch variant takes 15 to 50 minutes on one thread, and its 5 dedicated
+masks 25 to 31 more, once per seed.
 
 Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNIST's 10 classes,
 |B| = 15, per-task BatchNorm, 2 epochs, <= 3,000 training images per task), one run per seed.
@@ -57,7 +57,7 @@ from bench.accuracy import (
     candidate_file_bytes,
     train_dedicated_twin,
 )
-from supsup_deploy.alpha_codes import quantize_alpha
+from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
 from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import reference_batch, set_task
@@ -238,7 +238,7 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
         ]
         with torch.no_grad():
             for parameter, (codes, scale) in zip(parameters, quantized, strict=True):
-                parameter.copy_((codes.float() * scale.float().view(-1, 1)).view_as(parameter))
+                parameter.copy_(dequantize_alpha(codes, scale).view_as(parameter))
         served[code_bits] = (evaluate(model, splits.test, "cpu", 256), quantized)
     accuracy, quantized = served[variant.code_bits]
     return {

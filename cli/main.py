@@ -67,8 +67,9 @@ def flow_help(command: TyperCommand | TyperGroup) -> TyperCommand | TyperGroup:
     if command.help:
         paragraphs = command.help.split("\n\n")
         command.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-    for subcommand in getattr(command, "commands", {}).values():
-        flow_help(subcommand)
+    if isinstance(command, TyperGroup):
+        for subcommand in command.commands.values():
+            flow_help(subcommand)
     return command
 
 
