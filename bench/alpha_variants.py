@@ -27,8 +27,14 @@ thing (every variant is served with its alpha as int8 codes and one fp16 scale p
 - ``epochs``: passes over the task's training images (the product: the run's, 2). The basis masks
   stay the run's; the dedicated masks of the denominator are retrained with the same epochs;
 - ``alpha_lr``: Adam's learning rate of the alpha rows (the product: the run's, 0.1);
+- ``overlap_init``: every alpha row starts at each basis task's share of the classes it has in
+  common with the task (uniform when it shares none) instead of ``1 / |B|`` (the product);
 - ``code_bits``: 4 serves the trained table as 4-bit codes ``-7 .. 7`` with one fp16 scale per
-  layer (its largest magnitude over 7), stored two codes to a byte; 8 is the product's int8 form.
+  layer (its largest magnitude over 7), stored two codes to a byte; 8 is the product's int8 form;
+- ``scale_per_row``: 4-bit codes get one fp16 scale per row (per group) instead of per layer;
+- ``quantization_aware``: the forward pass sees the table as it will be served (4-bit codes
+  times their scale, recomputed every step) while the gradient passes straight through to the
+  float table, so training (and the best-epoch choice) accounts for the quantisation.
 
 The ratio's denominator is the run's dedicated masks (``bench.accuracy``'s twin run: a SupSup
 mask per alpha task, same budget and epochs as the variant). Bytes are measured on disk: a task
@@ -49,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bench._common import machine_info, print_table, write_result
 from bench.accuracy import (
@@ -86,6 +93,9 @@ class Variant:
     epochs: int | None = None
     alpha_lr: float | None = None
     code_bits: int = 8
+    scale_per_row: bool = False
+    quantization_aware: bool = False
+    overlap_init: bool = False
 
 
 PRODUCT = "product"
@@ -103,7 +113,19 @@ VARIANTS = {
     "pool_epochs_6": Variant(statistics="pool", epochs=6),
     "pool_groups_2_epochs_6": Variant(groups=2, statistics="pool", epochs=6),
     "pool_groups_2_epochs_6_int4": Variant(groups=2, statistics="pool", epochs=6, code_bits=4),
+    "pool_groups_2_epochs_6_int4_rows_qat": Variant(
+        groups=2,
+        statistics="pool",
+        epochs=6,
+        code_bits=4,
+        scale_per_row=True,
+        quantization_aware=True,
+    ),
     "pool_groups_4_epochs_6": Variant(groups=4, statistics="pool", epochs=6),
+    "pool_groups_4_epochs_6_int4_qat": Variant(
+        groups=4, statistics="pool", epochs=6, code_bits=4, quantization_aware=True
+    ),
+    "pool_overlap_init": Variant(statistics="pool", overlap_init=True),
     "pool_lr_0.01": Variant(statistics="pool", alpha_lr=0.01),
     "pool_lr_0.03": Variant(statistics="pool", alpha_lr=0.03),
     "pool_lr_0.3": Variant(statistics="pool", alpha_lr=0.3),
@@ -156,14 +178,34 @@ class AlignedClassifier(WeightSource):
 INT4_LIMIT = 7
 
 
-def quantize_layer(rows: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's ``[rows, |B|]`` alpha as codes and scales: int8 per row or int4 per layer."""
+def quantize_layer(
+    rows: torch.Tensor, code_bits: int, per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's ``[rows, |B|]`` alpha as codes and fp16 scales: int8 per row, or int4 per layer
+    (``per_row``: per row)."""
     if code_bits == 8:
         return quantize_alpha(rows)
     tiny = torch.finfo(torch.float16).tiny
-    scale = (rows.abs().amax() / INT4_LIMIT).clamp_min(tiny).half().reshape(1)
+    largest = rows.abs().amax(dim=1, keepdim=True) if per_row else rows.abs().amax().reshape(1, 1)
+    scale = (largest / INT4_LIMIT).clamp_min(tiny).half()
     codes = (rows / scale.float()).round().clamp(-INT4_LIMIT, INT4_LIMIT)
-    return codes.to(torch.int8), scale
+    return codes.to(torch.int8), scale.flatten()
+
+
+class FakeQuantized(nn.Module):
+    """Parametrisation: the alpha the forward pass sees is its 4-bit form as served, while the
+    gradient passes straight through to the float table (quantisation-aware training)."""
+
+    def __init__(self, basis: int, per_row: bool) -> None:
+        super().__init__()
+        self.basis = basis
+        self.per_row = per_row
+
+    def forward(self, alpha: torch.Tensor) -> torch.Tensor:
+        rows = alpha.reshape(-1, self.basis)
+        codes, scale = quantize_layer(rows.detach(), 4, self.per_row)
+        served = codes.float() * scale.float().view(-1, 1)
+        return (rows + (served - rows).detach()).view_as(alpha)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -175,7 +217,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> list[nn.Parameter]:
-    """Give the model the variant's trainable sources; returns their alpha parameters."""
+    """Give the model the variant's trainable sources; returns their (float) alpha parameters."""
     sources = use_alpha(model, basis)
     layers = masked_layers(model)
     if variant.groups > 1:
@@ -186,7 +228,18 @@ def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> li
         masks = [mask_set[-1] for mask_set in basis]
         sources[-1] = AlignedClassifier(layers[-1], masks, classes, basis_classes)
         layers[-1].set_source(sources[-1])
-    return [source.alpha for source in sources]
+    parameters = [source.alpha for source in sources]
+    if variant.overlap_init:
+        shared = torch.tensor([float(len(set(classes) & set(known))) for known in basis_classes])
+        weights = shared / shared.sum() if shared.sum() else torch.full_like(shared, 1 / len(basis))
+        with torch.no_grad():
+            for parameter in parameters:
+                parameter.copy_(weights.expand_as(parameter))
+    if variant.quantization_aware:
+        for source in sources:
+            quantized = FakeQuantized(len(basis), variant.scale_per_row)
+            parametrize.register_parametrization(source, "alpha", quantized)
+    return parameters
 
 
 def train_variant(model, basis, run_data: RunData, index: int, variant: Variant, pool) -> dict:
@@ -231,10 +284,14 @@ def train_variant(model, basis, run_data: RunData, index: int, variant: Variant,
             state = {name: value.detach().clone() for name, value in model.state_dict().items()}
             best = (accuracy, state, [p.detach().clone() for p in parameters])
     model.load_state_dict(best[1])
+    for layer in masked_layers(model):
+        if parametrize.is_parametrized(layer.source):
+            parametrize.remove_parametrizations(layer.source, "alpha", leave_parametrized=False)
     served = {}
     for code_bits in sorted({8, variant.code_bits}, reverse=True):
         quantized = [
-            quantize_layer(value.reshape(-1, config.basis), code_bits) for value in best[2]
+            quantize_layer(value.reshape(-1, config.basis), code_bits, variant.scale_per_row)
+            for value in best[2]
         ]
         with torch.no_grad():
             for parameter, (codes, scale) in zip(parameters, quantized, strict=True):
@@ -272,7 +329,7 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
     ``<work>/random_batch_seed<seed>_variants.json`` keeps the record as it grows; a record that
     already holds every variant asked for is returned without touching the runs. The dedicated
     masks at the run's own epochs (``bench.accuracy``'s twin) are trained only when a variant asked
-    for keeps those epochs.
+    for keeps those epochs and the record does not hold their accuracies yet.
     """
     cache = work / f"random_batch_seed{seed}_variants.json"
     record = json.loads(cache.read_text()) if cache.exists() else {}
@@ -283,7 +340,7 @@ def measure_seed(seed: int, work: Path, names: list[str]) -> dict:
         return {"seed": seed, **record}
     run_dir = work / f"random_batch_seed{seed}"
     train_run(config, run_dir, resume=True)
-    if run_epochs:
+    if run_epochs and "dedicated_per_task" not in record:
         dedicated_dir = work / f"random_batch_seed{seed}_dedicated"
         train_dedicated_twin(config, run_dir, dedicated_dir)
         record["dedicated_per_task"] = _alpha_test_accuracies(dedicated_dir, config)
