@@ -181,8 +181,8 @@ INT4_LIMIT = 7
 def quantize_layer(
     rows: torch.Tensor, code_bits: int, per_row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's ``[rows, |B|]`` alpha as codes and fp16 scales: int8 per row, or int4 per layer
-    (``per_row``: per row)."""
+    """One layer's ``[rows, |B|]`` alpha as codes and fp16 scales: int8 with a scale per row, or
+    int4 with a scale per layer (per row with ``per_row``)."""
     if code_bits == 8:
         return quantize_alpha(rows)
     tiny = torch.finfo(torch.float16).tiny
@@ -204,7 +204,7 @@ class FakeQuantized(nn.Module):
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         rows = alpha.reshape(-1, self.basis)
         codes, scale = quantize_layer(rows.detach(), 4, self.per_row)
-        served = codes.float() * scale.float().view(-1, 1)
+        served = dequantize_alpha(codes, scale)
         return (rows + (served - rows).detach()).view_as(alpha)
 
 
