@@ -64,7 +64,7 @@ from bench.accuracy import (
     candidate_file_bytes,
     train_dedicated_twin,
 )
-from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
+from supsup_deploy.alpha_codes import dequantize_alpha, pack_nibbles, quantize_alpha
 from supsup_deploy.masked_layers import masked_layers
 from supsup_deploy.models import build_model
 from supsup_deploy.normalization import reference_batch, set_task
@@ -206,14 +206,6 @@ class FakeQuantized(nn.Module):
         codes, scale = quantize_layer(rows.detach(), 4, self.per_row)
         served = dequantize_alpha(codes, scale)
         return (rows + (served - rows).detach()).view_as(alpha)
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes ``-7 .. 7`` two to a byte (low nibble first), as uint8 ``[ceil(n / 2)]``."""
-    flat = (codes.flatten().to(torch.int16) + 8).to(torch.uint8)
-    if len(flat) % 2:
-        flat = torch.cat([flat, torch.zeros(1, dtype=torch.uint8)])
-    return flat[0::2] | (flat[1::2] << 4)
 
 
 def attach_variant(model, basis, variant: Variant, classes, basis_classes) -> list[nn.Parameter]:

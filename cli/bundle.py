@@ -35,8 +35,8 @@ def pack_command(
     alpha_dtype: Annotated[
         AlphaDtype | None,
         typer.Option(
-            help="Precision of the alpha tasks' coefficient tables; int8 keeps one scale per "
-            "layer (default: int8 for a run trained with --pool, else float32).",
+            help="Precision of the alpha tasks' coefficient tables; int8 and int4 keep one "
+            "scale per row (default: int8 for a run trained with --pool, else float32).",
         ),
     ] = None,
     mask_encoding: Annotated[
@@ -176,7 +176,10 @@ def _print_bundle(bundle, as_json: bool) -> None:
 
 
 def _stored(task: dict) -> str:
-    """What a task's file holds: ``alpha dtype/norm dtype`` (``/pool`` when the statistics come
-    from the calibration pool), and ``+signature`` when it stores one."""
-    stored = "/".join(filter(None, (task["alpha_dtype"], task["norm_dtype"] or task["statistics"])))
+    """What a task's file holds: ``alpha dtype/norm dtype`` (``x2`` after the alpha dtype for two
+    rows per layer, ``/pool`` when the statistics come from the calibration pool), and
+    ``+signature`` when it stores one."""
+    groups = task["alpha_groups"]
+    alpha = task["alpha_dtype"] + (f"x{groups}" if groups > 1 else "")
+    stored = "/".join(filter(None, (alpha, task["norm_dtype"] or task["statistics"])))
     return stored + ("+signature" if task["signature"] else "")

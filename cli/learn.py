@@ -62,8 +62,17 @@ def learn_command(
     alpha_dtype: Annotated[
         AlphaDtype | None,
         typer.Option(
-            help="Precision of the stored table; int8 keeps one scale per layer (default: int8 "
-            "with pool statistics, else as the bundle's newest alpha task, else float32)."
+            help="Precision of the stored table; int8 and int4 keep one scale per row, and an "
+            "int4 table is trained against its int4 form (default: int4 with pool statistics "
+            "in a format 4 bundle, int8 in format 3, else as the bundle's newest alpha task, "
+            "else float32)."
+        ),
+    ] = None,
+    alpha_groups: Annotated[
+        int | None,
+        typer.Option(
+            help="Alpha rows per layer, each for its own contiguous group of output channels "
+            "(format 4; default: 2 with pool statistics in a format 4 bundle, else 1)."
         ),
     ] = None,
     norm_dtype: Annotated[
@@ -146,6 +155,7 @@ def learn_command(
         test_fraction=test_fraction,
         max_train_samples=max_train_samples,
         alpha_dtype=alpha_dtype,
+        alpha_groups=alpha_groups,
         norm_dtype=norm_dtype,
         statistics=statistics,
         device=use_device(device),

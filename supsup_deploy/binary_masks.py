@@ -216,17 +216,17 @@ def code_value_table(alpha: torch.Tensor, constant: float) -> torch.Tensor:
     smaller one and the result is bit-exact on any device and in numpy.
 
     Args:
-        alpha: the layer's ``[|B|]`` coefficients.
+        alpha: the layer's ``[|B|]`` coefficients, or ``[G, |B|]`` rows (one table each).
         constant: the layer's weight magnitude ``sqrt(2) / sqrt(fan_in)``.
 
     Returns:
-        A ``[2 ** (|B| + 1)]`` tensor.
+        A ``[2 ** (|B| + 1)]`` tensor (``[G, 2 ** (|B| + 1)]`` for rows).
     """
-    sums = alpha.new_zeros(1)
-    for coefficient in alpha:
-        sums = torch.cat([sums, sums + coefficient])
+    sums = alpha.new_zeros(*alpha.shape[:-1], 1)
+    for coefficient in alpha.unbind(-1):
+        sums = torch.cat([sums, sums + coefficient.unsqueeze(-1)], dim=-1)
     values = sums * constant
-    return torch.cat([values, -values])
+    return torch.cat([values, -values], dim=-1)
 
 
 @functools.lru_cache(maxsize=32)

@@ -3,7 +3,9 @@
 :func:`learn_task` trains the table (and, for a BatchNorm bundle, the task's normalisation
 statistics) on an image folder or on classes of a built-in dataset, keeping the epoch with the
 best validation accuracy. Over a bundle with a calibration pool the task trains against the
-pool's statistics and stores none: its file holds an int8 table and its metadata (under 1 KB).
+pool's statistics and stores none: its file holds an int4 table with two rows per layer
+(trained against its int4 form; int8 with one row in a format 3 bundle) and its metadata (under
+1 KB).
 :func:`install_learned_task` gives it the next free task id and links its file into the bundle
 under the bundle's lock, as ``supsup add-task`` does; :meth:`LearnedTask.save` writes the file
 only; :func:`teach` learns and installs for an opened bundle. Nothing in the bundle changes until
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 
 from supsup_deploy import data as datasets
-from supsup_deploy.alpha_codes import ALPHA_DTYPES, dequantize_alpha, quantize_alpha
+from supsup_deploy.alpha_codes import ALPHA_DTYPES, alpha_dtype_name, encode_alpha, served_alpha
+from supsup_deploy.alpha_groups import check_groups
 from supsup_deploy.bundles.format import (
     FORMAT_VERSION,
     TASKS_FOLDER,
@@ -57,6 +60,9 @@ from supsup_deploy.weight_sources import alpha_table
 STATISTICS = ("task", "pool")
 """Where a learned task's normalisation statistics come from: its own training images (stored in
 its file) or the bundle's calibration pool (computed when the task is used, nothing stored)."""
+POOL_ALPHA_GROUPS = 2
+"""Alpha rows per layer of a task learned over a calibration pool (format 4): with int4 codes
+its file stays under 1 KB (``bench.alpha_variants``' ``pool_groups_2_epochs_6_int4_rows_qat``)."""
 LEARN_RECIPE = TaskRecipe(
     epochs=5, batch_size=64, lr=1e-3, alpha_lr=0.1, weight_decay=1e-4, density="0.5", seed=0
 )
@@ -79,7 +85,7 @@ class LearnedTask:
             split), sizes and timing.
         data: where the images came from and how they were split (seeded), as recorded.
         stored_metrics: the metrics the task file keeps.
-        alpha_scale: with an int8 ``alpha``, one float16 scale per layer.
+        alpha_scale: with a coded ``alpha``, one float16 scale per row.
         signature: float16 ``[2, SIGNATURE_SIZE]`` when class names cannot tell the task apart
             (:mod:`supsup_deploy.task_signatures`), else None.
     """
@@ -174,6 +180,7 @@ def learn_task(
     test_fraction: float = 0.1,
     max_train_samples: int | None = None,
     alpha_dtype: str | None = None,
+    alpha_groups: int | None = None,
     norm_dtype: str | None = None,
     statistics: str | None = None,
     device: str = "cpu",
@@ -201,9 +208,14 @@ def learn_task(
         val_fraction: share of each class held out for validation when the data has no split.
         test_fraction: share of each class held out for testing, for a folder without ``test/``.
         max_train_samples: cap on training images (a seeded subset), or None.
-        alpha_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (codes with one scale per
-            layer; format 3 bundles); default int8 with ``statistics="pool"``, else the dtype of
+        alpha_dtype: ``"float32"``, ``"float16"``, ``"int8"`` (codes with one scale per row;
+            format 3 bundles) or ``"int4"`` (format 4; the table is trained against its int4
+            form); default int4 with ``statistics="pool"`` (int8 in format 3), else the dtype of
             the bundle's newest alpha task.
+        alpha_groups: alpha rows per layer, each mixing the basis masks for its own contiguous
+            group of output channels (:mod:`supsup_deploy.alpha_groups`; more than 1 needs
+            format 4); default :data:`POOL_ALPHA_GROUPS` with ``statistics="pool"`` in a
+            format 4 bundle, else 1.
         norm_dtype: ``"float32"`` or ``"float16"`` for stored statistics; default likewise.
         statistics: ``"pool"`` (train against the bundle's calibration pool, store no
             statistics; the default when the bundle has a pool) or ``"task"`` (the task's own
@@ -225,6 +237,7 @@ def learn_task(
     recipe = _recipe(epochs, batch_size, alpha_lr, weight_decay, seed)
     statistics = _statistics(bundle, statistics)
     alpha_dtype = _alpha_dtype(bundle, alpha_dtype, statistics)
+    alpha_groups = _alpha_groups(bundle, alpha_groups, statistics)
     norm_stored = float_dtype(norm_dtype or _stored_dtype(bundle, "norm.running_mean", "float32"))
     if (data is None) == (dataset is None):
         raise ConfigError("give the images: an image folder (--data) or --dataset with --classes")
@@ -259,13 +272,13 @@ def learn_task(
         outputs=len(record["class_names"]),
         reporter=reporter,
         pool=pool,
+        alpha_groups=alpha_groups,
+        trained_for="int4" if alpha_dtype == "int4" else None,
     )
-    alpha_scale = None
-    if alpha_dtype == "int8":
-        alpha, alpha_scale = quantize_alpha(alpha_table(model).float().cpu())
-        serve_table(model, dequantize_alpha(alpha, alpha_scale), splits, recipe, pool, metrics)
-    else:
-        alpha = alpha_table(model).float().cpu().to(float_dtype(alpha_dtype, what="alpha"))
+    table = alpha_table(model).float().cpu()
+    alpha, alpha_scale = encode_alpha(table, alpha_dtype)
+    if alpha_scale is not None:
+        serve_table(model, served_alpha(table, alpha_dtype), splits, recipe, pool, metrics)
     test_accuracy = metrics["test_accuracy"]
     metrics["test_accuracy"] = None if math.isnan(test_accuracy) else test_accuracy
     norms = {}
@@ -280,6 +293,7 @@ def learn_task(
     metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
     metrics["name"] = name
     metrics["statistics"] = statistics
+    metrics["alpha_dtype"], metrics["alpha_groups"] = alpha_dtype, alpha_groups
     return LearnedTask(
         name=name,
         alpha=alpha,
@@ -323,19 +337,36 @@ def _statistics(bundle: Bundle, statistics: str | None) -> str:
 
 
 def _alpha_dtype(bundle: Bundle, alpha_dtype: str | None, statistics: str) -> str:
-    """The stored alpha dtype: as asked, else int8 for a task whose statistics come from the
-    pool (its file then stays under 1 KB), else the newest alpha task's, else float32."""
+    """The stored alpha dtype: as asked, else for a task whose statistics come from the pool
+    int4 (format 4; trained for it) or int8 (format 3), so its file stays under 1 KB, else the
+    newest alpha task's, else float32."""
     if alpha_dtype is None and statistics == "pool":
-        alpha_dtype = "int8"
+        alpha_dtype = "int4" if bundle.format_version >= 4 else "int8"
     alpha_dtype = alpha_dtype or _stored_dtype(bundle, "alpha", "float32")
     if alpha_dtype not in ALPHA_DTYPES:
         raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: use {', '.join(ALPHA_DTYPES)}")
-    if alpha_dtype == "int8" and bundle.format_version < 3:
+    needs = {"int8": 3, "int4": 4}.get(alpha_dtype, 2)
+    if bundle.format_version < needs:
         raise ConfigError(
-            f"{bundle.path} is a format {bundle.format_version} bundle: int8 alpha tables need "
-            "format 3 (pack the run again)"
+            f"{bundle.path} is a format {bundle.format_version} bundle: {alpha_dtype} alpha "
+            f"tables need format {needs} (pack the run again)"
         )
     return alpha_dtype
+
+
+def _alpha_groups(bundle: Bundle, alpha_groups: int | None, statistics: str) -> int:
+    """Alpha rows per layer: as asked, else ``POOL_ALPHA_GROUPS`` for a task whose statistics
+    come from the pool in a format 4 bundle, else 1."""
+    if alpha_groups is None:
+        pooled = statistics == "pool" and bundle.format_version >= 4
+        alpha_groups = POOL_ALPHA_GROUPS if pooled else 1
+    if alpha_groups != 1 and bundle.format_version < 4:
+        raise ConfigError(
+            f"{bundle.path} is a format {bundle.format_version} bundle: several alpha rows per "
+            "layer need format 4 (pack the run again)"
+        )
+    check_groups(alpha_groups, bundle.summary.weight_shapes)
+    return alpha_groups
 
 
 def _recipe(
@@ -367,7 +398,7 @@ def _stored_dtype(bundle: Bundle, tensor: str, fallback: str) -> str:
         info = bundle.task(entry.index)
         tensors = bundle.stored_tensors(entry.index)
         if tensor in tensors and (tensor != "alpha" or info.kind == "alpha"):
-            return str(tensors[tensor].dtype).removeprefix("torch.")
+            return alpha_dtype_name(tensors[tensor])
     return fallback
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from supsup_deploy.alpha_codes import ALPHA_DTYPES, quantize_alpha
+from supsup_deploy.alpha_codes import ALPHA_DTYPES, encode_alpha
 from supsup_deploy.bundles.format import (
     BUNDLE,
     TASKS_FOLDER,
@@ -68,9 +68,10 @@ def pack_run(
         out: the bundle folder to create; it must not exist yet, unless ``force`` (see
             :func:`supsup_deploy.outputs.check_output`).
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
-        alpha_dtype: ``"float32"``, ``"float16"`` or ``"int8"`` (codes with one scale per
-            layer) for the alpha tables of the alpha tasks (basis tasks' one-hot tables are exact
-            in any and keep float32); default int8 for a run trained with a pool, else float32.
+        alpha_dtype: ``"float32"``, ``"float16"``, ``"int8"`` or ``"int4"`` (codes with one
+            scale per row; a run's tables are not trained for int4, ``supsup learn``'s are) for
+            the alpha tables of the alpha tasks (basis tasks' one-hot tables are exact in any and
+            keep float32); default int8 for a run trained with a pool, else float32.
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
         pool: store a calibration pool of this many training images of each basis task (the
             first ones of its training split, in stored order; the run's data must be at hand),
@@ -177,10 +178,8 @@ def _task_data(
         layers = sum(key.startswith("mask.") for key in tensors)
         alpha = torch.zeros(layers, config.basis)
         alpha[:, index] = 1.0
-    elif alpha_dtype == "int8":
-        alpha, alpha_scale = quantize_alpha(tensors["alpha"])
     else:
-        alpha = tensors["alpha"].to(float_dtype(alpha_dtype, what="alpha"))
+        alpha, alpha_scale = encode_alpha(tensors["alpha"], alpha_dtype)
     norm_state = {
         key: value.to(norm_dtype) for key, value in tensors.items() if key.startswith("norm.")
     }

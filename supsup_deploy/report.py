@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from supsup_deploy.alpha_codes import alpha_dtype_name
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
 from supsup_deploy.bundles.format import (
     FLOAT_DTYPES,
@@ -26,6 +27,7 @@ from supsup_deploy.bundles.format import (
     float_dtype,
 )
 from supsup_deploy.bundles.reader import Bundle
+from supsup_deploy.bundles.validation import stored_groups
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.files import atomic_write_bytes, safetensors_layout
 from supsup_deploy.mask_compression import encode_mask
@@ -571,7 +573,8 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     The basis holds ``|B|`` masks per layer: bitmasks (``packed``), or with a compressed
     encoding the streams the encoder gives for the bundle's masks plus one int64 size per mask
     (``basis.mask_sizes``), and its calibration pool's pixels (``basis.pool``, one byte each).
-    Each task holds an alpha table of its stored dtype (an int8 table and one scale per layer),
+    Each task holds an alpha table of its stored dtype, ``G`` rows per layer (a coded table: one
+    code per coefficient, int4 two to a byte over the whole table, and one scale per row),
     the normalisation statistics of their stored dtype unless it stores none, and its float16
     signature if it has one.
     """
@@ -585,9 +588,11 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
         tensors = bundle.stored_tensors(info.index)
         alpha = tensors["alpha"]
         scale = tensors.get("alpha.scale")
-        predicted[f"{info.name}.alpha"] = alpha.element_size() * bundle.num_basis * (
-            summary.masked_layers
-        ) + (0 if scale is None else scale.element_size() * summary.masked_layers)
+        rows = summary.masked_layers * stored_groups(tensors)
+        codes = rows * bundle.num_basis
+        predicted[f"{info.name}.alpha"] = (
+            -(-codes // 2) if alpha.dtype == torch.uint8 else alpha.element_size() * codes
+        ) + (0 if scale is None else scale.element_size() * rows)
         predicted[f"{info.name}.norm"] = (
             norm_bytes_per_task(summary, _stored_norm_dtype(tensors))
             if "norm.running_mean" in tensors
@@ -772,7 +777,8 @@ def bundle_report(bundle: Bundle) -> dict[str, Any]:
                 "file": str(info.path.relative_to(bundle.path)),
                 "file_bytes": info.file_bytes,
                 "state_bytes": info.state_bytes,
-                "alpha_dtype": _dtype_name(tensors["alpha"]),
+                "alpha_dtype": alpha_dtype_name(tensors["alpha"]),
+                "alpha_groups": stored_groups(tensors),
                 "norm_dtype": _dtype_name(tensors.get("norm.running_mean")),
                 "statistics": _statistics_source(bundle, tensors),
                 "signature": SIGNATURE_TENSOR in tensors,

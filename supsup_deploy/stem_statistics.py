@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supsup_deploy.alpha_groups import rows_per_output
 from supsup_deploy.binary_masks import code_value_table
 from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.masked_layers import MaskedConv2d
@@ -59,7 +60,8 @@ class StemStatistics:
         self.num_basis = num_basis
         self.channels = norm.num_features
         tensors = [bundle.task_tensors(info.index) for info in bundle.tasks]
-        self.alphas = torch.stack([t["alpha"][0] for t in tensors]).double().to(device)
+        rows = [rows_per_output(t["alpha"][0], self.channels) for t in tensors]
+        self.alphas = torch.stack(rows).double().to(device)  # [T, C, |B|]
         means = torch.stack([t["norm.running_mean"][: self.channels] for t in tensors])
         variances = torch.stack([t["norm.running_var"][: self.channels] for t in tensors])
         self.means = means.double().to(device)
@@ -113,7 +115,7 @@ class StemStatistics:
         values = count * out_height * out_width
         basis_mean = sums / values  # [|B|, C]
         covariance = products / values - torch.einsum("bc,dc->cbd", basis_mean, basis_mean)
-        task_mean = self.alphas @ basis_mean  # [T, C]
-        task_var = torch.einsum("tb,cbd,td->tc", self.alphas, covariance, self.alphas)
+        task_mean = torch.einsum("tcb,bc->tc", self.alphas, basis_mean)
+        task_var = torch.einsum("tcb,cbd,tcd->tc", self.alphas, covariance, self.alphas)
         task_var = task_var.clamp_min(0.0) + self.eps
         return gaussian_divergence(task_mean, task_var, self.means, self.vars).mean(dim=1)

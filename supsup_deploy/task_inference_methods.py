@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from supsup_deploy.alpha_groups import common_groups, expand_groups
 from supsup_deploy.bundles.reader import Bundle, single_task_config
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.models import build_model, masked_layers
@@ -149,13 +150,15 @@ class OneShotMethod(InferenceMethod):
 
     def __init__(self, bundle: Bundle, *, device: str, options: InferenceOptions) -> None:
         super().__init__(bundle, device=device, options=options)
-        tables = torch.stack([bundle.task_tensors(t)["alpha"].float() for t in self.task_ids])
+        tables = [bundle.task_tensors(t)["alpha"].float() for t in self.task_ids]
+        groups = common_groups(len(table[0]) for table in tables)
+        tables = torch.stack([expand_groups(table, groups) for table in tables])
         if options.normalize_alpha:
-            tables = tables / tables.norm(dim=2, keepdim=True).clamp_min(1e-12)
+            tables = tables / tables.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.tables = tables.to(device)
         self.model = build_model(single_task_config(bundle.config)).to(device)
         for layer, codes in zip(masked_layers(self.model), bundle.codes(device), strict=True):
-            layer.set_source(AlphaMask(layer, codes, bundle.num_basis))
+            layer.set_source(AlphaMask(layer, codes, bundle.num_basis, groups=groups))
         for norm in self.model.task_norms():
             norm.momentum = 0.0  # batch statistics, leaving the running ones untouched
         self.model.train()
@@ -178,7 +181,7 @@ class OneShotMethod(InferenceMethod):
 
     def entropy_gradient(self, images, sources, beta: torch.Tensor, tables) -> torch.Tensor:
         """``dH/dbeta`` of the batch's mean prediction entropy: one forward and backward."""
-        mixed = torch.einsum("t,tlb->lb", beta, tables)
+        mixed = torch.einsum("t,tlgb->lgb", beta, tables)
         with torch.no_grad():
             for source, row in zip(sources, mixed, strict=True):
                 source.alpha.copy_(row)
@@ -187,7 +190,7 @@ class OneShotMethod(InferenceMethod):
         entropy = -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
         entropy.backward()
         alpha_gradients = torch.stack([source.alpha.grad for source in sources])
-        return torch.einsum("lb,tlb->t", alpha_gradients, tables)
+        return torch.einsum("lgb,tlgb->t", alpha_gradients, tables)
 
     def settings(self) -> dict[str, Any]:
         return {"steps": self.options.steps}

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from supsup_deploy import data as datasets
-from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
+from supsup_deploy.alpha_codes import FakeQuantized, served_alpha
 from supsup_deploy.bundles.format import POOL_BATCH
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
@@ -36,7 +37,7 @@ from supsup_deploy.image_folder import (
     folder_dataset_spec,
     scan_image_folder,
 )
-from supsup_deploy.models import build_model
+from supsup_deploy.models import build_model, masked_layers
 from supsup_deploy.normalization import (
     average_batch_statistics,
     reference_batch,
@@ -235,7 +236,7 @@ def train_run(
                     pool=pool,
                 )
                 if pool is not None:
-                    table = dequantize_alpha(*quantize_alpha(alpha_table(model).float().cpu()))
+                    table = served_alpha(alpha_table(model).cpu(), "int8")
                     serve_table(model, table, splits, config.recipe, pool, metrics, slot=index)
                 tensors = task_state(model, index, kind, statistics=pool is None)
                 metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -324,6 +325,8 @@ def train_task(
     parallel: _Distributed | None = None,
     reporter: Reporter | None = None,
     pool: torch.Tensor | None = None,
+    alpha_groups: int = 1,
+    trained_for: str | None = None,
 ) -> dict[str, Any]:
     """Train one task in ``model`` and leave the model holding its best epoch.
 
@@ -345,6 +348,12 @@ def train_task(
             at random (:func:`~supsup_deploy.normalization.reference_batch`), and each epoch's
             statistics come from the pool, as a bundle computes them for a task that stores
             none (:data:`~supsup_deploy.bundles.format.POOL_BATCH` images at a time).
+        alpha_groups: an alpha task's rows per layer (:mod:`supsup_deploy.alpha_groups`).
+        trained_for: a coded alpha dtype (``"int8"``, ``"int4"``) to train the table against:
+            the forward pass sees it as that dtype will store it (and the best epoch is judged
+            so) while the gradient reaches the float table
+            (:class:`~supsup_deploy.alpha_codes.FakeQuantized`); None trains the float table.
+            The model is left holding the float table of the best epoch.
 
     Returns:
         The task's metrics (validation accuracy of the best epoch, test accuracy, sizes).
@@ -360,8 +369,11 @@ def train_task(
         parameters = [source.scores for source in sources]
         lr = recipe.lr
     else:
-        sources = use_alpha(model, basis)
+        sources = use_alpha(model, basis, groups=alpha_groups)
         parameters = [source.alpha for source in sources]
+        if trained_for is not None:
+            for source in sources:
+                parametrize.register_parametrization(source, "alpha", FakeQuantized(trained_for))
         lr = recipe.alpha_lr
     trainer: nn.Module = model
     if parallel.active and parallel.mode == "data":
@@ -415,6 +427,9 @@ def train_task(
     assert best is not None
     model.load_state_dict(best[2])
     test_accuracy = evaluate(model, splits.test, device, recipe.batch_size, outputs=outputs)
+    for layer in masked_layers(model):
+        if parametrize.is_parametrized(layer.source):
+            parametrize.remove_parametrizations(layer.source, "alpha", leave_parametrized=False)
     return {
         "task": index,
         "name": splits.task.name,

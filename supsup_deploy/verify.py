@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from supsup_deploy import backbone
+from supsup_deploy.alpha_groups import rows_per_output
 from supsup_deploy.binary_masks import unpack_bits
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import Bundle, load_bundle
@@ -258,7 +259,8 @@ def _check_specialized(
 
 
 def _check_materialized(bundle: Bundle) -> None:
-    """Every task's materialised weights against sign x scale x sum_b alpha_b mask_b, computed
+    """Every task's materialised weights against sign x scale x sum_b alpha_gb mask_b (``g`` the
+    weight's channel group), computed
     independently of the code table, on the first and the last layer."""
     summary = bundle.summary
     layers = sorted({0, summary.masked_layers - 1})
@@ -273,8 +275,11 @@ def _check_materialized(bundle: Bundle) -> None:
         weights = bundle.materialize(info.index)
         for layer in layers:
             weight, masks = expected_parts[layer]
-            alpha = bundle.task_tensors(info.index)["alpha"][layer].double()
-            expected = weight * (alpha @ masks)
+            rows = bundle.task_tensors(info.index)["alpha"][layer].double()
+            outputs = summary.weight_shapes[layer][0]
+            per_output = rows_per_output(rows, outputs)  # [outputs, |B|]
+            mixed = torch.einsum("ob,bor->or", per_output, masks.view(len(masks), outputs, -1))
+            expected = weight * mixed.reshape(-1)
             got = weights[layer].reshape(-1).double()
             limit = MATERIALIZE_RELATIVE_TOLERANCE * float(expected.abs().max())
             if float((got - expected).abs().max()) > limit:

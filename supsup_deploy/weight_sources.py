@@ -1,7 +1,8 @@
 """Where a masked layer's effective weight comes from, and attaching sources to a whole model.
 
 - :class:`ScoreMask`: edge-popup training, ``W * topk(|scores|)`` with a straight-through gradient.
-- :class:`AlphaMask`: ``W * sum_t alpha[t] * M_t``, computed from per-weight codes
+- :class:`AlphaMask`: ``W * sum_t alpha[g, t] * M_t``, one alpha row ``g`` per group of output
+  channels (:mod:`supsup_deploy.alpha_groups`), computed from per-weight codes
   (:func:`supsup_deploy.binary_masks.mask_codes`) with one gather forward and one scatter-add
   backward, so training keeps one int32 code per weight instead of ``|B|`` float masks.
 - :class:`FixedWeight`: a materialised weight tensor.
@@ -9,7 +10,7 @@
 ``use_scores``, ``use_alpha`` and ``use_fixed`` give every masked layer of a model one of them;
 ``current_masks`` and ``alpha_table`` read back what training learned. A *mask set* is one bool
 mask per masked layer, in model order (one SupSup task, or one basis mask). An *alpha table* is
-a ``[num_layers, num_basis]`` tensor: row ``d`` mixes layer ``d``.
+a ``[num_layers, G, num_basis]`` tensor: row ``[d, g]`` mixes group ``g`` of layer ``d``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from supsup_deploy.alpha_groups import as_grouped, check_groups, group_bounds
 from supsup_deploy.binary_masks import (
     check_density,
     check_num_basis,
@@ -48,22 +50,24 @@ class _TopKStraightThrough(torch.autograd.Function):
 
 
 class _AlphaWeight(torch.autograd.Function):
-    """``W_eff[j] = c * s_j * sum_t alpha[t] * M_t[j]`` from codes, differentiable in alpha."""
+    """``W_eff[j] = c * s_j * sum_t alpha[g(j), t] * M_t[j]`` from indices into the ``[G, 2T]``
+    value tables (a weight's code plus ``2T`` times its group), differentiable in alpha."""
 
     @staticmethod
-    def forward(ctx, alpha: torch.Tensor, codes: torch.Tensor, constant: float) -> torch.Tensor:
-        ctx.save_for_backward(codes)
+    def forward(ctx, alpha: torch.Tensor, indices: torch.Tensor, constant: float) -> torch.Tensor:
+        ctx.save_for_backward(indices)
         ctx.constant = constant
-        ctx.num_basis = alpha.numel()
-        return code_value_table(alpha, constant).index_select(0, codes)
+        ctx.groups, ctx.num_basis = alpha.shape
+        return code_value_table(alpha, constant).flatten().index_select(0, indices)
 
     @staticmethod
     def backward(ctx, grad_weight: torch.Tensor):
-        (codes,) = ctx.saved_tensors
+        (indices,) = ctx.saved_tensors
         bit_matrix = code_bit_matrix(ctx.num_basis, grad_weight.dtype, grad_weight.device)
-        sums = grad_weight.new_zeros(2 * bit_matrix.shape[0]).index_add_(0, codes, grad_weight)
-        positive, negative = sums.chunk(2)
-        return bit_matrix.t() @ ((positive - negative) * ctx.constant), None, None
+        size = 2 * bit_matrix.shape[0]
+        sums = grad_weight.new_zeros(ctx.groups * size).index_add_(0, indices, grad_weight)
+        positive, negative = sums.view(ctx.groups, 2, -1).unbind(1)
+        return ((positive - negative) * ctx.constant) @ bit_matrix, None, None
 
 
 class ScoreMask(WeightSource):
@@ -95,7 +99,8 @@ class ScoreMask(WeightSource):
 
 
 class AlphaMask(WeightSource):
-    """A real-valued combination of fixed basis masks: ``W * sum_t alpha[t] * M_t``.
+    """A real-valued combination of fixed basis masks: ``W * sum_t alpha[g, t] * M_t``, alpha
+    row ``g`` serving group ``g`` of the layer's output channels.
 
     Only one int32 code per weight is kept (sign bit and one bit per basis mask); the alpha
     gradient is a scatter-add of the weight gradient over codes.
@@ -104,7 +109,9 @@ class AlphaMask(WeightSource):
         layer: the masked layer this source serves.
         codes: the layer's flat int32 codes (:func:`supsup_deploy.binary_masks.mask_codes`).
         num_basis: ``|B|``.
-        alpha: initial coefficients, shape ``[|B|]``; default ``1 / |B|`` each.
+        alpha: initial coefficients, ``[groups, |B|]`` (or ``[|B|]`` for one group); default
+            ``1 / |B|`` each.
+        groups: rows when ``alpha`` is not given.
     """
 
     def __init__(
@@ -113,17 +120,25 @@ class AlphaMask(WeightSource):
         codes: torch.Tensor,
         num_basis: int,
         alpha: torch.Tensor | None = None,
+        *,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         check_num_basis(num_basis)
         if codes.dtype != torch.int32 or codes.numel() != layer.numel:
             raise ConfigError(f"codes must be {layer.numel} int32 values for this layer")
-        self.register_buffer("codes", codes, persistent=False)
-        self.constant = layer.weight_constant
         if alpha is None:
-            alpha = torch.full((num_basis,), 1.0 / num_basis, dtype=torch.float32)
-        if alpha.shape != (num_basis,):
-            raise ConfigError(f"alpha must have shape [{num_basis}], got {tuple(alpha.shape)}")
+            alpha = torch.full((groups, num_basis), 1.0 / num_basis, dtype=torch.float32)
+        alpha = alpha.reshape(-1, num_basis) if alpha.shape[-1:] == (num_basis,) else alpha
+        outputs = layer.weight_shape[0]
+        if alpha.dim() != 2 or alpha.shape[-1] != num_basis or not 1 <= len(alpha) <= outputs:
+            raise ConfigError(
+                f"alpha must have shape [groups, {num_basis}] with 1 to {outputs} groups, "
+                f"got {tuple(alpha.shape)}"
+            )
+        indices = _group_indices(codes, layer, len(alpha), num_basis)
+        self.register_buffer("indices", indices, persistent=False)
+        self.constant = layer.weight_constant
         self.alpha = nn.Parameter(alpha.detach().to(codes.device).clone())
 
     @classmethod
@@ -132,19 +147,35 @@ class AlphaMask(WeightSource):
         layer: MaskedLayer,
         basis_masks: Sequence[torch.Tensor],
         alpha: torch.Tensor | None = None,
+        *,
+        groups: int = 1,
     ) -> AlphaMask:
         """Build from the layer's ``|B|`` bool basis masks (its shape, or flat)."""
         check_num_basis(len(basis_masks))
         negative = layer.sign_bits(device=basis_masks[0].device)
-        return cls(layer, mask_codes(negative, basis_masks), len(basis_masks), alpha)
+        codes = mask_codes(negative, basis_masks)
+        return cls(layer, codes, len(basis_masks), alpha, groups=groups)
 
     @property
     def num_basis(self) -> int:
-        return self.alpha.numel()
+        return self.alpha.shape[-1]
 
     def weight(self, layer: MaskedLayer) -> torch.Tensor:
-        flat = _AlphaWeight.apply(self.alpha, self.codes, self.constant)
+        flat = _AlphaWeight.apply(self.alpha, self.indices, self.constant)
         return flat.view(layer.weight_shape)
+
+
+def _group_indices(
+    codes: torch.Tensor, layer: MaskedLayer, groups: int, num_basis: int
+) -> torch.Tensor:
+    """Each weight's index into its layer's flattened ``[groups, 2 ** (|B| + 1)]`` value tables."""
+    if groups == 1:
+        return codes
+    outputs = layer.weight_shape[0]
+    offsets = torch.empty(outputs, dtype=torch.int32, device=codes.device)
+    for group, (start, stop) in enumerate(group_bounds(outputs, groups)):
+        offsets[start:stop] = group << (num_basis + 1)
+    return (codes.view(outputs, -1) + offsets.unsqueeze(1)).flatten()
 
 
 class FixedWeight(WeightSource):
@@ -197,14 +228,21 @@ def current_masks(model: nn.Module) -> list[torch.Tensor]:
 
 
 def use_alpha(
-    model: nn.Module, basis: Sequence[MaskSet], alpha: torch.Tensor | None = None
+    model: nn.Module,
+    basis: Sequence[MaskSet],
+    alpha: torch.Tensor | None = None,
+    *,
+    groups: int = 1,
 ) -> list[AlphaMask]:
     """Make every layer a trainable alpha combination of the basis masks.
 
     Args:
         model: a model from :func:`supsup_deploy.get_model`.
         basis: ``|B|`` mask sets.
-        alpha: initial ``[num_layers, |B|]`` table; default ``1 / |B|`` everywhere.
+        alpha: initial ``[num_layers, G, |B|]`` (or ``[num_layers, |B|]``) table; default
+            ``1 / |B|`` everywhere.
+        groups: alpha rows per layer when ``alpha`` is not given
+            (:mod:`supsup_deploy.alpha_groups`).
 
     Returns:
         The new sources, one per layer; their ``alpha`` are the trainable parameters.
@@ -215,23 +253,28 @@ def use_alpha(
             raise ConfigError(
                 f"basis mask {number} has {len(mask_set)} layers, the model has {len(layers)}"
             )
-    if alpha is not None and alpha.shape != (len(layers), len(basis)):
-        raise ConfigError(
-            f"alpha table must have shape [{len(layers)}, {len(basis)}], got {tuple(alpha.shape)}"
-        )
+    if alpha is not None:
+        alpha = as_grouped(alpha)
+        if alpha.dim() != 3 or alpha.shape[::2] != (len(layers), len(basis)):
+            raise ConfigError(
+                f"alpha table must have shape [{len(layers)}, groups, {len(basis)}], "
+                f"got {tuple(alpha.shape)}"
+            )
+        groups = alpha.shape[1]
+    check_groups(groups, [layer.weight_shape for layer in layers])
     device = model_device(model)
     sources = []
     for index, layer in enumerate(layers):
         layer_masks = [mask_set[index].to(device) for mask_set in basis]
         row = None if alpha is None else alpha[index]
-        source = AlphaMask.from_masks(layer, layer_masks, row)
+        source = AlphaMask.from_masks(layer, layer_masks, row, groups=groups)
         layer.set_source(source)
         sources.append(source)
     return sources
 
 
 def alpha_table(model: nn.Module) -> torch.Tensor:
-    """The model's current ``[num_layers, |B|]`` alpha table (detached copy)."""
+    """The model's current ``[num_layers, G, |B|]`` alpha table (detached copy)."""
     rows = []
     for layer in masked_layers(model):
         if not isinstance(layer.source, AlphaMask):
@@ -242,9 +285,11 @@ def alpha_table(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def load_alpha_table(model: nn.Module, table: torch.Tensor) -> None:
-    """Switch an alpha model to another task's table in place (no rebuild)."""
+    """Switch an alpha model to another task's table in place (no rebuild); a
+    ``[num_layers, |B|]`` table counts as one row per layer."""
     layers = masked_layers(model)
     current = alpha_table(model)
+    table = as_grouped(table)
     if table.shape != current.shape:
         raise ConfigError(
             f"alpha table must have shape {list(current.shape)}, got {list(table.shape)}"

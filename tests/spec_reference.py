@@ -44,28 +44,39 @@ def content_sha256(text: str, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def alpha_table(tensors: dict[str, np.ndarray]) -> np.ndarray:
-    """A task's float32 alpha table: a float table converted, or (format 3) int8 codes times
-    their layer's scale, each a float32 multiplication."""
+def alpha_table(tensors: dict[str, np.ndarray], num_basis: int) -> np.ndarray:
+    """A task's float32 alpha table as ``[L, G, |B|]``: a float table converted, or int8 codes
+    (format 3) or int4 codes two to a byte (format 4: the ``[L, G, |B|]`` codes in row-major
+    order, ``code = nibble - 8``, low nibble first, ``G`` from the scales' shape) times their
+    row's scale, each a float32 multiplication; a ``[L, |B|]`` table has ``G = 1``."""
     alpha = tensors["alpha"]
+    if alpha.dtype == np.uint8:
+        shape = (*tensors["alpha.scale"].shape, num_basis)
+        nibbles = np.stack([alpha & 15, alpha >> 4], axis=-1).reshape(-1)[: math.prod(shape)]
+        alpha = (nibbles.astype(np.int8) - np.int8(8)).reshape(shape)
     if alpha.dtype == np.int8:
         scale = tensors["alpha.scale"].astype(np.float32)
-        return (alpha.astype(np.float32) * scale[:, None]).astype(np.float32)
-    return alpha.astype(np.float32)
+        alpha = (alpha.astype(np.float32) * scale[..., None]).astype(np.float32)
+    alpha = alpha.astype(np.float32)
+    return alpha[:, None, :] if alpha.ndim == 2 else alpha
 
 
 def weight_constant(shape) -> np.float32:
     return np.float32(math.sqrt(2.0) / math.sqrt(math.prod(shape[1:])))
 
 
-def effective_weight(seed, layer, shape, packed_rows: np.ndarray, alpha_row) -> np.ndarray:
-    """Layer ``layer``'s float32 effective weight from its packed basis rows and alpha row."""
+def effective_weight(seed, layer, shape, packed_rows: np.ndarray, alpha_rows) -> np.ndarray:
+    """Layer ``layer``'s float32 effective weight from its packed basis rows and its ``[G, |B|]``
+    alpha rows: output channel ``o`` uses row ``floor(o * G / c_out)``."""
     numel = math.prod(shape)
     masks = np.unpackbits(packed_rows, axis=1, bitorder="little")[:, :numel].astype(bool)
-    alpha_row = np.asarray(alpha_row, dtype=np.float32)
+    alpha_rows = np.asarray(alpha_rows, dtype=np.float32)
+    outputs = shape[0]
+    row_of_weight = np.repeat(np.arange(outputs) * len(alpha_rows) // outputs, numel // outputs)
+    coefficients = alpha_rows[row_of_weight]  # [numel, |B|]
     total = np.zeros(numel, dtype=np.float32)
     for t in range(masks.shape[0]):
-        total = np.where(masks[t], total + alpha_row[t], total).astype(np.float32)
+        total = np.where(masks[t], total + coefficients[:, t], total).astype(np.float32)
     magnitude = weight_constant(shape) * total
     signs = np.where(negative(seed, layer, numel), np.float32(-1), np.float32(1))
     return (signs * magnitude).astype(np.float32).reshape(shape)

@@ -249,7 +249,7 @@ def test_a_basis_task_must_be_one_hot(bundle_dir):
     bundle = load_bundle(bundle_dir)
     info, tensors = bundle.task(0), bundle.task_tensors(0)
     alpha = tensors.pop("alpha")
-    alpha[3, 1] = 0.5
+    alpha[3, 0, 1] = 0.5
     save_task(
         info.path,
         index=0,

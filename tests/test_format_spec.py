@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from supsup_deploy import get_model
-from supsup_deploy.alpha_codes import quantize_alpha
+from supsup_deploy.alpha_codes import alpha_dtype_name, encode_alpha, quantize_alpha
 from supsup_deploy.bundles.format import InputSpec
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import save_basis, save_task
@@ -28,7 +28,7 @@ from supsup_deploy.pack import pack_run
 
 
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A format 2 or 3 file's tensors and metadata, its content hash checked as the page says."""
+    """A format 2, 3 or 4 file's tensors and metadata, its content hash checked as the page says."""
     with safe_open(str(path), framework="numpy") as handle:
         header = handle.metadata()
     assert sorted(header) == ["supsup", "supsup_sha256"]
@@ -39,7 +39,7 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 def check_bundle_against_spec(path: Path) -> int:
     basis, basis_meta = read(path / "basis.safetensors")
-    assert basis_meta["format"] == "supsup-basis" and basis_meta["format_version"] == 3
+    assert basis_meta["format"] == "supsup-basis" and basis_meta["format_version"] == 4
     assert basis_meta["sign_hash"] == "mix32x2-v1"
     basis_sha = hashlib.sha256((path / "basis.safetensors").read_bytes()).hexdigest()
     seed = basis_meta["model"]["seed"]
@@ -49,7 +49,7 @@ def check_bundle_against_spec(path: Path) -> int:
         tensors, meta = read(task_file)
         assert meta["format"] == "supsup-task" and meta["basis_sha256"] == basis_sha
         assert task_file.name == f"{meta['index']}.{meta['name']}.safetensors"
-        alpha = spec_reference.alpha_table(tensors)
+        alpha = spec_reference.alpha_table(tensors, basis_meta["num_basis"])
         expected = library.materialize(meta["index"])
         for layer, info in enumerate(basis_meta["layers"]):
             weight = spec_reference.effective_weight(
@@ -83,12 +83,17 @@ def test_synthetic_bundle_matches_spec(tmp_path, encoding):
     channels = sum(m.num_features for m in model.modules() if hasattr(m, "running_mean"))
     norm = {"norm.running_mean": torch.randn(channels), "norm.running_var": torch.rand(channels)}
     codes, scale = quantize_alpha(torch.randn(len(layers), 3, generator=generator))
+    grouped = torch.randn(len(layers), 3, 3, generator=generator)
+    nibbles, nibble_scale = encode_alpha(grouped, "int4")
     tables = {
         "one_hot": (torch.eye(3)[[1] * len(layers)], None, norm),
         "mixed": (torch.randn(len(layers), 3, generator=generator), None, norm),
         "half": (torch.randn(len(layers), 3, generator=generator).half(), None, norm),
         "int8": (codes, scale, norm),
         "int8_pool": (codes, scale, {}),
+        "grouped": (grouped, None, norm),
+        "int4_grouped": (nibbles, nibble_scale, {}),
+        "int8_grouped": (*encode_alpha(grouped[:, :2], "int8"), {}),
     }
     for index, (name, (alpha, alpha_scale, norm_state)) in enumerate(tables.items()):
         save_task(
@@ -101,14 +106,14 @@ def test_synthetic_bundle_matches_spec(tmp_path, encoding):
             class_names=["a", "b", "c"],
             basis_sha256=digest,
         )
-    assert check_bundle_against_spec(tmp_path) == 5
+    assert check_bundle_against_spec(tmp_path) == 8
 
 
-@pytest.mark.parametrize("alpha_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("alpha_dtype", ["float32", "float16", "int8", "int4"])
 def test_packed_run_matches_spec(small_run, tmp_path, alpha_dtype):
     bundle = pack_run(small_run, tmp_path / "bundle", alpha_dtype=alpha_dtype)
-    stored = [bundle.stored_tensors(info.index)["alpha"].dtype for info in bundle.tasks]
-    assert stored == [torch.float32, torch.float32, getattr(torch, alpha_dtype)]
+    stored = [alpha_dtype_name(bundle.stored_tensors(i.index)["alpha"]) for i in bundle.tasks]
+    assert stored == ["float32", "float32", alpha_dtype]
     assert check_bundle_against_spec(tmp_path / "bundle") == 3
 
 

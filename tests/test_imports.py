@@ -16,7 +16,7 @@ FOLDERS = {"supsup_deploy": "supsup_deploy", "cli": "supsup_cli"}
 LAYERS = (
     (
         "foundation",
-        "errors locking files outputs devices steps backbone binary_masks alpha_codes "
+        "errors locking files outputs devices steps backbone binary_masks alpha_codes alpha_groups "
         "mask_compression normalization data images image_folder hot_tasks",
     ),
     (

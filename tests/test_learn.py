@@ -183,6 +183,22 @@ def test_bad_images_get_one_line_and_leave_the_bundle_untouched(shipped, tmp_pat
     assert not list(bundle.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (("--alpha-groups", "0"), "alpha groups must be an integer from 1 to"),
+        (("--alpha-groups", "99"), "alpha groups must be an integer from 1 to"),
+    ],
+)
+def test_bad_alpha_options_get_one_line_before_training(shipped, tmp_path, option, expected):
+    bundle = copy_bundle(shipped[0], tmp_path)
+    before = snapshot(bundle)
+    result = learn_in_process(bundle, shipped[1], "shoes", *option, "--workers", "0")
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, expected)
+    assert snapshot(bundle) == before
+
+
 def _read_only(bundle):
     for path in (bundle / "tasks", bundle):
         path.chmod(0o555)

@@ -1,4 +1,5 @@
-"""Format 3: int8 alpha tables, and tasks that store no statistics (a calibration pool instead).
+"""Formats 3 and 4: int8 and int4 alpha tables, grouped tables (several rows per layer), and
+tasks that store no statistics (a calibration pool instead).
 
 Round trips, bit-exact weights against the page, the pool's statistics against an independent
 computation, parity in both graph forms, learning over a pool on real data, and bad files.
@@ -13,9 +14,17 @@ import spec_reference
 import torch
 from cli_runner import run_cli_in_process
 from conftest import SMALL_RUN
+from version_3 import version_3_bundle
 
-from supsup_deploy.alpha_codes import dequantize_alpha, quantize_alpha
+from supsup_deploy.alpha_codes import (
+    dequantize_alpha,
+    encode_alpha,
+    pack_nibbles,
+    quantize_alpha,
+    unpack_nibbles,
+)
 from supsup_deploy.bundles.format import (
+    FORMAT_VERSION,
     MAX_POOL_IMAGES,
     POOL_BATCH,
     InputSpec,
@@ -27,7 +36,7 @@ from supsup_deploy.bundles.writer import TaskData, save_bundle, save_task
 from supsup_deploy.data import load_dataset
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import read_safetensors
-from supsup_deploy.learn import learn_task, teach
+from supsup_deploy.learn import POOL_ALPHA_GROUPS, learn_task, teach
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.normalization import TaskBatchNorm2d
 from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
@@ -44,8 +53,9 @@ POOL_IMAGES = 24
 
 
 def pool_bundle(path):
-    """A random BatchNorm bundle re-saved with a calibration pool and one more task, ``pooled``:
-    the last alpha task's table as int8 codes, with no statistics."""
+    """A random BatchNorm bundle re-saved with a calibration pool and two more tasks, with no
+    statistics: ``pooled``, the last alpha task's table as int8 codes, and ``grouped``, a table
+    of three rows per layer as int4 codes."""
     config = get_model_entry("gem_resnet18").config(num_classes=3, width=0.25, norm="batch")
     spec = InputSpec(size=SIZE, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     random = load_bundle(
@@ -56,6 +66,8 @@ def pool_bundle(path):
         0, 256, (POOL_IMAGES, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator
     )
     codes, scale = quantize_alpha(random.task_tensors(random.tasks[-1].index)["alpha"])
+    layers = random.summary.masked_layers
+    nibbles, nibble_scale = encode_alpha(torch.rand(layers, 3, 3, generator=generator), "int4")
 
     def tasks():
         for info in random.tasks:
@@ -73,6 +85,14 @@ def pool_bundle(path):
             name="pooled",
             alpha=codes,
             alpha_scale=scale,
+            norm_state={},
+            class_names=["a", "b", "c"],
+        )
+        yield TaskData(
+            index=len(random.tasks) + 1,
+            name="grouped",
+            alpha=nibbles,
+            alpha_scale=nibble_scale,
             norm_state={},
             class_names=["a", "b", "c"],
         )
@@ -107,31 +127,47 @@ def test_int8_codes_round_trip_within_half_a_step():
     assert np.array_equal(back.numpy().view(np.uint32), numpy.view(np.uint32))
 
 
-def test_a_pool_task_stores_only_its_table_and_serves_statistics(pooled):
-    info = pooled.task("pooled")
-    stored = pooled.stored_tensors("pooled")
+CODED_TASKS = {"pooled": ("int8", 1, (21, 1, 3)), "grouped": ("int4", 3, (95,))}
+"""The coded tasks of :func:`pool_bundle`: dtype, rows per layer, stored shape (int4: 21 x 3 x 3
+codes two to a byte)."""
+
+
+@pytest.mark.parametrize("name", sorted(CODED_TASKS))
+def test_a_pool_task_stores_only_its_table_and_serves_statistics(pooled, name):
+    dtype, groups, shape = CODED_TASKS[name]
+    info = pooled.task(name)
+    stored = pooled.stored_tensors(name)
     assert sorted(stored) == ["alpha", "alpha.scale"]
-    assert (stored["alpha"].dtype, stored["alpha.scale"].dtype) == (torch.int8, torch.float16)
+    stored_dtype = torch.uint8 if dtype == "int4" else torch.int8
+    assert (stored["alpha"].dtype, stored["alpha.scale"].dtype) == (stored_dtype, torch.float16)
+    assert stored["alpha"].shape == shape
+    assert stored["alpha.scale"].shape == (pooled.summary.masked_layers, groups)
     assert info.file_bytes < 1024
-    served = pooled.task_tensors("pooled")
+    served = pooled.task_tensors(name)
     assert sorted(served) == ["alpha", "norm.running_mean", "norm.running_var"]
-    assert torch.equal(served["alpha"], dequantize_alpha(stored["alpha"], stored["alpha.scale"]))
+    codes = stored["alpha"]
+    if dtype == "int4":
+        codes = unpack_nibbles(codes, (*stored["alpha.scale"].shape, pooled.num_basis))
+        assert torch.equal(pack_nibbles(codes), stored["alpha"])
+    assert torch.equal(served["alpha"], dequantize_alpha(codes, stored["alpha.scale"]))
     assert served["norm.running_mean"].shape == (pooled.summary.norm_channels,)
     assert bool((served["norm.running_var"] > 0).all())
     assert pooled.pool.shape == (POOL_IMAGES, 3, SIZE, SIZE)
     report = bundle_report(pooled)
-    assert report["format_version"] == 3 and report["pool_images"] == POOL_IMAGES
-    row = next(task for task in report["tasks"] if task["name"] == "pooled")
-    assert (row["alpha_dtype"], row["norm_dtype"], row["statistics"]) == ("int8", None, "pool")
+    assert report["format_version"] == FORMAT_VERSION and report["pool_images"] == POOL_IMAGES
+    row = next(task for task in report["tasks"] if task["name"] == name)
+    assert (row["alpha_dtype"], row["norm_dtype"], row["statistics"]) == (dtype, None, "pool")
+    assert row["alpha_groups"] == groups
     assert all(check["ok"] for check in compare_bundle_bytes(pooled)), compare_bundle_bytes(pooled)
 
 
-def test_the_weights_are_the_pages_bit_for_bit(pooled):
+@pytest.mark.parametrize("name", sorted(CODED_TASKS))
+def test_the_weights_are_the_pages_bit_for_bit(pooled, name):
     basis = read_safetensors(pooled.basis_path, max_bytes=lambda _: 1 << 30).tensors
     metadata = pooled.metadata
-    stored = {key: value.numpy() for key, value in pooled.stored_tensors("pooled").items()}
-    alpha = spec_reference.alpha_table(stored)
-    weights = pooled.materialize("pooled")
+    stored = {key: value.numpy() for key, value in pooled.stored_tensors(name).items()}
+    alpha = spec_reference.alpha_table(stored, pooled.num_basis)
+    weights = pooled.materialize(name)
     basis = {key: value.numpy() for key, value in basis.items()}
     for layer, entry in enumerate(metadata["layers"]):
         expected = spec_reference.effective_weight(
@@ -144,10 +180,11 @@ def test_the_weights_are_the_pages_bit_for_bit(pooled):
         assert np.array_equal(weights[layer].numpy().view(np.uint32), expected.view(np.uint32))
 
 
-def test_pool_statistics_are_the_average_of_the_batch_statistics(pooled):
+@pytest.mark.parametrize("name", sorted(CODED_TASKS))
+def test_pool_statistics_are_the_average_of_the_batch_statistics(pooled, name):
     """Recomputed with hooks on a model given the task's weights: each pool batch of
     ``POOL_BATCH`` in stored order, its mean and unbiased variance per channel, averaged."""
-    model = pooled.model("pooled")
+    model = pooled.model(name)
     norms = [module for module in model.modules() if isinstance(module, TaskBatchNorm2d)]
     seen = {id(norm): [] for norm in norms}
 
@@ -166,30 +203,36 @@ def test_pool_statistics_are_the_average_of_the_batch_statistics(pooled):
         hook.remove()
     mean = torch.cat([torch.stack([m for m, _ in seen[id(n)]]).mean(0) for n in norms])
     variance = torch.cat([torch.stack([v for _, v in seen[id(n)]]).mean(0) for n in norms])
-    served = pooled.task_tensors("pooled")
+    served = pooled.task_tensors(name)
     torch.testing.assert_close(served["norm.running_mean"], mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(served["norm.running_var"], variance, rtol=1e-4, atol=1e-5)
     assert math.ceil(POOL_IMAGES / POOL_BATCH) == len(seen[id(norms[0])])
 
 
 def test_parity_as_a_task_graph_and_in_the_shared_graph(pooled, tmp_path):
-    report = TaskExporter(pooled).export("pooled", tmp_path / "pooled.onnx")
-    assert report.argmax_equal and report.max_abs_diff <= report.tolerance
     shared = export_shared(pooled, tmp_path / "shared")
-    pooled_report = next(r for r in shared if r.task == pooled.task("pooled").index)
-    assert pooled_report.max_abs_diff_adapter <= pooled_report.tolerance
-    assert pooled_report.max_abs_diff_inputs <= pooled_report.tolerance
+    for name in CODED_TASKS:
+        report = TaskExporter(pooled).export(name, tmp_path / f"{name}.onnx")
+        assert report.argmax_equal and report.max_abs_diff <= report.tolerance
+        task_report = next(r for r in shared if r.task == pooled.task(name).index)
+        assert task_report.max_abs_diff_adapter <= task_report.tolerance
+        assert task_report.max_abs_diff_inputs <= task_report.tolerance
 
 
 def test_learning_over_a_pool_stores_no_statistics_and_reports_what_it_serves(small_run, tmp_path):
     bundle = pack_run(small_run, tmp_path / "bundle", pool=8)
-    assert bundle.pool.shape == (16, 1, 28, 28) and bundle.format_version == 3
+    assert bundle.pool.shape == (16, 1, 28, 28) and bundle.format_version == FORMAT_VERSION
     settings = dict(
         dataset="fashion-mnist", classes="7,5", epochs=1, max_train_samples=64, device="cpu"
     )
     info = teach(bundle, name="shoes", **settings)
     assert info.file_bytes < 1024
-    assert sorted(bundle.stored_tensors("shoes")) == ["alpha", "alpha.scale", "signature"]
+    stored = bundle.stored_tensors("shoes")
+    assert sorted(stored) == ["alpha", "alpha.scale", "signature"]
+    layers, groups = bundle.summary.masked_layers, POOL_ALPHA_GROUPS
+    # int4 codes, two to a byte: layers x groups x |B| = 2 codes in layers x groups bytes
+    assert (stored["alpha"].dtype, stored["alpha"].shape) == (torch.uint8, (layers * groups,))
+    assert stored["alpha.scale"].shape == (layers, groups)
     test = load_dataset("fashion-mnist", split="test")
     keep = (test.labels == 7) | (test.labels == 5)
     predictions = predict(bundle, test.images[keep], task="shoes")
@@ -206,6 +249,8 @@ def test_pool_bundle_runs_its_tasks_from_the_cli(pooled):
     result = run_cli_in_process("inspect", str(pooled.path), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pool_images"] == POOL_IMAGES
+    rows = {task["name"]: task for task in json.loads(result.stdout)["tasks"]}
+    assert (rows["grouped"]["alpha_dtype"], rows["grouped"]["alpha_groups"]) == ("int4", 3)
     assert "calibration pool: 24 images" in run_cli_in_process("inspect", str(pooled.path)).stdout
 
 
@@ -240,7 +285,32 @@ BAD_TASKS = {
     ),
     "scales of the wrong shape": (
         lambda b, s: {"alpha": s["alpha"], "alpha.scale": s["alpha.scale"][:3]},
-        "alpha.scale is torch.float16 [3]",
+        "alpha.scale is torch.float16 [3, 1]",
+    ),
+    "a table without its rows dimension": (
+        lambda b, s: {"alpha": s["alpha"][:, 0], "alpha.scale": s["alpha.scale"][:, 0]},
+        "expected int8 [21, 1, 3]",
+    ),
+    "more rows than the smallest layer's outputs": (
+        lambda b, s: {
+            "alpha": s["alpha"].repeat(1, 4, 1),
+            "alpha.scale": s["alpha.scale"].repeat(1, 4),
+        },
+        "alpha has 4 rows per layer; a table has 1 to 3",
+    ),
+    "int4 codes with a set padding nibble": (
+        lambda b, s: {
+            "alpha": pack_nibbles(s["alpha"].clamp(-7, 7)) | torch.tensor(16, dtype=torch.uint8),
+            "alpha.scale": s["alpha.scale"],
+        },
+        "unused last high nibble",
+    ),
+    "int4 codes of the wrong width": (
+        lambda b, s: {
+            "alpha": pack_nibbles(s["alpha"]).repeat(2),
+            "alpha.scale": s["alpha.scale"],
+        },
+        "expected uint8 [32]",
     ),
     "one statistic only": (
         lambda b, s: {**s, "norm.running_mean": _stats(b)["norm.running_mean"]},
@@ -254,7 +324,7 @@ BAD_TASKS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TASKS))
-def test_bad_format_3_task_files_are_refused_naming_the_problem(tmp_path, case):
+def test_bad_coded_task_files_are_refused_naming_the_problem(tmp_path, case):
     bundle = pool_bundle(tmp_path / "bundle")
     make, message = BAD_TASKS[case]
     path = _rewrite(bundle, "pooled", make(bundle, bundle.stored_tensors("pooled")))
@@ -343,3 +413,37 @@ def test_a_batchnorm_run_with_alpha_tasks_gets_a_pool_unless_told():
     assert TrainConfig.from_record(recorded).pool == 0  # a run from before pools has none
     assert TrainConfig.from_record(TrainConfig().to_dict()) == TrainConfig()
     assert TrainConfig.from_record({**recorded, "from_a_later_version": 1}) == TrainConfig(pool=0)
+
+
+def test_format_3_bundles_still_load_and_learn_one_int8_row_per_layer(small_run, tmp_path):
+    bundle = pack_run(small_run, tmp_path / "bundle", pool=8)
+    old = load_bundle(version_3_bundle(bundle.path, tmp_path / "version_3"))
+    assert old.format_version == 3
+    for info in bundle.tasks:
+        assert old.stored_tensors(info.index)["alpha"].dim() == 2
+        assert torch.equal(
+            old.task_tensors(info.index)["alpha"], bundle.task_tensors(info.index)["alpha"]
+        )
+        for new, former in zip(
+            bundle.materialize(info.index), old.materialize(info.index), strict=True
+        ):
+            assert torch.equal(new, former)
+    settings = dict(
+        dataset="fashion-mnist", classes="7,5", epochs=1, max_train_samples=64, device="cpu"
+    )
+    with pytest.raises(ConfigError, match="int4 alpha tables need format 4"):
+        learn_task(old, name="shoes", alpha_dtype="int4", **settings)
+    with pytest.raises(ConfigError, match="several alpha rows per layer need format 4"):
+        learn_task(old, name="shoes", alpha_groups=2, **settings)
+    teach(old, name="shoes", **settings)
+    stored = old.stored_tensors("shoes")
+    assert (stored["alpha"].dtype, stored["alpha"].shape) == (
+        torch.int8,
+        (old.summary.masked_layers, old.num_basis),
+    )
+    assert load_bundle(old.path).task("shoes").file_bytes < 1024
+
+
+def test_learning_refuses_more_rows_than_the_smallest_layer_has_outputs(pooled):
+    with pytest.raises(ConfigError, match="alpha groups must be an integer from 1 to 3"):
+        learn_task(pooled, dataset="fashion-mnist", classes="1,2", name="x", alpha_groups=4)

@@ -79,7 +79,7 @@ def test_specialize_refuses_another_basis_and_bad_tensors(served, tmp_path):
     with pytest.raises(FormatError, match="exported from another bundle"):
         shared.specialize(load_bundle(tmp_path / "other"), 0)
     tensors = shared.feed(bundle, 0)
-    tensors["alpha"] = tensors["alpha"][:, :2]
+    tensors["alpha"] = tensors["alpha"][..., :2]
     with pytest.raises(FormatError, match="alpha must be float32"):
         shared.specialize_tensors(tensors)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
+from supsup_deploy.alpha_codes import encode_alpha
 from supsup_deploy.bundles.format import InputSpec, task_file_name
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.bundles.writer import save_task
@@ -19,8 +20,13 @@ from supsup_deploy.onnx_graphs.adapters import adapter_bytes, load_adapter
 from supsup_deploy.onnx_graphs.export import export_adapter, export_shared
 from supsup_deploy.onnx_graphs.format import MODEL_FILE
 from supsup_deploy.onnx_graphs.parity import ParityError
-from supsup_deploy.onnx_graphs.sessions import SharedGraph
-from supsup_deploy.onnx_graphs.shared_graph import build_shared_graph, code_planes
+from supsup_deploy.onnx_graphs.sessions import SharedGraph, run_onnx
+from supsup_deploy.onnx_graphs.shared_graph import (
+    build_shared_graph,
+    code_planes,
+    task_feed,
+    task_inputs,
+)
 from supsup_deploy.pack import add_task, pack_run
 from supsup_deploy.runtime import Runner
 from supsup_deploy.synthetic import write_random_bundle
@@ -41,7 +47,7 @@ def images(count=6, seed=1):
     return torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def rewrite_task(bundle, info, *, alpha=None, index=None, name=None, folder=None):
+def rewrite_task(bundle, info, *, alpha=None, index=None, name=None, folder=None, alpha_scale=None):
     """Save a task again (optionally as another task), keeping its other tensors."""
     tensors = bundle.task_tensors(info.index)
     table = tensors.pop("alpha") if alpha is None else alpha
@@ -58,21 +64,27 @@ def rewrite_task(bundle, info, *, alpha=None, index=None, name=None, folder=None
         class_names=list(info.class_names),
         basis_sha256=bundle.basis_sha256,
         kind=info.kind,
+        alpha_scale=alpha_scale,
     )
     return path
 
 
-def graph_weights(bundle, task):
-    """The weights the shared graph computes for a task, read from the graph's own nodes."""
+def graph_weights(bundle, *tasks):
+    """The weights the shared graph computes for each task (one list per task; the list itself
+    for one task), read from the graph's own nodes, each task fed as :func:`task_feed` feeds it."""
     model = build_shared_graph(bundle)
     names = [f"shared.weight.{layer:03d}" for layer in range(bundle.summary.masked_layers)]
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     session = onnxruntime.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    feed = {name: value.numpy() for name, value in bundle.task_tensors(task).items()}
-    outputs = session.run(names, {"input": images(1).numpy(), **feed})
-    return [torch.from_numpy(values) for values in outputs]
+    inputs = task_inputs(bundle)
+    weights = []
+    for task in tasks:
+        feed = task_feed(bundle, task, inputs)
+        outputs = session.run(names, {"input": images(1).numpy(), **feed})
+        weights.append([torch.from_numpy(values) for values in outputs])
+    return weights[0] if len(tasks) == 1 else weights
 
 
 @pytest.mark.parametrize("num_basis", [3, 9])
@@ -130,6 +142,123 @@ def test_export_writes_graph_and_adapters_with_parity(tmp_path, norm):
         ):
             np.testing.assert_allclose(got, expected_logits, atol=1e-4, rtol=0)
             assert (got.argmax(1) == expected_logits.argmax(1)).all()
+
+
+def grouped_alpha(bundle, groups, seed):
+    """A seeded ``[L, groups, |B|]`` table: the first task's rows, each group moved apart."""
+    base = bundle.task_tensors(bundle.tasks[0].index)["alpha"]
+    noise = torch.randn(
+        base.shape[0], groups, base.shape[2], generator=torch.Generator().manual_seed(seed)
+    )
+    return (base.expand(-1, groups, -1) + 0.2 * noise).contiguous()
+
+
+def add_grouped_task(bundle, tmp_path, index, name, groups, *, dtype="float32", seed=0):
+    """Install a task with ``groups`` alpha rows per layer, stored as ``dtype``, via add-task."""
+    alpha, scale = encode_alpha(grouped_alpha(bundle, groups, seed), dtype)
+    shipped = rewrite_task(
+        bundle,
+        bundle.tasks[0],
+        alpha=alpha,
+        alpha_scale=scale,
+        index=index,
+        name=name,
+        folder=tmp_path,
+    )
+    return add_task(bundle.path, shipped)
+
+
+def grouped_bundle(tmp_path, groups=((2, "float32"), (2, "int4"))):
+    """Two ungrouped alpha tasks (0, 1) and one task per ``(G, dtype)`` (10, 11, ...)."""
+    bundle = random_bundle(tmp_path / "b", basis_tasks=False, alpha_tasks=2)
+    for number, (count, dtype) in enumerate(groups):
+        bundle = add_grouped_task(
+            bundle, tmp_path, 10 + number, f"g{count}_{dtype}", count, dtype=dtype, seed=number
+        )
+    return bundle
+
+
+def test_grouped_tasks_graph_weights_are_bit_exact_to_materialize(tmp_path):
+    # G = 1, 2 (float32 and int4 codes) and 3: the graph takes lcm = 6 rows per layer, more than
+    # the classifier's 3 outputs, so some of its groups hold no channel
+    bundle = grouped_bundle(tmp_path, groups=((2, "float32"), (2, "int4"), (3, "float16")))
+    counts = {
+        info.index: bundle.task_tensors(info.index)["alpha"].shape[1] for info in bundle.tasks
+    }
+    assert counts == {0: 1, 1: 1, 10: 2, 11: 2, 12: 3}
+    layers, num_basis = bundle.summary.masked_layers, bundle.num_basis
+    assert {spec.name: spec.shape for spec in task_inputs(bundle)}["alpha"] == (
+        layers,
+        6,
+        num_basis,
+    )
+    tasks = [info.index for info in bundle.tasks]
+    for task, weights in zip(tasks, graph_weights(bundle, *tasks), strict=True):
+        for got, expected in zip(weights, bundle.materialize(task), strict=True):
+            assert got.dtype == torch.float32
+            assert torch.equal(got, expected), task
+
+
+def test_grouped_tasks_over_two_code_planes_within_tolerance(tmp_path):
+    bundle = random_bundle(tmp_path / "b", num_basis=16, basis_tasks=False, alpha_tasks=1)
+    bundle = add_grouped_task(bundle, tmp_path, 10, "pair", 2)
+    tasks = [info.index for info in bundle.tasks]
+    for task, weights in zip(tasks, graph_weights(bundle, *tasks), strict=True):
+        for got, expected in zip(weights, bundle.materialize(task), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_grouped_tasks_export_with_parity_fed_and_as_adapters(tmp_path):
+    bundle = grouped_bundle(tmp_path)
+    reports = export_shared(bundle, tmp_path / "out")
+    assert [report.task for report in reports] == [0, 1, 10, 11]
+    assert all(r.max_abs_diff_inputs <= 1e-4 and r.max_abs_diff_adapter <= 1e-4 for r in reports)
+    onnx.checker.check_model(str(tmp_path / "out" / MODEL_FILE), full_check=True)
+    model = onnx.load(str(tmp_path / "out" / MODEL_FILE))
+    codes = [i for i in model.graph.initializer if i.name.startswith("shared.codes.")]
+    assert {i.data_type for i in codes} == {onnx.TensorProto.UINT8}
+    assert sum(len(i.raw_data) for i in codes) == bundle.summary.masked_weights
+    shared = SharedGraph(tmp_path / "out" / MODEL_FILE)
+    alpha = {spec.name: spec for spec in shared.inputs}["alpha"]
+    assert alpha.shape == (bundle.summary.masked_layers, 2, bundle.num_basis)
+    probe = images()
+    for info in bundle.tasks:
+        expected_logits = bundle.model(info.index)(probe).detach().numpy()
+        adapter = load_adapter(
+            tmp_path / "out" / "tasks" / f"{info.name}.onnx_adapter", shared.inputs
+        )
+        assert adapter.tensors["alpha"].shape == alpha.shape
+        for got in (
+            shared.run(probe, feed=shared.feed(bundle, info.index)),
+            shared.run(probe, adapter=adapter),
+            run_onnx(shared.specialize(adapter), probe),
+        ):
+            np.testing.assert_allclose(got, expected_logits, atol=1e-4, rtol=0)
+            assert (got.argmax(1) == expected_logits.argmax(1)).all()
+    differing = [shared.run(probe, feed=shared.feed(bundle, task)) for task in (0, 10, 11)]
+    assert not np.allclose(differing[0], differing[1], atol=1e-4)
+    assert not np.allclose(differing[1], differing[2], atol=1e-6)
+
+
+def test_task_whose_groups_do_not_divide_the_graphs_is_refused(tmp_path):
+    bundle = grouped_bundle(tmp_path, groups=((2, "float32"),))
+    export_shared(bundle, tmp_path / "out")
+    graph = tmp_path / "out" / MODEL_FILE
+    bundle = add_grouped_task(bundle, tmp_path, 20, "late_one", 1, seed=5)
+    bundle = add_grouped_task(bundle, tmp_path, 21, "late_three", 3, seed=6)
+    report = export_adapter(bundle, "late_one", tmp_path / "late_one.onnx_adapter", graph=graph)
+    assert report.task == 20 and report.max_abs_diff_adapter <= 1e-4
+    message = (
+        "alpha has 3 rows per layer but the shared graph takes 2, not a multiple; "
+        "export the shared graph again"
+    )
+    with pytest.raises(FormatError, match=re.escape(message)) as caught:
+        export_adapter(bundle, "late_three", tmp_path / "late_three.onnx_adapter", graph=graph)
+    assert "\n" not in str(caught.value)
+    assert str(bundle.task("late_three").path) in str(caught.value)
+    assert not (tmp_path / "late_three.onnx_adapter").exists()
+    with pytest.raises(FormatError, match=re.escape(message)):
+        SharedGraph(graph).feed(bundle, 21)
 
 
 def test_export_is_deterministic(tmp_path):
@@ -198,7 +327,7 @@ def test_task_added_after_export_runs_from_its_adapter_alone(tmp_path):
     bundle = random_bundle(tmp_path / "b", basis_tasks=False, alpha_tasks=1)
     export_shared(bundle, tmp_path / "out")
     first = bundle.tasks[0]
-    alpha = bundle.task_tensors(first.index)["alpha"].flip(1).contiguous()
+    alpha = bundle.task_tensors(first.index)["alpha"].flip(-1).contiguous()
     shipped = rewrite_task(bundle, first, alpha=alpha, index=7, name="late", folder=tmp_path)
     bundle = add_task(tmp_path / "b", shipped)
     graph = tmp_path / "out" / MODEL_FILE
@@ -219,7 +348,7 @@ def bad_adapters(tmp_path, bundle, shared):
     good = (tmp_path / "out" / "tasks" / "task_0.onnx_adapter").read_bytes()
     feed = shared.feed(bundle, 0)
     half = {name: values.astype(np.float16) for name, values in feed.items()}
-    wrong_shape = {**feed, "alpha": feed["alpha"][:, :1].copy()}
+    wrong_shape = {**feed, "alpha": feed["alpha"][..., :1].copy()}
     non_finite = {**feed, "alpha": np.full_like(feed["alpha"], np.nan)}
     return {
         "garbage": (b"not an adapter" * 8, "not an ONNX Runtime adapter"),

@@ -32,6 +32,8 @@ from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.task_inference import TaskInferrer, _batch_slices
 from supsup_deploy.task_inference_methods import (
     TASK_INFERENCE_METHODS,
+    InferenceOptions,
+    OneShotMethod,
     prediction_information,
     statistics_divergence,
 )
@@ -438,3 +440,54 @@ def test_auto_keeps_its_choice_where_class_sets_cannot_tell_tasks_apart(
     (BatchNorm) or information (GroupNorm)."""
     assert TaskInferrer(pack_run(small_run, tmp_path / "bundle")).method == "signatures"
     assert TaskInferrer(load_bundle(bundles[8])).method == "statistics"
+
+
+def _with_grouped_task(tmp_path):
+    """A random BatchNorm bundle plus task 4, ``grouped``: three alpha rows per layer."""
+    config = get_model_entry("gem_resnet18").config(width=0.25, num_classes=4)
+    spec = InputSpec(size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    path = write_random_bundle(tmp_path / "grouped", config, spec, num_basis=3, alpha_tasks=1)
+    bundle = load_bundle(path)
+    tensors = bundle.task_tensors(3)
+    alpha = tensors.pop("alpha")
+    noise = torch.randn(alpha.shape[0], 3, 3, generator=torch.Generator().manual_seed(2))
+    save_task(
+        path / TASKS_FOLDER / task_file_name(4, "grouped"),
+        index=4,
+        name="grouped",
+        alpha=alpha * (1 + 0.2 * noise),
+        norm_state=tensors,
+        class_names=[f"class_{i}" for i in range(4)],
+        basis_sha256=bundle.basis_sha256,
+    )
+    return load_bundle(path)
+
+
+def test_stem_statistics_hold_for_grouped_tables(tmp_path):
+    bundle = _with_grouped_task(tmp_path)
+    model = bundle.model(0)
+    stem = StemStatistics.for_bundle(bundle, model, "cpu")
+    batch = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert stem.divergences(batch).tolist() == pytest.approx(
+        first_norm_divergences(bundle, model, batch), rel=1e-4
+    )
+
+
+def test_oneshot_widens_every_table_to_the_weights_it_serves(tmp_path):
+    """Tables of one and three rows per layer share the one-shot model, each serving its own
+    task's weights."""
+    bundle = _with_grouped_task(tmp_path)
+    method = OneShotMethod(bundle, device="cpu", options=InferenceOptions(normalize_alpha=False))
+    assert method.tables.shape[2] == 3
+    sources = [layer.source for layer in masked_layers(method.model)]
+    for position, task in enumerate(method.task_ids):
+        with torch.no_grad():
+            for source, rows in zip(sources, method.tables[position], strict=True):
+                source.alpha.copy_(rows)
+        for layer, expected in zip(
+            masked_layers(method.model), bundle.materialize(task), strict=True
+        ):
+            torch.testing.assert_close(layer.effective_weight(), expected, rtol=1e-5, atol=1e-7)
+    batch = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    guess = TaskInferrer(bundle, method="oneshot", steps=1).infer(batch)
+    assert sorted(guess.scores) == [0, 1, 2, 3, 4]

@@ -107,7 +107,7 @@ def assert_weights_and_parity(bundle, task, folder) -> None:
     basis = read_safetensors(bundle.basis_path, max_bytes=lambda _: 1 << 30).tensors
     basis = {key: value.numpy() for key, value in basis.items()}
     stored = {key: value.numpy() for key, value in bundle.stored_tensors(task).items()}
-    alpha = spec_reference.alpha_table(stored)
+    alpha = spec_reference.alpha_table(stored, bundle.num_basis)
     for layer, (weight, entry) in enumerate(
         zip(bundle.materialize(task), bundle.metadata["layers"], strict=True)
     ):

@@ -27,23 +27,25 @@ def _indexed_conv(in_channels=3, out_channels=4, kernel=3, seed=1):
     return conv
 
 
-@pytest.mark.parametrize("num_basis", [1, 3, 7])
-def test_alpha_forward_and_gradient_match_naive_formula(num_basis):
+@pytest.mark.parametrize(("num_basis", "groups"), [(1, 1), (3, 1), (7, 1), (3, 2), (7, 4)])
+def test_alpha_forward_and_gradient_match_naive_formula(num_basis, groups):
     torch.manual_seed(0)
-    conv = _indexed_conv()
+    conv = _indexed_conv(out_channels=5)
     masks = [torch.rand(conv.weight_shape) < 0.4 for _ in range(num_basis)]
-    alpha = torch.randn(num_basis, dtype=torch.float64)
+    alpha = torch.randn(groups, num_basis, dtype=torch.float64)
     source = AlphaMask.from_masks(conv, masks, alpha)
     conv.set_source(source)
     inputs = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    target = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    target = torch.randn(2, 5, 6, 6, dtype=torch.float64)
 
     loss = ((conv(inputs) - target) ** 2).sum()
     loss.backward()
 
     naive_alpha = alpha.clone().requires_grad_(True)
     backbone = conv.backbone_weight().double()
-    mixed = sum(naive_alpha[t] * masks[t].double() for t in range(num_basis))
+    # channel o mixes with row floor(o * groups / 5)
+    rows = naive_alpha[torch.arange(5) * groups // 5].view(5, 1, 1, 1, num_basis)
+    mixed = sum(rows[..., t] * masks[t].double() for t in range(num_basis))
     naive_loss = ((F.conv2d(inputs, backbone * mixed, padding=1) - target) ** 2).sum()
     naive_loss.backward()
 
@@ -51,20 +53,36 @@ def test_alpha_forward_and_gradient_match_naive_formula(num_basis):
     torch.testing.assert_close(source.alpha.grad, naive_alpha.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_alpha_gradcheck():
+@pytest.mark.parametrize("groups", [1, 3])
+def test_alpha_gradcheck(groups):
     conv = _indexed_conv(2, 3, 3)
     masks = [torch.rand(conv.weight_shape) < 0.5 for _ in range(3)]
-    source = AlphaMask.from_masks(conv, masks, torch.randn(3, dtype=torch.float64))
+    alpha = torch.randn(groups, 3, dtype=torch.float64)
+    source = AlphaMask.from_masks(conv, masks, alpha)
     conv.set_source(source)
     inputs = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     torch.autograd.gradcheck(lambda alpha: F.conv2d(inputs, _weight_for(conv, alpha)), source.alpha)
 
 
+def test_alpha_groups_are_refused_beyond_the_smallest_layer():
+    conv = _indexed_conv(out_channels=4)
+    masks = [torch.rand(conv.weight_shape) < 0.5 for _ in range(2)]
+    with pytest.raises(ConfigError, match="1 to 4 groups"):
+        AlphaMask.from_masks(conv, masks, torch.zeros(5, 2))
+    model = get_model("gem_resnet18", num_classes=3, in_channels=1)
+    with pytest.raises(ConfigError, match="from 1 to 3"):
+        use_alpha(
+            model,
+            [[torch.ones(layer.weight_shape, dtype=torch.bool) for layer in masked_layers(model)]],
+            groups=4,
+        )
+
+
 def _weight_for(conv, alpha):
     from supsup_deploy.weight_sources import _AlphaWeight
 
-    codes = conv.source.codes
-    return _AlphaWeight.apply(alpha, codes, conv.weight_constant).view(conv.weight_shape)
+    indices = conv.source.indices
+    return _AlphaWeight.apply(alpha, indices, conv.weight_constant).view(conv.weight_shape)
 
 
 def test_scores_straight_through_gradient():
@@ -104,7 +122,7 @@ def test_alpha_table_switching_in_place():
     sources = use_alpha(model, basis)
     table = torch.randn(21, 3)
     load_alpha_table(model, table)
-    assert torch.equal(alpha_table(model), table)
+    assert torch.equal(alpha_table(model), table.unsqueeze(1))
     layers = masked_layers(model)
     assert all(layer.source is source for layer, source in zip(layers, sources, strict=True))
     weights = effective_weights(model)
@@ -113,6 +131,8 @@ def test_alpha_table_switching_in_place():
     torch.testing.assert_close(weights[4], expected)
     with pytest.raises(ConfigError, match="shape"):
         load_alpha_table(model, torch.zeros(21, 4))
+    with pytest.raises(ConfigError, match="shape"):
+        load_alpha_table(model, torch.zeros(21, 2, 3))
 
 
 def test_fixed_weights_round_trip():

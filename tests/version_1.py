@@ -36,9 +36,11 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
 
 def version_1_task(path: Path, out: Path, basis_sha256: str) -> None:
     """A format 2 task file rewritten as format 1, recording ``basis_sha256`` (a format 3
-    signature, which format 1 cannot hold, left out)."""
+    signature, which format 1 cannot hold, left out; a format 4 table of one row per layer as
+    ``[L, |B|]``)."""
     tensors, metadata = read(path)
     tensors.pop("signature", None)
+    tensors["alpha"] = tensors["alpha"].flatten(0, -2)
     metadata.update(format_version=1, basis_sha256=basis_sha256)
     metadata["tensors_sha256"] = tensors_sha256(tensors)
     write(out, tensors, metadata)

@@ -26,9 +26,9 @@ from supsup_deploy.errors import ConfigError, FormatError, SupsupError
 from supsup_deploy.files import metadata_text, safetensors_metadata, save_safetensors_atomic
 from supsup_deploy.outputs import Output, is_empty_folder
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """The version writers write."""
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4)
 """The versions readers read."""
 POOL_TENSOR = "pool"
 """Format 3: the basis tensor holding the calibration pool (uint8 images)."""

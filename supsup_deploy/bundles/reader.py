@@ -23,6 +23,7 @@ from torch import nn
 
 from supsup_deploy import backbone
 from supsup_deploy import data as datasets
+from supsup_deploy.alpha_groups import as_grouped, gather_weight
 from supsup_deploy.binary_masks import code_value_table, codes_from_packed, unpack_bits
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
@@ -212,12 +213,13 @@ class Bundle:
         return dict(self._checked_task(self._entry(task))[1])
 
     def task_tensors(self, task: int | str) -> dict[str, torch.Tensor]:
-        """A task's tensors as it serves: ``alpha`` (float: an int8 table times its scales) and,
+        """A task's tensors as it serves: ``alpha`` (float ``[num_layers, G, |B|]``: coded tables
+        times their scales, ``G = 1`` for an ungrouped table) and,
         with BatchNorm, ``norm.running_mean`` and ``norm.running_var`` (computed from the
         calibration pool, float32, when the file stores none)."""
         entry = self._entry(task)
         stored = self._checked_task(entry)[1]
-        served = {"alpha": stored_alpha(stored)}
+        served = {"alpha": stored_alpha(stored, self.num_basis)}
         served |= {key: value for key, value in stored.items() if key.startswith("norm.")}
         if set(self.task_tensor_shapes) - set(served):
             if entry.index not in self._pool_statistics:
@@ -239,7 +241,7 @@ class Bundle:
         variance), in float32 on the CPU.
 
         Args:
-            alpha: ``[num_layers, |B|]`` table.
+            alpha: ``[num_layers, G, |B|]`` table (or ``[num_layers, |B|]``).
 
         Returns:
             ``norm.running_mean`` and ``norm.running_var``, float32.
@@ -302,16 +304,14 @@ class Bundle:
         return self._materialize(self.task_tensors(task)["alpha"], device, out)
 
     def _materialize(self, alpha, device, out) -> list[torch.Tensor]:
-        alpha = alpha.to(device=device, dtype=torch.float32)
+        alpha = as_grouped(alpha).to(device=device, dtype=torch.float32)
         weights = []
         for layer, codes in enumerate(self.codes(device)):
             shape = self.summary.weight_shapes[layer]
-            table = code_value_table(alpha[layer], backbone.weight_constant(backbone.fan_in(shape)))
-            if out is None:
-                weights.append(table.index_select(0, codes).view(shape))
-            else:
-                torch.index_select(table, 0, codes, out=out[layer].view(-1))
-                weights.append(out[layer])
+            tables = code_value_table(
+                alpha[layer], backbone.weight_constant(backbone.fan_in(shape))
+            )
+            weights.append(gather_weight(tables, codes, shape, None if out is None else out[layer]))
         return weights
 
     def model(self, task: int | str, *, device: torch.device | str = "cpu") -> MaskedModel:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from supsup_deploy.alpha_codes import dequantize_alpha
+from supsup_deploy.alpha_codes import dequantize_alpha, unpack_nibbles
+from supsup_deploy.alpha_groups import as_grouped, max_groups
 from supsup_deploy.binary_masks import MAX_BASIS
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
@@ -163,18 +164,26 @@ class BasisHeader:
 
     def task_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The tensors every task serves (as :meth:`Bundle.task_tensors` gives them), by name:
-        shape. A task file may store them in another form: see :func:`stored_task_forms`."""
-        expected = {"alpha": (self.summary.masked_layers, self.num_basis)}
+        shape, ``alpha``'s for one row per layer (a grouped task serves ``[L, G, |B|]``). A task
+        file may store them in another form: see :func:`stored_task_forms`."""
+        expected = {"alpha": (self.summary.masked_layers, 1, self.num_basis)}
         if self.config.norm == "batch":
             channels = (self.summary.norm_channels,)
             expected.update({"norm.running_mean": channels, "norm.running_var": channels})
         return expected
 
+    @property
+    def max_groups(self) -> int:
+        """The most alpha rows per layer a task may hold (1 before format 4)."""
+        return max_groups(self.summary.weight_shapes) if self.version >= 4 else 1
+
     def max_task_bytes(self, _metadata: dict[str, Any]) -> int:
-        """The largest task file this basis can need (float32 tensors, plus the per-layer
-        scales of an int8 table); larger ones are not read."""
-        elements = sum(math.prod(shape) for shape in self.task_tensor_shapes().values())
-        return 8 + MAX_HEADER_BYTES + 4 * (elements + self.summary.masked_layers)
+        """The largest task file this basis can need (float32 tensors with the most alpha rows,
+        plus a scale per row); larger ones are not read."""
+        shapes = self.task_tensor_shapes()
+        rows = self.summary.masked_layers * self.max_groups
+        elements = sum(math.prod(shapes[key]) for key in shapes if key != "alpha")
+        return 8 + MAX_HEADER_BYTES + 4 * (elements + rows * (self.num_basis + 1))
 
 
 @dataclass(frozen=True)
@@ -509,9 +518,11 @@ def read_task(
             f"{file}: {len(class_names)} class names for {header.config.num_classes} outputs "
             "(a task has 2 classes up to one per output)"
         )
+    _check_alpha_groups(file, stored_groups(tensors), header)
     check_task_tensors(file, tensors, stored_task_forms(header, tensors))
+    _check_padding_nibbles(file, tensors, header.num_basis)
     if kind == "basis":
-        _check_one_hot(file, stored_alpha(tensors))
+        _check_one_hot(file, stored_alpha(tensors, header.num_basis))
     state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     info = TaskInfo(
         index,
@@ -533,18 +544,29 @@ def stored_task_forms(
     allowed dtypes.
 
     The alpha table is float32 or float16, or (format 3) int8 codes with ``alpha.scale``, one
-    float16 or float32 scale per layer. The statistics are stored with BatchNorm, except that a
-    task of a basis with a calibration pool may leave both out (they are computed from the pool).
-    A format 3 task may hold a float16 ``signature``.
+    float16 or float32 scale per row. In format 4 it is ``[L, G, |B|]``, ``G`` from 1 to
+    :attr:`BasisHeader.max_groups` (:func:`stored_groups`), and may also be int4 codes stored two
+    to a byte (uint8 ``[ceil(L * G * |B| / 2)]``); before, ``[L, |B|]``. The statistics
+    are stored with BatchNorm, except that a task of a basis with a calibration pool may leave
+    both out (they are computed from the pool). A format 3 or 4 task may hold a float16
+    ``signature``.
     """
     shapes = header.task_tensor_shapes()
     floats = tuple(FLOAT_DTYPES)
     forms = {key: (shape, floats) for key, shape in shapes.items()}
     alpha = tensors.get("alpha")
-    quantized = alpha is not None and alpha.dtype == torch.int8
-    if header.version >= 3 and (quantized or "alpha.scale" in tensors):
-        forms["alpha"] = (shapes["alpha"], ("int8",))
-        forms["alpha.scale"] = ((header.summary.masked_layers,), floats)
+    layers, num_basis = header.summary.masked_layers, header.num_basis
+    rows: tuple[int, ...] = (layers,)
+    if header.version >= 4:
+        groups = stored_groups(tensors)
+        rows = (layers, groups if 1 <= groups <= header.max_groups else 1)
+    forms["alpha"] = ((*rows, num_basis), floats)
+    coded = alpha is not None and alpha.dtype in (torch.int8, torch.uint8)
+    if header.version >= 3 and (coded or "alpha.scale" in tensors):
+        forms["alpha"] = ((*rows, num_basis), ("int8",))
+        if header.version >= 4 and alpha is not None and alpha.dtype == torch.uint8:
+            forms["alpha"] = ((-(-math.prod(rows) * num_basis // 2),), ("uint8",))
+        forms["alpha.scale"] = (rows, floats)
     if header.version >= 3 and SIGNATURE_TENSOR in tensors:
         forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
@@ -553,13 +575,26 @@ def stored_task_forms(
     return forms
 
 
-def stored_alpha(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A task file's alpha table as it serves: int8 codes times their scales (float32), or the
-    stored float table."""
+def stored_groups(tensors: Mapping[str, torch.Tensor]) -> int:
+    """A stored alpha table's rows per layer: its second dimension (``[L, G, |B|]``), the scales'
+    for int4 codes (stored flat), 1 for a ``[L, |B|]`` table."""
+    alpha, scale = tensors.get("alpha"), tensors.get("alpha.scale")
+    if alpha is not None and alpha.dtype == torch.uint8:
+        return scale.shape[1] if scale is not None and scale.dim() == 2 else 1
+    return alpha.shape[1] if alpha is not None and alpha.dim() == 3 else 1
+
+
+def stored_alpha(tensors: Mapping[str, torch.Tensor], num_basis: int) -> torch.Tensor:
+    """A task file's alpha table as it serves, ``[L, G, |B|]``: int8 or int4 codes times their
+    scales (float32), or the stored float table; a ``[L, |B|]`` table (before format 4) as
+    ``G = 1``."""
     alpha = tensors["alpha"]
-    if alpha.dtype == torch.int8:
-        return dequantize_alpha(alpha, tensors["alpha.scale"])
-    return alpha
+    if alpha.dtype == torch.uint8:
+        scale = tensors["alpha.scale"]
+        alpha = dequantize_alpha(unpack_nibbles(alpha, (*scale.shape, num_basis)), scale)
+    elif alpha.dtype == torch.int8:
+        alpha = dequantize_alpha(alpha, tensors["alpha.scale"])
+    return as_grouped(alpha)
 
 
 def check_task_tensors(
@@ -602,9 +637,28 @@ def check_task_tensors(
         raise FormatError(f"{file}: the signature's variances hold negative values")
 
 
+def _check_alpha_groups(path: Path, groups: int, header: BasisHeader) -> None:
+    """A format 4 table's rows per layer: 1 to :attr:`BasisHeader.max_groups`."""
+    if header.version >= 4 and not 1 <= groups <= header.max_groups:
+        raise FormatError(
+            f"{path}: alpha has {groups} rows per layer; a table has 1 to "
+            f"{header.max_groups} (the smallest layer's outputs)"
+        )
+
+
+def _check_padding_nibbles(path: Path, tensors: Mapping[str, torch.Tensor], num_basis: int) -> None:
+    """int4 codes of an odd count: the last byte's high nibble is unused and must be 0."""
+    alpha = tensors["alpha"]
+    if alpha.dtype != torch.uint8:
+        return
+    count = tensors["alpha.scale"].numel() * num_basis
+    if count % 2 and int(alpha[-1]) >> 4:
+        raise FormatError(f"{path}: alpha's unused last high nibble (an odd code count) must be 0")
+
+
 def _check_one_hot(path: Path, alpha: torch.Tensor) -> None:
     """A basis task's table: every row the same one-hot row (1 in column t, 0 elsewhere)."""
-    alpha = alpha.float()
+    alpha = alpha.float().flatten(0, -2)
     column = int(alpha[0].argmax()) if alpha.numel() else 0
     one_hot = torch.zeros_like(alpha)
     one_hot[:, column] = 1.0

@@ -1,5 +1,5 @@
 """Writing bundles: :func:`save_bundle` for a whole bundle, :func:`save_basis` and
-:func:`save_task` for its single files (every file written atomically, format 3)."""
+:func:`save_task` for its single files (every file written atomically, format 4)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from supsup_deploy.alpha_groups import as_grouped
 from supsup_deploy.binary_masks import check_num_basis, pack_bits
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
@@ -34,6 +35,9 @@ from supsup_deploy.files import new_folder
 from supsup_deploy.mask_compression import ENCODINGS, encode_mask
 from supsup_deploy.models import ModelConfig
 
+WRITE_VERSIONS = (2, 3, FORMAT_VERSION)
+"""The versions task files are written in (a bundle keeps its version when it learns a task)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class TaskData:
@@ -42,14 +46,18 @@ class TaskData:
     Attributes:
         index: task id, unique within the bundle.
         name: task name (letters, digits, ``_.-``; also its file name).
-        alpha: ``[num_layers, |B|]`` table, float32 or float16; or int8 codes with
-            ``alpha_scale`` (:func:`~supsup_deploy.alpha_codes.quantize_alpha`).
+        alpha: ``[num_layers, |B|]`` or (format 4) ``[num_layers, G, |B|]`` table, float32 or
+            float16; or int8 codes with ``alpha_scale``
+            (:func:`~supsup_deploy.alpha_codes.quantize_alpha`); or (format 4) int4 codes
+            packed two to a byte (:func:`~supsup_deploy.alpha_codes.pack_nibbles`, uint8), their
+            rows per layer given by ``alpha_scale``'s shape
+            (:func:`~supsup_deploy.alpha_codes.encode_alpha` gives both).
         norm_state: ``norm.running_mean`` / ``norm.running_var``; empty for statistic-free norms
             and for a task whose statistics come from the bundle's calibration pool.
         class_names: one per classifier output.
         kind: ``"basis"`` (a basis mask as a one-hot table) or ``"alpha"``.
         extra: more JSON metadata (e.g. training metrics).
-        alpha_scale: with int8 ``alpha``, one float16 scale per layer.
+        alpha_scale: with coded ``alpha``, one float16 scale per row (``[L]`` or ``[L, G]``).
         signature: float16 ``[2, SIGNATURE_SIZE]`` (:mod:`supsup_deploy.task_signatures`), or None.
     """
 
@@ -245,22 +253,35 @@ def save_task(
         index, name, alpha, norm_state, class_names, kind, extra, alpha_scale, signature: as
             :class:`TaskData`.
         basis_sha256: SHA-256 of the basis file this task belongs to.
-        version: the format version of that basis (2 or 3); an int8 table and a signature
-            need 3.
+        version: the format version of that basis (2, 3 or 4); an int8 table and a signature
+            need 3, an int4 or grouped table 4.
 
     Example:
         >>> save_task("b/tasks/3.t3.safetensors", index=3, name="t3", alpha=table,
         ...           norm_state={}, class_names=["a", "b"], basis_sha256=digest)
     """
     check_task_name(name)
-    if version not in (2, FORMAT_VERSION):
-        raise ConfigError(f"task files are written in format 2 or {FORMAT_VERSION}, not {version}")
+    if version not in WRITE_VERSIONS:
+        raise ConfigError(f"task files are written in format 2, 3 or 4, not {version}")
+    coded = alpha.dtype in (torch.int8, torch.uint8)
+    if coded != (alpha_scale is not None):
+        raise ConfigError("a coded alpha table needs its scales, and only a coded table has them")
+    if version < 4 and alpha.dtype == torch.uint8:
+        raise ConfigError("an int4 alpha table needs a format 4 bundle")
+    if version < 3 and coded:
+        raise ConfigError("an int8 alpha table needs a format 3 bundle")
+    if alpha.dtype == torch.uint8:
+        alpha_scale = as_grouped(alpha_scale.unsqueeze(-1)).squeeze(-1)
+    elif version >= 4:
+        alpha = as_grouped(alpha)
+        alpha_scale = None if alpha_scale is None else alpha_scale.reshape(alpha.shape[:-1])
+    elif alpha.dim() == 3:
+        if alpha.shape[1] != 1:
+            raise ConfigError("an alpha table with several rows per layer needs a format 4 bundle")
+        alpha = alpha.squeeze(1)
+        alpha_scale = None if alpha_scale is None else alpha_scale.reshape(alpha.shape[:-1])
     tensors = {"alpha": alpha, **norm_state}
-    if (alpha.dtype == torch.int8) != (alpha_scale is not None):
-        raise ConfigError("an int8 alpha table needs its scales, and only an int8 table has them")
     if alpha_scale is not None:
-        if version < 3:
-            raise ConfigError("an int8 alpha table needs a format 3 bundle")
         tensors["alpha.scale"] = alpha_scale
     if signature is not None:
         if version < 3:

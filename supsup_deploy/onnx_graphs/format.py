@@ -15,7 +15,7 @@ from supsup_deploy.outputs import Output
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-SHARED_FORMAT_VERSION = 1
+SHARED_FORMAT_VERSION = 2
 GRAPH_KIND = "shared"
 MODEL_FILE = "model.onnx"
 ADAPTERS_FOLDER = "tasks"
@@ -42,7 +42,8 @@ def _our_adapter(path: Path) -> bool:
         names = set(adapter.get_parameters())
     except RuntimeError:
         return False
-    return adapter.get_model_version() == SHARED_FORMAT_VERSION and "alpha" in names
+    # an adapter of an earlier shared graph format is still ours: a new export replaces it
+    return 1 <= adapter.get_model_version() <= SHARED_FORMAT_VERSION and "alpha" in names
 
 
 GRAPH = Output("an ONNX graph", _our_graph)

@@ -3,17 +3,26 @@
 ``model.onnx`` holds no task's weights. Per masked layer it holds the backbone signs and basis
 masks as one small integer code per weight (:func:`code_planes`), and the layer's weight
 constant. Its inputs are the images and, as overridable initializers (graph inputs that carry a
-default value), one input per tensor of a task file under the task file's own name, dtype and
-shape (``alpha``, and ``norm.running_mean`` / ``norm.running_var`` for BatchNorm bundles). Each
-run builds every layer's value table from the alpha row exactly as
+default value), one input per tensor of a task file under the task file's own name and dtype
+(``alpha``, and ``norm.running_mean`` / ``norm.running_var`` for BatchNorm bundles). Each
+run builds every alpha row's value table exactly as
 :func:`supsup_deploy.binary_masks.code_value_table` does (doubling in float32, times the
 constant, then the negated half), gathers the weights through the codes, and runs the
 network, so the weights are bit-exact to :meth:`Bundle.materialize` while the codes fit one
 plane (``|B| <= 15``).
 
+Alpha tables may hold several rows per layer (:mod:`supsup_deploy.alpha_groups`), and tasks of
+one bundle may hold different counts ``G``. The graph's ``alpha`` input is ``[L, G*, |B|]`` with
+``G*`` the least common multiple of the installed tasks' counts (:func:`task_inputs`); a task is
+fed widened to ``G*`` rows (:func:`~supsup_deploy.alpha_groups.expand_groups`, the same
+weights). A layer's codes are stored per group of output channels
+(:func:`~supsup_deploy.alpha_groups.group_bounds`), each group gathers from its own row's table,
+and the groups are concatenated into the weight; with ``G* = 1`` one gather makes the weight. A
+task whose ``G`` does not divide ``G*`` (learned after the export) needs the graph exported again.
+
 A task is then either fed as plain inputs (its safetensors tensors) or activated as an ONNX
 Runtime adapter (``tasks/<name>.onnx_adapter``, see :mod:`supsup_deploy.onnx_graphs.adapters`).
-The graph uses Cast, Split, Add, Concat, Mul, Neg, Gather and the network's own ops only: no
+The graph uses Cast, Split, Add, Concat, Mul, Neg, Gather, Sum and the network's own ops only: no
 integer arithmetic at run time, so the CPU and CUDA execution providers run all of it. Its ONNX
 Runtime session is :class:`supsup_deploy.onnx_graphs.sessions.SharedGraph`.
 """
@@ -32,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from supsup_deploy import backbone
+from supsup_deploy.alpha_groups import common_groups, expand_groups, group_bounds
 from supsup_deploy.bundles.format import FLOAT_DTYPES
 from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.errors import FormatError
@@ -111,18 +121,26 @@ class TaskInput:
 
 def task_inputs(bundle: Bundle) -> tuple[TaskInput, ...]:
     """The graph's task inputs: every task tensor of the bundle, float16 only where every
-    installed task stores it in float16 (a float16 task feeds a float32 input exactly)."""
+    installed task stores it in float16 (a float16 task feeds a float32 input exactly), and
+    ``alpha`` as ``[L, G*, |B|]`` with ``G*`` the installed tasks' common row count
+    (:func:`~supsup_deploy.alpha_groups.common_groups`)."""
     expected = bundle.task_tensor_shapes
+    tensors = [bundle.task_tensors(info.index) for info in bundle.tasks]
     inputs = []
     for name in sorted(expected):
-        dtypes = {bundle.task_tensors(info.index)[name].dtype for info in bundle.tasks}
+        dtypes = {task[name].dtype for task in tensors}
         dtype = "float16" if dtypes == {torch.float16} else "float32"
-        inputs.append(TaskInput(name, dtype, tuple(expected[name])))
+        shape = tuple(expected[name])
+        if name == "alpha":
+            groups = common_groups(int(task[name].shape[1]) for task in tensors)
+            shape = (shape[0], groups, shape[-1])
+        inputs.append(TaskInput(name, dtype, shape))
     return tuple(inputs)
 
 
 def task_feed(bundle: Bundle, task: int | str, inputs: tuple[TaskInput, ...]) -> dict[str, Any]:
-    """A task's tensors as numpy arrays in the graph inputs' dtypes (raises on a lossy cast)."""
+    """A task's tensors as numpy arrays in the graph inputs' dtypes, its alpha table widened to
+    the graph's rows per layer (raises on a lossy cast or a row count the graph cannot take)."""
     tensors = bundle.task_tensors(task)
     feed = {}
     for spec in inputs:
@@ -133,6 +151,16 @@ def task_feed(bundle: Bundle, task: int | str, inputs: tuple[TaskInput, ...]) ->
                 f"{info.path}: {spec.name} is float32 but the shared graph takes float16; "
                 "export the shared graph again to include this task"
             )
+        if spec.name == "alpha":
+            groups, graph_groups = int(tensor.shape[1]), int(spec.shape[1])
+            if graph_groups % groups:
+                info = bundle.task(task)
+                raise FormatError(
+                    f"{info.path}: alpha has {groups} rows per layer but the shared graph takes "
+                    f"{graph_groups}, not a multiple; export the shared graph again to include "
+                    "this task"
+                )
+            tensor = expand_groups(tensor, graph_groups)
         feed[spec.name] = tensor.to(FLOAT_DTYPES[spec.dtype]).numpy()
     return feed
 
@@ -271,15 +299,16 @@ def build_shared_graph(bundle: Bundle, *, opset: int = DEFAULT_OPSET):
                 )
             )
     num_layers, num_basis = bundle.summary.masked_layers, bundle.num_basis
+    groups = {spec.name: spec for spec in inputs}["alpha"].shape[1]
     columns = [f"shared.alpha.column.{basis:02d}" for basis in range(num_basis)]
     nodes.append(
-        helper.make_node("Split", [float_names["alpha"]], columns, axis=1, num_outputs=num_basis)
+        helper.make_node("Split", [float_names["alpha"]], columns, axis=2, num_outputs=num_basis)
     )
     shapes = bundle.summary.weight_shapes
     constants = [backbone.weight_constant(backbone.fan_in(shape)) for shape in shapes]
     initializers += [
-        numpy_helper.from_array(np.array(constants, np.float32)[:, None], "shared.constant"),
-        numpy_helper.from_array(np.zeros((num_layers, 1), np.float32), "shared.zeros"),
+        numpy_helper.from_array(np.array(constants, np.float32)[:, None, None], "shared.constant"),
+        numpy_helper.from_array(np.zeros((num_layers, groups, 1), np.float32), "shared.zeros"),
     ]
     planes = code_planes(num_basis)
     for number, plane in enumerate(planes):
@@ -289,35 +318,59 @@ def build_shared_graph(bundle: Bundle, *, opset: int = DEFAULT_OPSET):
                 f"shared.table.{number}.{kind}.{basis:02d}" for kind in ("add", "sums")
             )
             nodes.append(helper.make_node("Add", [sums, columns[basis]], [added]))
-            nodes.append(helper.make_node("Concat", [sums, added], [doubled], axis=1))
+            nodes.append(helper.make_node("Concat", [sums, added], [doubled], axis=2))
             sums = doubled
         values, negated = f"shared.table.{number}.values", f"shared.table.{number}.negated"
         nodes.append(helper.make_node("Mul", [sums, "shared.constant"], [values]))
         nodes.append(helper.make_node("Neg", [values], [negated]))
         nodes.append(
-            helper.make_node("Concat", [values, negated], [f"shared.table.{number}"], axis=1)
+            helper.make_node("Concat", [values, negated], [f"shared.table.{number}"], axis=2)
         )
+    used_groups = set()
     codes = bundle.codes()
     for layer, shape in enumerate(shapes):
         position = f"shared.layer.{layer:03d}"
         initializers.append(numpy_helper.from_array(np.array(layer, np.int64), position))
-        parts = []
+        bounds = [
+            (group, start, stop)
+            for group, (start, stop) in enumerate(group_bounds(shape[0], groups))
+            if stop > start
+        ]
+        used_groups.update(group for group, _, _ in bounds)
+        planes_out = []
         for number, plane in enumerate(planes):
-            suffix = f"{layer:03d}" if len(planes) == 1 else f"{layer:03d}.{number}"
-            code_name, row, index = (
-                f"shared.{kind}.{suffix}" for kind in ("codes", "row", "index")
+            layer_suffix = f"{layer:03d}" if len(planes) == 1 else f"{layer:03d}.{number}"
+            rows = f"shared.rows.{layer_suffix}"
+            nodes.append(
+                helper.make_node("Gather", [f"shared.table.{number}", position], [rows], axis=0)
             )
             values = plane_codes(codes[layer], num_basis, plane).reshape(shape)
-            initializers.append(numpy_helper.from_array(values, code_name))
-            part = _weight_name(layer) if len(planes) == 1 else f"shared.part.{suffix}"
-            nodes += [
-                helper.make_node("Gather", [f"shared.table.{number}", position], [row], axis=0),
-                helper.make_node("Cast", [code_name], [index], to=TensorProto.INT32),
-                helper.make_node("Gather", [row, index], [part], axis=0),
-            ]
-            parts.append(part)
-        if len(parts) > 1:
-            nodes.append(helper.make_node("Sum", parts, [_weight_name(layer)]))
+            plane_out = _weight_name(layer) if len(planes) == 1 else f"shared.part.{layer_suffix}"
+            parts = []
+            for group, start, stop in bounds:
+                suffix = layer_suffix if groups == 1 else f"{layer_suffix}.g{group:03d}"
+                code_name, row, index = (
+                    f"shared.{kind}.{suffix}" for kind in ("codes", "row", "index")
+                )
+                initializers.append(
+                    numpy_helper.from_array(np.ascontiguousarray(values[start:stop]), code_name)
+                )
+                part = plane_out if len(bounds) == 1 else f"shared.group_part.{suffix}"
+                nodes += [
+                    helper.make_node("Gather", [rows, f"shared.group.{group:03d}"], [row], axis=0),
+                    helper.make_node("Cast", [code_name], [index], to=TensorProto.INT32),
+                    helper.make_node("Gather", [row, index], [part], axis=0),
+                ]
+                parts.append(part)
+            if len(parts) > 1:
+                nodes.append(helper.make_node("Concat", parts, [plane_out], axis=0))
+            planes_out.append(plane_out)
+        if len(planes_out) > 1:
+            nodes.append(helper.make_node("Sum", planes_out, [_weight_name(layer)]))
+    initializers += [
+        numpy_helper.from_array(np.array(group, np.int64), f"shared.group.{group:03d}")
+        for group in sorted(used_groups)
+    ]
     if network.norm_sizes:
         sizes = "shared.norm_sizes"
         initializers.append(numpy_helper.from_array(np.array(network.norm_sizes, np.int64), sizes))
