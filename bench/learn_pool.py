@@ -2,15 +2,20 @@
 
 Run: ``python -m bench.learn_pool [--seeds 0 1] [--epochs 6]`` (resumable: the runs of
 ``bench.accuracy`` and the dedicated masks of ``bench.alpha_variants`` in ``--work`` are reused,
-and trained when missing). About 20 minutes per seed on one idle CPU core, after the runs.
+and trained when missing). About 65 minutes per seed on one idle CPU core, after the runs (20
+with the int8 form of one row per layer, which trains without quantisation).
 
 Protocol: ``bench.accuracy``'s ``random`` one (20 x 5-way tasks over Fashion-MNIST's 10 classes,
 |B| = 15, per-task BatchNorm, <= 3,000 training images per task), one run per seed. The run is
 packed with ``pack_run(..., pool=32)`` (32 training images of each basis task: 480 images, stored
-once in the basis), then each of its 5 alpha tasks is taught to the bundle with
+once in the basis) and its own alpha tasks are taken out of the bundle (so it ships its basis
+tasks, and each learned task's class set is new to it: one that repeats an installed task's
+class set also stores a 256-byte signature for task inference), then each of the run's 5 alpha
+tasks is taught to the bundle with
 ``learn_task(bundle, dataset="fashion-mnist", classes=<the task's classes, in order>)`` at the
-product's defaults over a pool (int8 table, statistics from the pool, nothing stored) and
-``--epochs`` epochs, and installed. Its test accuracy is measured on the run's own test images of
+product's defaults over a pool (``POOL_ALPHA_GROUPS`` = 2 rows per layer as int4 codes, trained
+against that form; statistics from the pool, nothing stored) and ``--epochs`` epochs, and
+installed. Its test accuracy is measured on the run's own test images of
 that task (the ones its dedicated mask is measured on) with the installed task as a reader serves
 it (table from the file, statistics computed from the pool).
 
@@ -39,29 +44,42 @@ from bench.accuracy import (
     train_pair,
 )
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.learn import teach
+from supsup_deploy.learn import POOL_ALPHA_GROUPS, teach
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics
-from supsup_deploy.train import RunData, evaluate
+from supsup_deploy.train import RunData, evaluate, train_run
 from supsup_deploy.train_config import TrainConfig
 
 POOL_IMAGES_PER_BASIS_TASK = 32
 
 
+LEARNED_FORM = f"int4_groups{POOL_ALPHA_GROUPS}"
+"""The table ``learn`` writes over a pool at its defaults, as cache files name it."""
+
+
 def measure_seed(seed: int, work: Path, epochs: int) -> dict:
-    """One seed's record, cached in ``<work>/random_batch_seed<seed>_learn_pool<epochs>.json``."""
-    cache = work / f"random_batch_seed{seed}_learn_pool{epochs}.json"
+    """One seed's record, cached in
+    ``<work>/random_batch_seed<seed>_learn_pool<epochs>_<LEARNED_FORM>.json``."""
+    cache = work / f"random_batch_seed{seed}_learn_pool{epochs}_{LEARNED_FORM}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     config = TrainConfig(**PROTOCOLS["random"], **BUDGET, norm="batch", seed=seed)
-    run_dir, dedicated_dir = train_pair(config, work, f"random_batch_seed{seed}")
-    if epochs != config.epochs:
-        dedicated_dir = work / f"random_batch_seed{seed}_dedicated_epochs{epochs}"
+    name = f"random_batch_seed{seed}"
+    if epochs == config.epochs:
+        run_dir, dedicated_dir = train_pair(config, work, name)
+    else:
+        run_dir = work / name
+        train_run(config, run_dir, resume=True)
+        dedicated_dir = work / f"{name}_dedicated_epochs{epochs}"
         train_dedicated_twin(dataclasses.replace(config, epochs=epochs), run_dir, dedicated_dir)
     dedicated = collect_metrics(dedicated_dir, config.num_tasks)
     run_data = RunData.load(config)
     bundle_dir = work / f"random_batch_seed{seed}_pool_bundle"
     bundle = pack_run(run_dir, bundle_dir, pool=POOL_IMAGES_PER_BASIS_TASK, force=True)
+    for info in bundle.tasks:
+        if info.kind == "alpha":
+            info.path.unlink()
+    bundle = load_bundle(bundle_dir)
     tasks = []
     for index in range(config.basis, config.num_tasks):
         splits = run_data.splits(index)
@@ -148,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             "norm": "batch",
             "seeds": args.seeds,
             "pool_images_per_basis_task": POOL_IMAGES_PER_BASIS_TASK,
-            "learn": "supsup_deploy.learn.teach defaults over a pool: int8 table, no statistics",
+            "learn": "supsup_deploy.learn.teach defaults over a pool: "
+            f"{POOL_ALPHA_GROUPS} rows per layer as int4 codes (trained for them), no statistics",
         },
         "machine": machine_info(),
         "ratio": ratio,
