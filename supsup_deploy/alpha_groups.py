@@ -34,6 +34,14 @@ def group_bounds(outputs: int, groups: int) -> list[tuple[int, int]]:
     return [(-(-g * outputs // groups), -(-(g + 1) * outputs // groups)) for g in range(groups)]
 
 
+def output_groups(
+    outputs: int, groups: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The alpha row each output channel uses: ``floor(o * groups / outputs)``, int64
+    ``[outputs]``."""
+    return torch.arange(outputs, device=device) * groups // outputs
+
+
 def max_groups(weight_shapes: Sequence[Sequence[int]]) -> int:
     """The most rows per layer a model's tables can have: its smallest layer's output count."""
     return min(int(shape[0]) for shape in weight_shapes)
@@ -110,6 +118,4 @@ def gather_weight(
 def rows_per_output(rows: torch.Tensor, outputs: int) -> torch.Tensor:
     """One layer's ``[G, |B|]`` alpha rows as the row each output channel uses:
     ``[outputs, |B|]``."""
-    bounds = group_bounds(outputs, len(rows))
-    chosen = [group for group, (start, stop) in enumerate(bounds) for _ in range(start, stop)]
-    return rows[torch.tensor(chosen, device=rows.device)]
+    return rows[output_groups(outputs, len(rows), rows.device)]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from supsup_deploy.alpha_groups import as_grouped, check_groups, group_bounds
+from supsup_deploy.alpha_groups import as_grouped, check_groups, output_groups
 from supsup_deploy.binary_masks import (
     check_density,
     check_num_basis,
@@ -172,9 +172,7 @@ def _group_indices(
     if groups == 1:
         return codes
     outputs = layer.weight_shape[0]
-    offsets = torch.empty(outputs, dtype=torch.int32, device=codes.device)
-    for group, (start, stop) in enumerate(group_bounds(outputs, groups)):
-        offsets[start:stop] = group << (num_basis + 1)
+    offsets = (output_groups(outputs, groups, codes.device) << (num_basis + 1)).int()
     return (codes.view(outputs, -1) + offsets.unsqueeze(1)).flatten()
 
 

@@ -270,19 +270,17 @@ def save_task(
         raise ConfigError("an int4 alpha table needs a format 4 bundle")
     if version < 3 and coded:
         raise ConfigError("an int8 alpha table needs a format 3 bundle")
-    if alpha.dtype == torch.uint8:
-        alpha_scale = as_grouped(alpha_scale.unsqueeze(-1)).squeeze(-1)
-    elif version >= 4:
+    if version >= 4 and alpha.dtype != torch.uint8:
         alpha = as_grouped(alpha)
-        alpha_scale = None if alpha_scale is None else alpha_scale.reshape(alpha.shape[:-1])
     elif alpha.dim() == 3:
         if alpha.shape[1] != 1:
             raise ConfigError("an alpha table with several rows per layer needs a format 4 bundle")
         alpha = alpha.squeeze(1)
-        alpha_scale = None if alpha_scale is None else alpha_scale.reshape(alpha.shape[:-1])
     tensors = {"alpha": alpha, **norm_state}
     if alpha_scale is not None:
-        tensors["alpha.scale"] = alpha_scale
+        # int4 codes are stored flat: their scales keep the rows ([L, G], [L] as G = 1)
+        rows = (len(alpha_scale), -1) if alpha.dtype == torch.uint8 else alpha.shape[:-1]
+        tensors["alpha.scale"] = alpha_scale.reshape(rows)
     if signature is not None:
         if version < 3:
             raise ConfigError("a task signature needs a format 3 bundle")
