@@ -37,7 +37,7 @@ from supsup_deploy.bundles.format import (
     task_file_name,
 )
 from supsup_deploy.bundles.reader import Bundle, load_bundle, single_task_config
-from supsup_deploy.bundles.writer import save_task
+from supsup_deploy.bundles.writer import save_task, signature_tensors
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
 from supsup_deploy.image_folder import ImageFolderData, scan_image_folder
@@ -289,7 +289,9 @@ def learn_task(
         stored_metrics["classes"] = record["classes"]
     signature = _signature(bundle, record["class_names"], splits, device)
     stored = [alpha, *norms.values()]
-    stored += [tensor for tensor in (alpha_scale, signature) if tensor is not None]
+    stored += [] if alpha_scale is None else [alpha_scale]
+    if signature is not None:
+        stored += signature_tensors(signature, bundle.format_version).values()
     metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in stored)
     metrics["name"] = name
     metrics["statistics"] = statistics

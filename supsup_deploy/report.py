@@ -22,6 +22,7 @@ from supsup_deploy.alpha_codes import alpha_dtype_name
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
 from supsup_deploy.bundles.format import (
     FLOAT_DTYPES,
+    SIGNATURE_SCALE_TENSOR,
     SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
     float_dtype,
@@ -575,8 +576,8 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     (``basis.mask_sizes``), and its calibration pool's pixels (``basis.pool``, one byte each).
     Each task holds an alpha table of its stored dtype, ``G`` rows per layer (a coded table: one
     code per coefficient, int4 two to a byte over the whole table, and one scale per row),
-    the normalisation statistics of their stored dtype unless it stores none, and its float16
-    signature if it has one.
+    the normalisation statistics of their stored dtype unless it stores none, and its signature
+    if it has one (float16, or int8 codes with a float16 scale per row).
     """
     summary = bundle.summary
     predicted = {"basis.masks": basis_mask_bytes(bundle)}
@@ -598,9 +599,19 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
             if "norm.running_mean" in tensors
             else 0
         )
-        signed = SIGNATURE_TENSOR in tensors
-        predicted[f"{info.name}.signature"] = 2 * math.prod(SIGNATURE_SHAPE) if signed else 0
+        predicted[f"{info.name}.signature"] = _signature_bytes(tensors)
     return predicted
+
+
+def _signature_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """A task's signature bytes: none, float16 values, or int8 codes and a float16 scale per row."""
+    signature = tensors.get(SIGNATURE_TENSOR)
+    if signature is None:
+        return 0
+    values = math.prod(SIGNATURE_SHAPE)
+    if signature.dtype == torch.int8:
+        return values + 2 * SIGNATURE_SHAPE[0]
+    return 2 * values
 
 
 def _stored_norm_dtype(tensors: dict[str, torch.Tensor]) -> str:
@@ -672,7 +683,9 @@ def measured_bundle_bytes(bundle: Bundle) -> dict[str, int]:
         measured[f"{info.name}.norm"] = sum(
             size for name, size in payload.items() if name.startswith("norm.")
         )
-        measured[f"{info.name}.signature"] = payload.get(SIGNATURE_TENSOR, 0)
+        measured[f"{info.name}.signature"] = payload.get(SIGNATURE_TENSOR, 0) + payload.get(
+            SIGNATURE_SCALE_TENSOR, 0
+        )
         measured[f"{info.name}.header"] = header
         measured[f"{info.name}.file"] = info.path.stat().st_size
     return measured

@@ -61,6 +61,16 @@ def alpha_table(tensors: dict[str, np.ndarray], num_basis: int) -> np.ndarray:
     return alpha[:, None, :] if alpha.ndim == 2 else alpha
 
 
+def signature(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """A task's float32 signature ``[2, 64]``: F16 values converted, or (format 4) I8 codes times
+    their row's ``signature.scale``, one float32 multiplication each."""
+    values = tensors["signature"]
+    if "signature.scale" in tensors:
+        scale = tensors["signature.scale"].astype(np.float32)
+        return (values.astype(np.float32) * scale[:, None]).astype(np.float32)
+    return values.astype(np.float32)
+
+
 def weight_constant(shape) -> np.float32:
     return np.float32(math.sqrt(2.0) / math.sqrt(math.prod(shape[1:])))
 

@@ -228,7 +228,7 @@ def test_learning_over_a_pool_stores_no_statistics_and_reports_what_it_serves(sm
     info = teach(bundle, name="shoes", **settings)
     assert info.file_bytes < 1024
     stored = bundle.stored_tensors("shoes")
-    assert sorted(stored) == ["alpha", "alpha.scale", "signature"]
+    assert sorted(stored) == ["alpha", "alpha.scale", "signature", "signature.scale"]
     layers, groups = bundle.summary.masked_layers, POOL_ALPHA_GROUPS
     # int4 codes, two to a byte: layers x groups x |B| = 2 codes in layers x groups bytes
     assert (stored["alpha"].dtype, stored["alpha"].shape) == (torch.uint8, (layers * groups,))
@@ -390,7 +390,8 @@ def test_a_run_trained_with_a_pool_packs_its_alpha_tasks_under_1_kb(tmp_path):
     bundle = pack_run(run, tmp_path / "bundle")
     assert bundle.pool.shape == (16, 1, 28, 28)
     info = bundle.task(2)
-    assert sorted(bundle.stored_tensors(2)) == ["alpha", "alpha.scale", "signature"]
+    signed = ["alpha", "alpha.scale", "signature", "signature.scale"]
+    assert sorted(bundle.stored_tensors(2)) == signed
     assert bundle.stored_tensors(2)["alpha"].dtype == torch.int8
     assert info.file_bytes < 1024
     test = RunData.load(config).splits(2).test

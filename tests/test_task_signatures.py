@@ -46,16 +46,23 @@ def signed(small_run, tmp_path_factory):
 
 def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed, small_run):
     for info in signed.tasks:
+        stored = signed.stored_tensors(info.index)
+        assert stored["signature"].dtype == torch.int8  # format 4: codes, a scale per row
+        assert stored["signature.scale"].shape == (2,)
         signature = signed.task_signature(info.index)
-        assert signature.dtype == torch.float16 and signature.shape == (2, SIGNATURE_SIZE)
+        assert signature.dtype == torch.float32 and signature.shape == (2, SIGNATURE_SIZE)
         assert bool((signature[1] > 0).any()) and bool((signature[1] >= 0).all())
+        page = spec_reference.signature({k: v.numpy() for k, v in stored.items()})
+        assert np.array_equal(page.view(np.uint32), signature.numpy().view(np.uint32))
     run_data = RunData.load(TrainConfig.from_record(read_run_record(small_run)["config"]))
     for index in range(len(signed.tasks)):
         images = run_data.splits(index).train.images[:SIGNATURE_IMAGES]
         features = image_features(signed.model(REFERENCE_TASK), images)
         expected = torch.stack([features.mean(dim=0), features.var(dim=0, unbiased=False)])
-        stored = signed.task_signature(index).float()
-        assert torch.allclose(stored, expected, rtol=2e-3, atol=1e-4), (stored - expected).abs()
+        stored = signed.task_signature(index)
+        half_step = signed.stored_tensors(index)["signature.scale"].float()[:, None] / 2
+        error = (stored - expected).abs()
+        assert (error <= half_step + 2e-3 * expected.abs() + 1e-4).all(), error
     again = pack_run(small_run, signed.path.parent / "again", pool=8)
     for info in signed.tasks:
         assert info.path.read_bytes() == again.task(info.index).path.read_bytes()
@@ -85,7 +92,8 @@ def test_a_task_learned_on_new_classes_is_signed_and_found(signed, tmp_path):
         max_train_samples=64,
         device="cpu",
     )
-    assert sorted(bundle.stored_tensors("bags")) == ["alpha", "alpha.scale", "signature"]
+    stored = sorted(bundle.stored_tensors("bags"))
+    assert stored == ["alpha", "alpha.scale", "signature", "signature.scale"]
     assert info.file_bytes < 1024
     test = load_dataset("fashion-mnist", split="test")
     batch = test.images[(test.labels == 8) | (test.labels == 9)][:64]
@@ -126,35 +134,72 @@ def assert_weights_and_parity(bundle, task, folder) -> None:
 
 def test_a_task_without_a_signature_leaves_auto_to_another_method(signed, tmp_path):
     bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
-    _rewrite(bundle, 2, drop="signature")
+    _rewrite(bundle, 2, drop=("signature", "signature.scale"))
     bundle = load_bundle(bundle.path)
     assert resolve_method(bundle, "auto").name == "statistics"
     with pytest.raises(ConfigError, match=r"1 task\(s\) store no signature"):
         TaskInferrer(bundle, method="signatures")
 
 
+def _replaced(name, make):
+    """A change to a task's stored tensors: ``name`` replaced with ``make`` of it."""
+    return lambda tensors: {**tensors, name: make(tensors[name])}
+
+
 BAD_SIGNATURES = {
     "float32": (
-        lambda s: s.float(),
-        "signature is torch.float32 [2, 64], expected float16 [2, 64]",
+        _replaced("signature", lambda s: s.float()),
+        "signature is torch.float32 [2, 64], expected int8 [2, 64]",
     ),
-    "means only": (lambda s: s[:1].clone(), "signature is torch.float16 [1, 64]"),
-    "not finite": (lambda s: torch.full_like(s, float("nan")), "non-finite"),
-    "negative variance": (lambda s: s * -1, "the signature's variances hold negative values"),
+    "means only": (
+        _replaced("signature", lambda s: s[:1].clone()),
+        "signature is torch.int8 [1, 64]",
+    ),
+    "codes without scales": (
+        lambda tensors: {k: v for k, v in tensors.items() if k != "signature.scale"},
+        "'signature'], expected ['alpha', 'norm.running_mean', 'norm.running_var', 'signature', "
+        "'signature.scale']",
+    ),
+    "scale not finite": (
+        _replaced("signature.scale", lambda s: torch.full_like(s, float("nan"))),
+        "signature.scale holds non-finite values",
+    ),
+    "negative variance": (
+        _replaced("signature", lambda s: s * -1),
+        "the signature's variances hold negative values",
+    ),
+    "float16 with scales": (
+        _replaced("signature", lambda s: s.half()),
+        "signature is torch.float16 [2, 64], expected int8 [2, 64]",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SIGNATURES))
 def test_bad_signatures_are_refused_naming_the_file(signed, tmp_path, case):
     bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
-    make, message = BAD_SIGNATURES[case]
-    path = _rewrite(bundle, 2, change=make)
+    change, message = BAD_SIGNATURES[case]
+    path = _rewrite(bundle, 2, change=change)
     with pytest.raises(FormatError) as error:
         load_bundle(bundle.path).task(2)
     assert str(path) in str(error.value) and message in str(error.value), str(error.value)
     result = run_cli_in_process("inspect", str(bundle.path))
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_float16_signature_still_reads_in_format_4(signed, tmp_path):
+    bundle = load_bundle(shutil.copytree(signed.path, tmp_path / "bundle"))
+    served = bundle.task_signature(2)
+
+    def as_float16(tensors):
+        rest = {k: v for k, v in tensors.items() if k != "signature.scale"}
+        return {**rest, "signature": served.half()}
+
+    _rewrite(bundle, 2, change=as_float16)
+    again = load_bundle(bundle.path)
+    assert torch.equal(again.task_signature(2), served.half().float())
+    assert TaskInferrer(again, method="signatures").method == "signatures"
 
 
 def test_a_signature_needs_format_3(signed, tmp_path):
@@ -168,13 +213,13 @@ def test_a_signature_needs_format_3(signed, tmp_path):
 
 
 def _rewrite(bundle, index, *, drop=None, change=None):
-    """Write task ``index`` of ``bundle`` again, its signature dropped or changed (hashed)."""
+    """Write task ``index`` of ``bundle`` again, tensors dropped or changed (hashed)."""
     info = bundle.task(index)
     tensors = bundle.stored_tensors(index)
-    if drop:
-        del tensors[drop]
+    for name in drop or ():
+        del tensors[name]
     if change:
-        tensors["signature"] = change(tensors["signature"])
+        tensors = change(tensors)
     metadata = {
         "format": "supsup-task",
         "format_version": bundle.format_version,

@@ -40,6 +40,7 @@ def version_1_task(path: Path, out: Path, basis_sha256: str) -> None:
     ``[L, |B|]``)."""
     tensors, metadata = read(path)
     tensors.pop("signature", None)
+    tensors.pop("signature.scale", None)
     tensors["alpha"] = tensors["alpha"].flatten(0, -2)
     metadata.update(format_version=1, basis_sha256=basis_sha256)
     metadata["tensors_sha256"] = tensors_sha256(tensors)

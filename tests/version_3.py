@@ -1,12 +1,14 @@
 """Format 3 bundles for the tests: a format 4 bundle of one-row tables rewritten as format 3.
 
-Format 3 differs only in the alpha table's shape (``[L, |B|]``, scales ``[L]``, no int4), so the
-rewrite sets ``format_version`` to 3, drops the rows dimension and seals each file again.
+Format 3 differs only in the alpha table's shape (``[L, |B|]``, scales ``[L]``, no int4) and
+in signatures (float16 only), so the rewrite sets ``format_version`` to 3, drops the rows
+dimension, stores an int8 signature as the float16 values it serves and seals each file again.
 """
 
 from pathlib import Path
 
 from supsup_deploy.bundles.format import file_sha256, save_sealed
+from supsup_deploy.bundles.validation import stored_signature
 from supsup_deploy.files import read_safetensors
 
 
@@ -27,6 +29,9 @@ def version_3_bundle(source: Path, out: Path) -> Path:
         tensors["alpha"] = tensors["alpha"][:, 0].contiguous()
         if "alpha.scale" in tensors:
             tensors["alpha.scale"] = tensors["alpha.scale"][:, 0].contiguous()
+        if "signature.scale" in tensors:
+            tensors["signature"] = stored_signature(tensors).half()
+            del tensors["signature.scale"]
         metadata.update(format_version=3, basis_sha256=digest)
         save_sealed(out / "tasks" / path.name, tensors, metadata)
     return out

@@ -37,7 +37,10 @@ MAX_POOL_IMAGES = 2048
 POOL_BATCH = 64
 """Pool images per forward pass when a task's statistics are computed from the pool."""
 SIGNATURE_TENSOR = "signature"
-"""Format 3: the optional task tensor telling a task's images apart (float16 ``[2, 64]``)."""
+"""Format 3: the optional task tensor telling a task's images apart (float16 ``[2, 64]``; format
+4 writes int8 codes with :data:`SIGNATURE_SCALE_TENSOR`)."""
+SIGNATURE_SCALE_TENSOR = "signature.scale"
+"""Format 4: the float16 ``[2]`` scales of an int8 signature, one per row."""
 SIGNATURE_SIZE = 64
 """Pooled features in a task signature (each with its mean and variance)."""
 SIGNATURE_SHAPE = (2, SIGNATURE_SIZE)

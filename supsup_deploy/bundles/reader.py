@@ -28,7 +28,6 @@ from supsup_deploy.binary_masks import code_value_table, codes_from_packed, unpa
 from supsup_deploy.bundles.format import (
     BASIS_FILE,
     POOL_BATCH,
-    SIGNATURE_TENSOR,
     TASKS_FOLDER,
     TaskEntry,
     TaskInfo,
@@ -43,6 +42,7 @@ from supsup_deploy.bundles.validation import (
     read_task,
     read_version_1_tasks,
     stored_alpha,
+    stored_signature,
 )
 from supsup_deploy.bundles.weights import TaskWeights
 from supsup_deploy.errors import ConfigError
@@ -228,9 +228,10 @@ class Bundle:
         return served
 
     def task_signature(self, task: int | str) -> torch.Tensor | None:
-        """A task's stored signature (float16 ``[2, SIGNATURE_SIZE]``, see
-        :mod:`supsup_deploy.task_signatures`), or None when its file holds none."""
-        return self._checked_task(self._entry(task))[1].get(SIGNATURE_TENSOR)
+        """A task's signature as stored (float32 ``[2, SIGNATURE_SIZE]``: float16 values, or
+        int8 codes times their scales; see :mod:`supsup_deploy.task_signatures`), or None when its
+        file holds none."""
+        return stored_signature(self._checked_task(self._entry(task))[1])
 
     def pool_statistics(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """The normalisation statistics an alpha table gets from the calibration pool.

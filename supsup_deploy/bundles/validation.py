@@ -33,6 +33,7 @@ from supsup_deploy.bundles.format import (
     POOL_TENSOR,
     READ_VERSIONS,
     SIGN_HASH,
+    SIGNATURE_SCALE_TENSOR,
     SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
     TASK_FILE_PATTERN,
@@ -549,7 +550,8 @@ def stored_task_forms(
     to a byte (uint8 ``[ceil(L * G * |B| / 2)]``); before, ``[L, |B|]``. The statistics
     are stored with BatchNorm, except that a task of a basis with a calibration pool may leave
     both out (they are computed from the pool). A format 3 or 4 task may hold a float16
-    ``signature``.
+    ``signature``; in format 4 it may instead be int8 codes with ``signature.scale``, one float16
+    scale per row.
     """
     shapes = header.task_tensor_shapes()
     floats = tuple(FLOAT_DTYPES)
@@ -569,6 +571,12 @@ def stored_task_forms(
         forms["alpha.scale"] = (rows, floats)
     if header.version >= 3 and SIGNATURE_TENSOR in tensors:
         forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("float16",))
+        signature = tensors[SIGNATURE_TENSOR]
+        if header.version >= 4 and (
+            signature.dtype == torch.int8 or SIGNATURE_SCALE_TENSOR in tensors
+        ):
+            forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("int8",))
+            forms[SIGNATURE_SCALE_TENSOR] = (SIGNATURE_SHAPE[:1], ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
         forms.pop("norm.running_mean", None)
         forms.pop("norm.running_var", None)
@@ -595,6 +603,18 @@ def stored_alpha(tensors: Mapping[str, torch.Tensor], num_basis: int) -> torch.T
     elif alpha.dtype == torch.int8:
         alpha = dequantize_alpha(alpha, tensors["alpha.scale"])
     return as_grouped(alpha)
+
+
+def stored_signature(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """A task file's signature as it serves, float32 ``[2, SIGNATURE_SIZE]`` (int8 codes times
+    their row's scale, or the stored float16 values), or None when it holds none."""
+    signature = tensors.get(SIGNATURE_TENSOR)
+    if signature is None:
+        return None
+    signature = torch.as_tensor(signature)
+    if SIGNATURE_SCALE_TENSOR in tensors:
+        return dequantize_alpha(signature, torch.as_tensor(tensors[SIGNATURE_SCALE_TENSOR]))
+    return signature.float()
 
 
 def check_task_tensors(
@@ -633,7 +653,7 @@ def check_task_tensors(
             raise FormatError(f"{file}: {key} holds non-finite values")
     if "norm.running_var" in tensors and (tensors["norm.running_var"] < 0).any():
         raise FormatError(f"{file}: norm.running_var holds negative values")
-    if SIGNATURE_TENSOR in tensors and (tensors[SIGNATURE_TENSOR][1] < 0).any():
+    if SIGNATURE_TENSOR in tensors and (stored_signature(tensors)[1] < 0).any():
         raise FormatError(f"{file}: the signature's variances hold negative values")
 
 

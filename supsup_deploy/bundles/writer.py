@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from supsup_deploy.alpha_codes import quantize_alpha
 from supsup_deploy.alpha_groups import as_grouped
 from supsup_deploy.binary_masks import check_num_basis, pack_bits
 from supsup_deploy.bundles.format import (
@@ -20,6 +21,7 @@ from supsup_deploy.bundles.format import (
     MAX_POOL_IMAGES,
     POOL_TENSOR,
     SIGN_HASH,
+    SIGNATURE_SCALE_TENSOR,
     SIGNATURE_TENSOR,
     TASK_FORMAT,
     TASKS_FOLDER,
@@ -230,6 +232,23 @@ def _checked_pool(pool: torch.Tensor, config: ModelConfig, spec: InputSpec) -> t
     return pool.contiguous()
 
 
+def signature_tensors(signature: torch.Tensor, version: int) -> dict[str, torch.Tensor]:
+    """A task signature as a task file of this format version stores it: float16 in format 3,
+    int8 codes with one float16 scale per row (:data:`SIGNATURE_SCALE_TENSOR`) from format 4.
+
+    Args:
+        signature: ``[2, SIGNATURE_SIZE]`` (:func:`~supsup_deploy.task_signatures.task_signature`).
+        version: the task file's format version (3 or later).
+
+    Returns:
+        Tensor name to stored tensor.
+    """
+    if version < 4:
+        return {SIGNATURE_TENSOR: signature.half()}
+    codes, scale = quantize_alpha(signature.float(), "int8")
+    return {SIGNATURE_TENSOR: codes, SIGNATURE_SCALE_TENSOR: scale}
+
+
 def save_task(
     path: str | Path,
     *,
@@ -284,7 +303,7 @@ def save_task(
     if signature is not None:
         if version < 3:
             raise ConfigError("a task signature needs a format 3 bundle")
-        tensors[SIGNATURE_TENSOR] = signature
+        tensors |= signature_tensors(signature, version)
     metadata = {
         "format": TASK_FORMAT,
         "format_version": version,
