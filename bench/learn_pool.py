@@ -44,11 +44,11 @@ from bench.accuracy import (
     train_pair,
 )
 from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.learn import POOL_ALPHA_GROUPS, teach
+from supsup_deploy.learn import teach
 from supsup_deploy.pack import pack_run
 from supsup_deploy.runs import collect_metrics
 from supsup_deploy.train import RunData, evaluate, train_run
-from supsup_deploy.train_config import TrainConfig
+from supsup_deploy.train_config import POOL_ALPHA_GROUPS, TrainConfig
 
 POOL_IMAGES_PER_BASIS_TASK = 32
 

@@ -36,7 +36,8 @@ def pack_command(
         AlphaDtype | None,
         typer.Option(
             help="Precision of the alpha tasks' coefficient tables; int8 and int4 keep one "
-            "scale per row (default: int8 for a run trained with --pool, else float32).",
+            "scale per row (default: the run's `supsup train --alpha-dtype`, which its tables "
+            "were trained for: int4 for a run with a pool, else float32).",
         ),
     ] = None,
     mask_encoding: Annotated[
@@ -52,7 +53,7 @@ def pack_command(
             min=0,
             help="Store a calibration pool of this many training images per basis task "
             "(BatchNorm runs; the run's data must be at hand). Tasks learned into the bundle "
-            "then store no statistics: an int8 table under 1 KB. Default: the run's own pool "
+            "then store no statistics: a table under 1 KB. Default: the run's own pool "
             "(`supsup train --pool`), else none.",
         ),
     ] = None,

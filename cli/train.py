@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._choices import Dataset, DistributedMode, Norm, Protocol
+from ._choices import AlphaDtype, Dataset, DistributedMode, Norm, Protocol
 from ._common import (
     DEFAULT_RUN,
     DEVICE_HELP,
@@ -90,9 +90,26 @@ def train_command(
             min=0,
             help="Train the alpha tasks against a calibration pool of this many training images "
             "per basis task (BatchNorm): `supsup pack` stores the pool once in the basis and "
-            "each alpha task as an int8 table with no statistics, under 1 KB. Default: 32 for "
-            "a BatchNorm run with alpha tasks, else 0. 0: none, each alpha task stores its own "
+            "each alpha task as a table with no statistics, under 1 KB. Default: 32 for a "
+            "BatchNorm run with alpha tasks, else 0. 0: none, each alpha task stores its own "
             "statistics (13 KB per task).",
+        ),
+    ] = None,
+    alpha_groups: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Alpha rows per layer: each row mixes the basis masks for its own contiguous "
+            "group of output channels (at most the narrowest layer's channels). Default: 2 "
+            "with a pool, else 1.",
+        ),
+    ] = None,
+    alpha_dtype: Annotated[
+        AlphaDtype | None,
+        typer.Option(
+            help="How `supsup pack` stores the alpha tables; an int4 table is trained against "
+            "its int4 form, int8 keeps one scale per row. Default: int4 with a pool, else "
+            "float32.",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of backbone, task split, data and init.")] = 0,

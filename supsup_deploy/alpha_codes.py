@@ -24,6 +24,14 @@ CODE_LIMIT = CODE_LIMITS["int8"]
 """Largest int8 code magnitude (-128 is never written)."""
 NIBBLE_OFFSET = 8
 """An int4 code is stored as the nibble ``code + 8`` (``0 .. 15`` holds codes ``-8 .. 7``)."""
+TRAINED_FOR = ("int4",)
+"""Coded dtypes a table is trained against (:class:`FakeQuantized`) when it will be stored so;
+an int8 table is trained as float and coded after (its codes lose too little to matter)."""
+
+
+def trained_for(dtype: str) -> str | None:
+    """The coded dtype a table stored as ``dtype`` trains against, or None to train it as float."""
+    return dtype if dtype in TRAINED_FOR else None
 
 
 def quantize_alpha(alpha: torch.Tensor, dtype: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from supsup_deploy import data as datasets
-from supsup_deploy.alpha_codes import ALPHA_DTYPES, alpha_dtype_name, encode_alpha, served_alpha
+from supsup_deploy.alpha_codes import (
+    ALPHA_DTYPES,
+    alpha_dtype_name,
+    encode_alpha,
+    served_alpha,
+    trained_for,
+)
 from supsup_deploy.alpha_groups import check_groups
 from supsup_deploy.bundles.format import (
     FORMAT_VERSION,
@@ -54,15 +60,12 @@ from supsup_deploy.task_signatures import (
     task_signature,
 )
 from supsup_deploy.train import Reporter, serve_table, train_task
-from supsup_deploy.train_config import TaskRecipe
+from supsup_deploy.train_config import POOL_ALPHA_DTYPE, POOL_ALPHA_GROUPS, TaskRecipe
 from supsup_deploy.weight_sources import alpha_table
 
 STATISTICS = ("task", "pool")
 """Where a learned task's normalisation statistics come from: its own training images (stored in
 its file) or the bundle's calibration pool (computed when the task is used, nothing stored)."""
-POOL_ALPHA_GROUPS = 2
-"""Alpha rows per layer of a task learned over a calibration pool (format 4): with int4 codes
-its file stays under 1 KB (``bench.alpha_variants``' ``pool_groups_2_epochs_6_int4_rows_qat``)."""
 LEARN_RECIPE = TaskRecipe(
     epochs=5, batch_size=64, lr=1e-3, alpha_lr=0.1, weight_decay=1e-4, density="0.5", seed=0
 )
@@ -273,7 +276,7 @@ def learn_task(
         reporter=reporter,
         pool=pool,
         alpha_groups=alpha_groups,
-        trained_for="int4" if alpha_dtype == "int4" else None,
+        trained_for=trained_for(alpha_dtype),
     )
     table = alpha_table(model).float().cpu()
     alpha, alpha_scale = encode_alpha(table, alpha_dtype)
@@ -340,10 +343,10 @@ def _statistics(bundle: Bundle, statistics: str | None) -> str:
 
 def _alpha_dtype(bundle: Bundle, alpha_dtype: str | None, statistics: str) -> str:
     """The stored alpha dtype: as asked, else for a task whose statistics come from the pool
-    int4 (format 4; trained for it) or int8 (format 3), so its file stays under 1 KB, else the
-    newest alpha task's, else float32."""
+    ``POOL_ALPHA_DTYPE`` (int4 in format 4; trained for it) or int8 (format 3), so its file stays
+    under 1 KB, else the newest alpha task's, else float32."""
     if alpha_dtype is None and statistics == "pool":
-        alpha_dtype = "int4" if bundle.format_version >= 4 else "int8"
+        alpha_dtype = POOL_ALPHA_DTYPE if bundle.format_version >= 4 else "int8"
     alpha_dtype = alpha_dtype or _stored_dtype(bundle, "alpha", "float32")
     if alpha_dtype not in ALPHA_DTYPES:
         raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: use {', '.join(ALPHA_DTYPES)}")

@@ -69,9 +69,9 @@ def pack_run(
             :func:`supsup_deploy.outputs.check_output`).
         norm_dtype: ``"float32"`` or ``"float16"`` for the per-task normalisation statistics.
         alpha_dtype: ``"float32"``, ``"float16"``, ``"int8"`` or ``"int4"`` (codes with one
-            scale per row; a run's tables are not trained for int4, ``supsup learn``'s are) for
-            the alpha tables of the alpha tasks (basis tasks' one-hot tables are exact in any and
-            keep float32); default int8 for a run trained with a pool, else float32.
+            scale per row) for the alpha tables of the alpha tasks (basis tasks' one-hot tables
+            are exact in any and keep float32); default the run's ``alpha_dtype``, which its
+            tables were trained for (int4 for a run trained with a pool, unless told).
         mask_encoding: ``"packed"``, ``"rice"`` or ``"sparse"`` for the basis masks.
         pool: store a calibration pool of this many training images of each basis task (the
             first ones of its training split, in stored order; the run's data must be at hand),
@@ -97,7 +97,7 @@ def pack_run(
             f"{run_dir} trained its alpha tasks against a pool of {config.pool} images per basis "
             f"task: pack it with that pool (leave out --pool), not {pool}"
         )
-    alpha_dtype = alpha_dtype or ("int8" if config.pool else "float32")
+    alpha_dtype = alpha_dtype or config.alpha_dtype
     if alpha_dtype not in ALPHA_DTYPES:
         raise ConfigError(f"unknown alpha dtype {alpha_dtype!r}: {', '.join(ALPHA_DTYPES)}")
     norm_stored = float_dtype(norm_dtype)

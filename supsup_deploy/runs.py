@@ -133,16 +133,14 @@ def prepare_run_dir(run_dir: Path, record: dict[str, Any], resume: bool) -> None
                 f"{run_dir} already holds a run: pass --resume to continue it, "
                 "or choose another --out"
             )
-        stored = read_run_record(run_dir)
+        stored = TrainConfig.from_record(read_run_record(run_dir)["config"]).to_dict()
+        config = record["config"]
         changed = sorted(
-            key
-            for key in set(stored["config"]) | set(record["config"])
-            if stored["config"].get(key) != record["config"].get(key)
+            key for key in set(stored) | set(config) if stored.get(key) != config.get(key)
         )
         if changed:
             details = ", ".join(
-                f"{key}: {stored['config'].get(key)!r} -> {record['config'].get(key)!r}"
-                for key in changed
+                f"{key}: {stored.get(key)!r} -> {config.get(key)!r}" for key in changed
             )
             raise ConfigError(f"cannot resume {run_dir} with different settings ({details})")
         return

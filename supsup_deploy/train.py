@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from supsup_deploy import data as datasets
-from supsup_deploy.alpha_codes import FakeQuantized, served_alpha
+from supsup_deploy.alpha_codes import FakeQuantized, served_alpha, trained_for
+from supsup_deploy.alpha_groups import check_groups
 from supsup_deploy.bundles.format import POOL_BATCH
 from supsup_deploy.devices import resolve_device
 from supsup_deploy.errors import ConfigError
@@ -208,11 +209,14 @@ def train_run(
         spec, tasks = run_data.spec, run_data.tasks
         data_split = run_data.folder.record() if run_data.folder is not None else None
         record = {**run_record(config, spec, tasks, data_split=data_split), "device": device}
+        model = build_model(config.model_config(spec)).to(device)
+        if config.basis < config.num_tasks:
+            shapes = [layer.weight_shape for layer in masked_layers(model)]
+            check_groups(config.alpha_groups, shapes)
         if parallel.rank == 0:
             prepare_run_dir(run_dir, record, resume)
         parallel.barrier()
 
-        model = build_model(config.model_config(spec)).to(device)
         basis: list[list[torch.Tensor]] = [[] for _ in range(config.basis)]
         pool: torch.Tensor | None = None
         phases = (range(config.basis), range(config.basis, config.num_tasks))
@@ -234,9 +238,11 @@ def train_run(
                     parallel=parallel,
                     reporter=reporter,
                     pool=pool,
+                    alpha_groups=config.alpha_groups,
+                    trained_for=trained_for(config.alpha_dtype),
                 )
-                if pool is not None:
-                    table = served_alpha(alpha_table(model).cpu(), "int8")
+                if kind == "alpha" and (pool is not None or config.alpha_dtype != "float32"):
+                    table = served_alpha(alpha_table(model).cpu(), config.alpha_dtype)
                     serve_table(model, table, splits, config.recipe, pool, metrics, slot=index)
                 tensors = task_state(model, index, kind, statistics=pool is None)
                 metrics["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -278,7 +284,7 @@ def serve_table(
     *,
     slot: int = 0,
 ) -> None:
-    """Give an alpha task's model the table as it will be stored (int8 codes times scales), its
+    """Give an alpha task's model the table as it will be stored (e.g. codes times scales), its
     statistics recomputed under it (from ``pool``, else the task's training images), and record
     the test accuracy of what the task file will serve in ``metrics``."""
     device = str(next(model.parameters()).device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supsup_deploy import data as datasets
+from supsup_deploy.alpha_codes import ALPHA_DTYPES
 from supsup_deploy.binary_masks import check_num_basis, resolve_densities
 from supsup_deploy.bundles.format import MAX_POOL_IMAGES
 from supsup_deploy.errors import ConfigError
@@ -44,14 +45,26 @@ class TaskRecipe:
 DEFAULT_POOL = 32
 """Calibration pool images per basis task of a BatchNorm run with alpha tasks, unless told."""
 
+POOL_ALPHA_GROUPS = 2
+"""Alpha rows per layer of a task trained against a calibration pool, unless told: with int4
+codes (:data:`POOL_ALPHA_DTYPE`) its file stays under 1 KB at 15 basis masks
+(``bench.alpha_variants``' ``pool_groups_2_epochs_6_int4_rows_qat``, ``bench.learn_pool``)."""
+
+POOL_ALPHA_DTYPE = "int4"
+"""How a task trained against a calibration pool stores its table, unless told."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a run's result (the device does not, on a given machine).
 
     ``pool`` left as ``None`` becomes :func:`default_pool`'s: a BatchNorm run with alpha tasks
-    trains them against a calibration pool (int8 task files under 1 KB, no statistics), any
-    other run gets none (0). Read a recorded run with :meth:`from_record`.
+    trains them against a calibration pool (task files under 1 KB, no statistics), any other run
+    gets none (0). ``alpha_groups`` (rows per layer of an alpha table,
+    :mod:`supsup_deploy.alpha_groups`) and ``alpha_dtype`` (how ``supsup pack`` stores the
+    tables; an int4 table is trained against its int4 form) left as ``None`` become
+    :data:`POOL_ALPHA_GROUPS` and :data:`POOL_ALPHA_DTYPE` with a pool, else 1 and float32.
+    Read a recorded run with :meth:`from_record`.
     """
 
     dataset: str = "fashion-mnist"
@@ -78,10 +91,16 @@ class TrainConfig:
     image_size: int | None = None
     test_fraction: float = 0.1
     pool: int | None = None
+    alpha_groups: int | None = None
+    alpha_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.pool is None:
             object.__setattr__(self, "pool", default_pool(self.norm, self.basis, self.num_tasks))
+        if self.alpha_groups is None:
+            object.__setattr__(self, "alpha_groups", POOL_ALPHA_GROUPS if self.pool else 1)
+        if self.alpha_dtype is None:
+            object.__setattr__(self, "alpha_dtype", POOL_ALPHA_DTYPE if self.pool else "float32")
         checks = [
             (self.num_tasks >= 1, f"--num-tasks must be at least 1, got {self.num_tasks}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
@@ -90,6 +109,14 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.seed >= 0, f"--seed must not be negative, got {self.seed}"),
             (self.pool >= 0, f"--pool must not be negative, got {self.pool}"),
+            (
+                self.alpha_groups >= 1,
+                f"--alpha-groups must be at least 1, got {self.alpha_groups}",
+            ),
+            (
+                self.alpha_dtype in ALPHA_DTYPES,
+                f"--alpha-dtype must be one of {', '.join(ALPHA_DTYPES)}, got {self.alpha_dtype!r}",
+            ),
             (
                 1 <= self.basis <= self.num_tasks,
                 f"--basis must be in 1..--num-tasks ({self.num_tasks}), got {self.basis}",
@@ -119,7 +146,11 @@ class TrainConfig:
 
     @classmethod
     def from_record(cls, settings: dict[str, Any]) -> TrainConfig:
-        """The settings ``run.json`` records (a record without ``pool`` predates pools: none).
+        """The settings ``run.json`` records.
+
+        A record without ``pool`` predates pools (none); one without ``alpha_groups`` and
+        ``alpha_dtype`` predates them: one row per layer, stored as int8 with a pool (trained as
+        float, like any int8 table) and float32 without.
 
         Args:
             settings: ``run.json``'s ``config``; keys this version does not know are ignored.
@@ -131,7 +162,12 @@ class TrainConfig:
             >>> config = TrainConfig.from_record(read_run_record("artifacts/run")["config"])
         """
         names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{"pool": 0, **{name: settings[name] for name in names & settings.keys()}})
+        known = {"pool": 0, **{name: settings[name] for name in names & settings.keys()}}
+        if "alpha_groups" not in known:
+            known["alpha_groups"] = 1
+        if "alpha_dtype" not in known:
+            known["alpha_dtype"] = "int8" if known["pool"] else "float32"
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as ``run.json`` records them (``pool`` only when there is one, so a run

@@ -112,7 +112,10 @@ def test_closed_sets_match_the_library():
 @pytest.mark.parametrize(
     "command, listed",
     [
-        (("train",), ("split|random", "batch|group", "tasks|data", "fashion-mnist|cifar10")),
+        (
+            ("train",),
+            ("split|random", "batch|group", "tasks|data", "fashion-mnist|cifar10", "int8|int4"),
+        ),
         (("pack",), ("packed|rice|sparse", "float32|float16", "float32|float16|int8")),
         (("export",), ("dynamo|legacy",)),
         (("infer",), ("torch|onnx", "auto|classes|signatures|statistics|information|oneshot")),

@@ -5,6 +5,7 @@ Round trips, bit-exact weights against the page, the pool's statistics against a
 computation, parity in both graph forms, learning over a pool on real data, and bad files.
 """
 
+import dataclasses
 import json
 import math
 
@@ -36,17 +37,17 @@ from supsup_deploy.bundles.writer import TaskData, save_bundle, save_task
 from supsup_deploy.data import load_dataset
 from supsup_deploy.errors import ConfigError, FormatError
 from supsup_deploy.files import read_safetensors
-from supsup_deploy.learn import POOL_ALPHA_GROUPS, learn_task, teach
+from supsup_deploy.learn import learn_task, teach
 from supsup_deploy.models import get_model_entry
 from supsup_deploy.normalization import TaskBatchNorm2d
 from supsup_deploy.onnx_graphs.export import TaskExporter, export_shared
 from supsup_deploy.pack import pack_run
 from supsup_deploy.predictor import predict
 from supsup_deploy.report import bundle_report, compare_bundle_bytes
-from supsup_deploy.runs import read_run_record
+from supsup_deploy.runs import RUN_FILE, read_run_record
 from supsup_deploy.synthetic import write_random_bundle
 from supsup_deploy.train import RunData, evaluate, train_run
-from supsup_deploy.train_config import DEFAULT_POOL, TrainConfig, default_pool
+from supsup_deploy.train_config import DEFAULT_POOL, POOL_ALPHA_GROUPS, TrainConfig, default_pool
 
 SIZE = 16
 POOL_IMAGES = 24
@@ -387,12 +388,14 @@ def test_a_run_trained_with_a_pool_packs_its_alpha_tasks_under_1_kb(tmp_path):
     train_run(config, run)
     assert read_run_record(run)["config"]["pool"] == 8
     assert "pool" not in TrainConfig(**SMALL_RUN).to_dict()
+    assert (config.alpha_groups, config.alpha_dtype) == (POOL_ALPHA_GROUPS, "int4")
     bundle = pack_run(run, tmp_path / "bundle")
     assert bundle.pool.shape == (16, 1, 28, 28)
     info = bundle.task(2)
-    signed = ["alpha", "alpha.scale", "signature", "signature.scale"]
-    assert sorted(bundle.stored_tensors(2)) == signed
-    assert bundle.stored_tensors(2)["alpha"].dtype == torch.int8
+    stored = bundle.stored_tensors(2)
+    assert sorted(stored) == ["alpha", "alpha.scale", "signature", "signature.scale"]
+    assert stored["alpha"].dtype == torch.uint8  # int4 codes, two to a byte
+    assert stored["alpha.scale"].shape == (bundle.summary.masked_layers, POOL_ALPHA_GROUPS)
     assert info.file_bytes < 1024
     test = RunData.load(config).splits(2).test
     served = evaluate(bundle.model(2), test, "cpu", 64)
@@ -414,6 +417,43 @@ def test_a_batchnorm_run_with_alpha_tasks_gets_a_pool_unless_told():
     assert TrainConfig.from_record(recorded).pool == 0  # a run from before pools has none
     assert TrainConfig.from_record(TrainConfig().to_dict()) == TrainConfig()
     assert TrainConfig.from_record({**recorded, "from_a_later_version": 1}) == TrainConfig(pool=0)
+
+
+def test_a_run_records_its_alpha_form_and_older_records_read_as_before(tmp_path):
+    assert (TrainConfig().alpha_groups, TrainConfig().alpha_dtype) == (POOL_ALPHA_GROUPS, "int4")
+    assert (TrainConfig(pool=0).alpha_groups, TrainConfig(pool=0).alpha_dtype) == (1, "float32")
+    recorded = TrainConfig().to_dict()
+    assert (recorded["alpha_groups"], recorded["alpha_dtype"]) == (POOL_ALPHA_GROUPS, "int4")
+    older = {k: v for k, v in recorded.items() if k not in ("alpha_groups", "alpha_dtype")}
+    assert TrainConfig.from_record(older) == TrainConfig(alpha_groups=1, alpha_dtype="int8")
+    without_pool = {k: v for k, v in TrainConfig(pool=0).to_dict().items() if k != "alpha_dtype"}
+    assert TrainConfig.from_record(without_pool).alpha_dtype == "float32"
+    for bad, message in [
+        ({"alpha_groups": 0}, "--alpha-groups must be at least 1"),
+        ({"alpha_dtype": "int2"}, "--alpha-dtype must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**bad)
+
+
+def test_a_run_from_before_alpha_forms_resumes_with_its_own_form(tmp_path):
+    config = TrainConfig(**{**SMALL_RUN, "num_tasks": 1, "basis": 1})
+    run = tmp_path / "run"
+    train_run(config, run)
+    record = json.loads((run / RUN_FILE).read_text())
+    for key in ("alpha_groups", "alpha_dtype"):
+        del record["config"][key]
+    (run / RUN_FILE).write_text(json.dumps(record))
+    train_run(config, run, resume=True)  # pool 0: one float32 row, as the record implies
+    with pytest.raises(ConfigError, match="alpha_groups: 1 -> 2"):
+        train_run(dataclasses.replace(config, alpha_groups=2), run, resume=True)
+
+
+def test_a_run_refuses_more_alpha_rows_than_its_narrowest_layer_before_training(tmp_path):
+    config = TrainConfig(**{**SMALL_RUN, "alpha_groups": 10_000})
+    with pytest.raises(ConfigError, match=r"alpha groups must be an integer from 1 to \d+"):
+        train_run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_format_3_bundles_still_load_and_learn_one_int8_row_per_layer(small_run, tmp_path):
