@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as transforms
 
 from supsup_deploy.errors import ConfigError, FormatError
 
@@ -132,6 +130,10 @@ def to_pixels(image: Image.Image, *, channels: int, size: int) -> torch.Tensor:
         raise FormatError(
             f"{name}: cannot convert image mode {image.mode} ({_one_line(error)})"
         ) from None
+    # torchvision takes seconds to import; a process that reads no image files never pays it
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as transforms
+
     resized = transforms.resize(
         converted, [size], interpolation=InterpolationMode.BILINEAR, antialias=True
     )
