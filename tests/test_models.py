@@ -22,6 +22,8 @@ from supsup_deploy.weight_sources import effective_weights, use_scores
 ALL_MODELS = list_models()
 TORCHVISION_MODELS = [name for name in ALL_MODELS if get_model_entry(name).torchvision_name]
 SMALL_MODELS = ["gem_resnet18", "resnet18", "resnet34"]
+LARGE_WEIGHTS = 50_000_000
+"""Architectures with more masked weights than this run full-width forwards in the slow suite."""
 
 
 def test_registry_holds_the_family():
@@ -75,7 +77,15 @@ def test_summary_allocates_nothing():
     assert summary.masked_weights == sum(math.prod(shape) for shape in summary.weight_shapes)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow)
+        if summarize_model(name).masked_weights > LARGE_WEIGHTS
+        else name
+        for name in ALL_MODELS
+    ],
+)
 def test_forward_at_small_input(name):
     model = get_model(name, num_classes=3, in_channels=1, stem="cifar", seed=2).eval()
     if name in SMALL_MODELS:

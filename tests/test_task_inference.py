@@ -351,7 +351,7 @@ def test_stem_statistics_equal_every_tasks_first_norm_layer(bundles):
 @pytest.mark.parametrize("arch", list_models())
 def test_stem_statistics_hold_for_every_architecture(arch, tmp_path):
     """Every registered stem is conv -> norm, so the shortlist applies to every architecture."""
-    config = get_model_entry(arch).config(width=0.25, num_classes=4)
+    config = get_model_entry(arch).config(width=1 / 16, num_classes=4)
     spec = InputSpec(size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     bundle = load_bundle(
         write_random_bundle(tmp_path / arch, config, spec, num_basis=3, alpha_tasks=2)

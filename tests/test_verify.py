@@ -45,7 +45,10 @@ def test_wrong_materialised_weights_fail(tmp_path, monkeypatch):
     assert not result.ok and "alpha formula" in result.error
 
 
-@pytest.mark.parametrize("encoding", ["packed", "rice", "sparse"])
+@pytest.mark.parametrize(
+    "encoding",
+    ["packed", *(pytest.param(name, marks=pytest.mark.slow) for name in ("rice", "sparse"))],
+)
 def test_trained_bundle_has_accuracy_parity(small_run, tmp_path, encoding):
     pack_run(small_run, tmp_path / "bundle", mask_encoding=encoding)
     result = verify_bundle(tmp_path / "bundle", tmp_path / "work")
