@@ -16,10 +16,14 @@ Options for the alpha tasks (``product``: what ``supsup pack`` and ``supsup lear
 
 - ``bn_fp32`` / ``bn_fp16`` (product): per-task BatchNorm statistics and alpha table in that
   precision (``pack --norm-dtype/--alpha-dtype``);
-- ``bn_pool_int8`` (product): the run's basis tasks packed with ``--pool 32`` (32 training images
-  of each basis task, stored once in the basis), then each alpha task taught to the bundle with
-  ``supsup learn`` at its defaults over a pool (int8 table, statistics computed from the pool, a
-  signature when class names cannot tell the task apart), the same classes, epochs and image cap;
+- ``bn_pool_int4x2`` (product): the run's basis tasks packed with ``--pool 32`` (32 training
+  images of each basis task, stored once in the basis), then each alpha task taught to the bundle
+  with ``supsup learn`` at its defaults over a pool (two rows per layer as int4 codes, trained
+  against that form; statistics computed from the pool, a signature when class names cannot tell
+  the task apart), the same classes, epochs and image cap;
+- ``bn_pool_int8``: the same with one int8 row per layer (``learn --alpha-groups 1 --alpha-dtype
+  int8``, the default before format 4; its committed row was measured in format 3 files, 3 bytes
+  smaller than format 4 writes the same table);
 - ``bn_recalibrated_int8``: no statistics stored; re-estimated from 64 unlabelled images of the
   task at run time (transductive: needs a batch of the task's data when deployed);
 - ``bn_calibrated_int8``: no statistics stored; the run's table (trained against its own
@@ -78,7 +82,8 @@ PROTOCOLS = {
     "split": dict(protocol="split", classes_per_task=2, num_tasks=5, basis=3, pool=0),
     "random": dict(protocol="random", classes_per_task=5, num_tasks=20, basis=15, pool=0),
 }
-"""The runs store per-task statistics (``pool=0``); ``bn_pool_int8`` is built from their basis."""
+"""The runs store per-task statistics (``pool=0``); the ``bn_pool_*`` options are built from their
+basis."""
 BUDGET = dict(epochs=2, max_train_samples=3000, max_test_samples=1000)
 QUICK_BUDGET = dict(epochs=1, max_train_samples=600, max_test_samples=500)
 RECALIBRATION_IMAGES = 64
@@ -87,7 +92,11 @@ TASK_INFERENCE_IMAGES = 320
 GOAL_RATIO = 0.95
 GOAL_BYTES = 1024
 SEEDS = (0, 1)
-POOL_OPTION = "bn_pool_int8"
+POOL_OPTIONS = {
+    "bn_pool_int4x2": dict(alpha_groups=2, alpha_dtype="int4"),
+    "bn_pool_int8": dict(alpha_groups=1, alpha_dtype="int8"),
+}
+"""Option: the ``learn`` settings of its table (both product forms; the first is the default)."""
 PRODUCT_OPTIONS = {
     "bn_fp32": ("batch", "float32", "float32"),
     "bn_fp16": ("batch", "float16", "float16"),
@@ -239,14 +248,15 @@ def option_bytes(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, di
     return results
 
 
-def pool_option(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, Any]:
-    """``bn_pool_int8``: the run's basis packed with a pool, each alpha task taught with learn.
+def pool_option(config: TrainConfig, run_dir: Path, work: Path, option: str) -> dict[str, Any]:
+    """A ``bn_pool_*`` option: the run's basis packed with a pool, each alpha task taught with
+    learn in the option's form (:data:`POOL_OPTIONS`).
 
     Returns the alpha tasks' test accuracies (on the run's test images of each task, served as a
     reader serves them), their files' bytes, and task inference on the bundle (basis tasks and
     learned tasks only).
     """
-    cache = work / f"{run_dir.name}_{POOL_OPTION}.json"
+    cache = work / f"{run_dir.name}_{option}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     basis_run = work / f"{run_dir.name}_basis_only"
@@ -254,7 +264,7 @@ def pool_option(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, Any
     shutil.copyfile(run_dir / RUN_FILE, basis_run / RUN_FILE)
     for index in range(config.basis):
         shutil.copyfile(task_path(run_dir, index), task_path(basis_run, index))
-    bundle_dir = work / f"{run_dir.name}_{POOL_OPTION}_bundle"
+    bundle_dir = work / f"{run_dir.name}_{option}_bundle"
     bundle = pack_run(basis_run, bundle_dir, pool=CALIBRATION_IMAGES_PER_BASIS_TASK, force=True)
     run_data = RunData.load(config)
     accuracies, file_bytes, state_bytes = [], [], []
@@ -269,6 +279,7 @@ def pool_option(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, Any
             max_train_samples=config.max_train_samples,
             seed=config.seed,
             device="cpu",
+            **POOL_OPTIONS[option],
         )
         served = load_bundle(bundle_dir).model(info.index)
         outputs = len(splits.task.classes)
@@ -300,56 +311,71 @@ def _mean(values: list[float]) -> float:
 
 
 def run_protocol(name: str, work: Path, budget: dict, seed: int) -> list[dict]:
-    """One protocol's rows under one seed (cached in ``<work>/<name>_seed<seed>_rows.json``)."""
+    """One protocol's rows under one seed (cached in ``<work>/<name>_seed<seed>_rows.json``; an
+    option missing from the cache is measured and added)."""
     cache = work / f"{name}_seed{seed}_rows.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    rows = json.loads(cache.read_text()) if cache.exists() else []
+    done = {row["option"] for row in rows}
     trained = {}
     for norm in ("batch", "group"):
+        packed = [option for option, value in PRODUCT_OPTIONS.items() if value[0] == norm]
+        options = {*packed, *CANDIDATE_OPTIONS[norm], *(POOL_OPTIONS if norm == "batch" else ())}
+        if options <= done:
+            continue
         config = TrainConfig(**PROTOCOLS[name], **budget, norm=norm, seed=seed)
         run_dir, dedicated_dir = train_pair(config, work, f"{name}_{norm}_seed{seed}")
         dedicated = [
             row["test_accuracy"]
             for row in collect_metrics(dedicated_dir, config.num_tasks)[config.basis :]
         ]
-        trained[norm] = (config, run_dir, dedicated)
-    best_norm = max(trained, key=lambda norm: _mean(trained[norm][2]))
-    best_dedicated = trained[best_norm][2]
-    rows = []
-    for config, run_dir, dedicated in trained.values():
+        trained[norm] = (config, run_dir, dedicated, options - done)
+    if rows:  # every row of a protocol and seed has the same denominator
+        best_norm, best_mean = rows[0]["best_dedicated_norm"], rows[0]["best_dedicated_accuracy"]
+    else:
+        best_norm = max(trained, key=lambda norm: _mean(trained[norm][2]))
+        best_mean = _mean(trained[best_norm][2])
+    for config, run_dir, dedicated, missing in trained.values():
+        measured: dict[str, tuple[list[float], dict[str, Any]]] = {}
+        if missing - set(POOL_OPTIONS):
+            sizes = option_bytes(config, run_dir, work)
+            for option, accuracies in evaluate_options(config, run_dir).items():
+                if option in missing:
+                    measured[option] = (accuracies, sizes[option])
+        for option in POOL_OPTIONS:
+            if option not in missing:
+                continue
+            learned = pool_option(config, run_dir, work, option)
+            measured[option] = (
+                learned["accuracies"],
+                {
+                    "file_bytes": _mean(learned["file_bytes"]),
+                    "file_bytes_max": max(learned["file_bytes"]),
+                    "state_bytes": _mean(learned["state_bytes"]),
+                    "task_inference": learned["task_inference"],
+                },
+            )
         basis_rows = collect_metrics(run_dir, config.num_tasks)[: config.basis]
         basis_accuracy = [row["test_accuracy"] for row in basis_rows]
-        sizes = option_bytes(config, run_dir, work)
-        options = evaluate_options(config, run_dir)
-        if config.norm == "batch":
-            learned = pool_option(config, run_dir, work)
-            options[POOL_OPTION] = learned["accuracies"]
-            sizes[POOL_OPTION] = {
-                "file_bytes": _mean(learned["file_bytes"]),
-                "file_bytes_max": max(learned["file_bytes"]),
-                "state_bytes": _mean(learned["state_bytes"]),
-                "task_inference": learned["task_inference"],
-            }
-        for option, accuracies in options.items():
+        for option, (accuracies, size) in measured.items():
             alpha_mean = _mean(accuracies)
             rows.append(
                 {
                     "protocol": name,
                     "seed": seed,
                     "option": option,
-                    "product": option in PRODUCT_OPTIONS or option == POOL_OPTION,
+                    "product": option in PRODUCT_OPTIONS or option in POOL_OPTIONS,
                     "basis": config.basis,
                     "alpha_tasks": len(accuracies),
-                    "file_bytes": sizes[option]["file_bytes"],
-                    "file_bytes_max": sizes[option]["file_bytes_max"],
-                    "state_bytes": sizes[option]["state_bytes"],
+                    "file_bytes": size["file_bytes"],
+                    "file_bytes_max": size["file_bytes_max"],
+                    "state_bytes": size["state_bytes"],
                     "alpha_accuracy": alpha_mean,
                     "basis_mask_accuracy": _mean(basis_accuracy),
                     "dedicated_accuracy_same_norm": _mean(dedicated),
-                    "best_dedicated_accuracy": _mean(best_dedicated),
+                    "best_dedicated_accuracy": best_mean,
                     "best_dedicated_norm": best_norm,
-                    "ratio": alpha_mean / _mean(best_dedicated),
-                    "task_inference": sizes[option]["task_inference"],
+                    "ratio": alpha_mean / best_mean,
+                    "task_inference": size["task_inference"],
                     "alpha_accuracy_per_task": accuracies,
                     "dedicated_accuracy_per_task": dedicated,
                 }
