@@ -56,7 +56,12 @@ from safetensors.torch import load_file
 
 from bench._common import machine_info, print_table, write_result
 from supsup_deploy.alpha_codes import quantize_alpha
-from supsup_deploy.bundles.format import SIGNATURE_TENSOR, TASK_FORMAT, content_sha256
+from supsup_deploy.bundles.format import (
+    SIGNATURE_SCALE_TENSOR,
+    SIGNATURE_TENSOR,
+    TASK_FORMAT,
+    content_sha256,
+)
 from supsup_deploy.bundles.reader import load_bundle
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
 from supsup_deploy.learn import teach
@@ -235,8 +240,9 @@ def option_bytes(config: TrainConfig, run_dir: Path, work: Path) -> dict[str, di
                 stored = load_file(str(path))
                 codes, scale = quantize_alpha(stored["alpha"])
                 tensors = {"alpha": codes, "alpha.scale": scale}
-                if SIGNATURE_TENSOR in stored:
-                    tensors[SIGNATURE_TENSOR] = stored[SIGNATURE_TENSOR]
+                for name in (SIGNATURE_TENSOR, SIGNATURE_SCALE_TENSOR):
+                    if name in stored:
+                        tensors[name] = stored[name]
                 sizes.append(candidate_file_bytes(folder, path, tensors))
                 states.append(sum(t.numel() * t.element_size() for t in tensors.values()))
             results[option] = {

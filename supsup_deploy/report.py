@@ -577,7 +577,7 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
     Each task holds an alpha table of its stored dtype, ``G`` rows per layer (a coded table: one
     code per coefficient, int4 two to a byte over the whole table, and one scale per row),
     the normalisation statistics of their stored dtype unless it stores none, and its signature
-    if it has one (float16, or int8 codes with a float16 scale per row).
+    if it has one (float16, or uint8 codes with a float16 step and minimum per row).
     """
     summary = bundle.summary
     predicted = {"basis.masks": basis_mask_bytes(bundle)}
@@ -604,13 +604,14 @@ def predicted_bundle_bytes(bundle: Bundle) -> dict[str, int]:
 
 
 def _signature_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """A task's signature bytes: none, float16 values, or int8 codes and a float16 scale per row."""
+    """A task's signature bytes: none, float16 values, or uint8 codes and a float16 step and
+    minimum per row."""
     signature = tensors.get(SIGNATURE_TENSOR)
     if signature is None:
         return 0
     values = math.prod(SIGNATURE_SHAPE)
-    if signature.dtype == torch.int8:
-        return values + 2 * SIGNATURE_SHAPE[0]
+    if signature.dtype == torch.uint8:
+        return values + 2 * 2 * SIGNATURE_SHAPE[0]
     return 2 * values
 
 

@@ -8,9 +8,9 @@ task saw, as on split protocols), a task stores a *signature*: the mean and vari
 training images, of the classifier inputs of the bundle's reference network (basis task
 :data:`REFERENCE_TASK` as installed), averaged over consecutive channels into
 :data:`~supsup_deploy.bundles.format.SIGNATURE_SIZE` bins and stored in float16 (task tensor
-``signature``, format 3). The ``signatures`` method compares a batch's mean to every task's
-mean, each feature scaled by the tasks' average variance: one forward pass, whatever the number
-of tasks.
+``signature``, format 3) or as uint8 codes spanning each row (format 4). The ``signatures``
+method compares a batch's mean to every task's mean, each feature scaled by the tasks' average
+variance: one forward pass, whatever the number of tasks.
 """
 
 from __future__ import annotations

@@ -62,13 +62,13 @@ def alpha_table(tensors: dict[str, np.ndarray], num_basis: int) -> np.ndarray:
 
 
 def signature(tensors: dict[str, np.ndarray]) -> np.ndarray:
-    """A task's float32 signature ``[2, 64]``: F16 values converted, or (format 4) I8 codes times
-    their row's ``signature.scale``, one float32 multiplication each."""
-    values = tensors["signature"]
+    """A task's float32 signature ``[2, 64]``: F16 values converted, or (format 4) U8 codes times
+    their row's step plus its minimum (``signature.scale[r] = (step, minimum)``), in float32."""
+    values = tensors["signature"].astype(np.float32)
     if "signature.scale" in tensors:
         scale = tensors["signature.scale"].astype(np.float32)
-        return (values.astype(np.float32) * scale[:, None]).astype(np.float32)
-    return values.astype(np.float32)
+        return values * scale[:, :1] + scale[:, 1:]
+    return values
 
 
 def weight_constant(shape) -> np.float32:

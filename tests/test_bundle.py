@@ -148,7 +148,7 @@ def test_pack_cli_with_fp16_statistics_and_alpha(small_run, bundle_dir, tmp_path
     assert torch.equal(half.task_tensors(2)["alpha"], full.task_tensors(2)["alpha"].half())
     table = half.task_tensors(2)["alpha"]
     norm_channels = half.summary.norm_channels
-    signature = 2 * SIGNATURE_SIZE + 2 * 2  # split tasks: int8 codes and a float16 scale a row
+    signature = 2 * SIGNATURE_SIZE + 2 * 2 * 2  # split tasks: uint8 codes, step and minimum
     statistics = norm_channels * 2 * 2
     assert report["tasks"][2]["state_bytes"] == table.numel() * 2 + statistics + signature
     assert half.task(2).file_bytes < full.task(2).file_bytes

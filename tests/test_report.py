@@ -96,7 +96,7 @@ def test_packed_bundle_bytes_are_exactly_predicted(small_run, tmp_path, encoding
         basis_components = 2 if encoding == "packed" else 3  # masks (, sizes), file
         assert len(checks) == basis_components + 4 * len(bundle.tasks)  # alpha, norm, sig., file
         signatures = [check for check in checks if check["component"].endswith(".signature")]
-        assert [check["predicted"] for check in signatures] == [132] * len(bundle.tasks)
+        assert [check["predicted"] for check in signatures] == [136] * len(bundle.tasks)
         masks = next(check for check in checks if check["component"] == "basis.masks")
         packed_bytes = bundle.num_basis * bitmask_bytes(bundle.summary)
         assert (masks["predicted"] == packed_bytes) == (encoding == "packed")

@@ -47,8 +47,10 @@ def signed(small_run, tmp_path_factory):
 def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed, small_run):
     for info in signed.tasks:
         stored = signed.stored_tensors(info.index)
-        assert stored["signature"].dtype == torch.int8  # format 4: codes, a scale per row
-        assert stored["signature.scale"].shape == (2,)
+        assert stored["signature"].dtype == torch.uint8  # format 4: codes, step and minimum
+        assert stored["signature.scale"].shape == (2, 2)
+        codes = stored["signature"].int()  # each row's codes span it, minimum to maximum
+        assert (codes.amin(dim=1) == 0).all() and (codes.amax(dim=1) >= 254).all()
         signature = signed.task_signature(info.index)
         assert signature.dtype == torch.float32 and signature.shape == (2, SIGNATURE_SIZE)
         assert bool((signature[1] > 0).any()) and bool((signature[1] >= 0).all())
@@ -60,7 +62,7 @@ def test_pack_signs_every_task_with_the_reference_networks_mean_features(signed,
         features = image_features(signed.model(REFERENCE_TASK), images)
         expected = torch.stack([features.mean(dim=0), features.var(dim=0, unbiased=False)])
         stored = signed.task_signature(index)
-        half_step = signed.stored_tensors(index)["signature.scale"].float()[:, None] / 2
+        half_step = signed.stored_tensors(index)["signature.scale"].float()[:, :1] / 2
         error = (stored - expected).abs()
         assert (error <= half_step + 2e-3 * expected.abs() + 1e-4).all(), error
     again = pack_run(small_run, signed.path.parent / "again", pool=8)
@@ -149,28 +151,32 @@ def _replaced(name, make):
 BAD_SIGNATURES = {
     "float32": (
         _replaced("signature", lambda s: s.float()),
-        "signature is torch.float32 [2, 64], expected int8 [2, 64]",
+        "signature is torch.float32 [2, 64], expected uint8 [2, 64]",
     ),
     "means only": (
         _replaced("signature", lambda s: s[:1].clone()),
-        "signature is torch.int8 [1, 64]",
+        "signature is torch.uint8 [1, 64]",
     ),
     "codes without scales": (
         lambda tensors: {k: v for k, v in tensors.items() if k != "signature.scale"},
         "'signature'], expected ['alpha', 'norm.running_mean', 'norm.running_var', 'signature', "
         "'signature.scale']",
     ),
+    "one scale a row": (
+        _replaced("signature.scale", lambda s: s[:, 0].clone()),
+        "signature.scale is torch.float16 [2], expected float16 [2, 2]",
+    ),
     "scale not finite": (
         _replaced("signature.scale", lambda s: torch.full_like(s, float("nan"))),
         "signature.scale holds non-finite values",
     ),
     "negative variance": (
-        _replaced("signature", lambda s: s * -1),
+        _replaced("signature.scale", lambda s: s * -1),
         "the signature's variances hold negative values",
     ),
     "float16 with scales": (
         _replaced("signature", lambda s: s.half()),
-        "signature is torch.float16 [2, 64], expected int8 [2, 64]",
+        "signature is torch.float16 [2, 64], expected uint8 [2, 64]",
     ),
 }
 

@@ -38,9 +38,10 @@ POOL_BATCH = 64
 """Pool images per forward pass when a task's statistics are computed from the pool."""
 SIGNATURE_TENSOR = "signature"
 """Format 3: the optional task tensor telling a task's images apart (float16 ``[2, 64]``; format
-4 writes int8 codes with :data:`SIGNATURE_SCALE_TENSOR`)."""
+4 writes uint8 codes with :data:`SIGNATURE_SCALE_TENSOR`)."""
 SIGNATURE_SCALE_TENSOR = "signature.scale"
-"""Format 4: the float16 ``[2]`` scales of an int8 signature, one per row."""
+"""Format 4: the float16 ``[2, 2]`` step and minimum of a uint8 signature's rows: a row's value
+is ``code * step + minimum``."""
 SIGNATURE_SIZE = 64
 """Pooled features in a task signature (each with its mean and variance)."""
 SIGNATURE_SHAPE = (2, SIGNATURE_SIZE)

@@ -550,8 +550,8 @@ def stored_task_forms(
     to a byte (uint8 ``[ceil(L * G * |B| / 2)]``); before, ``[L, |B|]``. The statistics
     are stored with BatchNorm, except that a task of a basis with a calibration pool may leave
     both out (they are computed from the pool). A format 3 or 4 task may hold a float16
-    ``signature``; in format 4 it may instead be int8 codes with ``signature.scale``, one float16
-    scale per row.
+    ``signature``; in format 4 it may instead be uint8 codes with ``signature.scale``, a float16
+    step and minimum per row.
     """
     shapes = header.task_tensor_shapes()
     floats = tuple(FLOAT_DTYPES)
@@ -573,10 +573,10 @@ def stored_task_forms(
         forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("float16",))
         signature = tensors[SIGNATURE_TENSOR]
         if header.version >= 4 and (
-            signature.dtype == torch.int8 or SIGNATURE_SCALE_TENSOR in tensors
+            signature.dtype == torch.uint8 or SIGNATURE_SCALE_TENSOR in tensors
         ):
-            forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("int8",))
-            forms[SIGNATURE_SCALE_TENSOR] = (SIGNATURE_SHAPE[:1], ("float16",))
+            forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("uint8",))
+            forms[SIGNATURE_SCALE_TENSOR] = ((SIGNATURE_SHAPE[0], 2), ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
         forms.pop("norm.running_mean", None)
         forms.pop("norm.running_var", None)
@@ -606,15 +606,17 @@ def stored_alpha(tensors: Mapping[str, torch.Tensor], num_basis: int) -> torch.T
 
 
 def stored_signature(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """A task file's signature as it serves, float32 ``[2, SIGNATURE_SIZE]`` (int8 codes times
-    their row's scale, or the stored float16 values), or None when it holds none."""
+    """A task file's signature as it serves, float32 ``[2, SIGNATURE_SIZE]`` (uint8 codes times
+    their row's step plus its minimum, or the stored float16 values), or None when it holds
+    none."""
     signature = tensors.get(SIGNATURE_TENSOR)
     if signature is None:
         return None
-    signature = torch.as_tensor(signature)
+    signature = torch.as_tensor(signature).float()
     if SIGNATURE_SCALE_TENSOR in tensors:
-        return dequantize_alpha(signature, torch.as_tensor(tensors[SIGNATURE_SCALE_TENSOR]))
-    return signature.float()
+        step, minimum = torch.as_tensor(tensors[SIGNATURE_SCALE_TENSOR]).float().unbind(dim=1)
+        return signature * step[:, None] + minimum[:, None]
+    return signature
 
 
 def check_task_tensors(
