@@ -22,8 +22,8 @@ Options for the alpha tasks (``product``: what ``supsup pack`` and ``supsup lear
   against that form; statistics computed from the pool, a signature when class names cannot tell
   the task apart), the same classes, epochs and image cap;
 - ``bn_pool_int8``: the same with one int8 row per layer (``learn --alpha-groups 1 --alpha-dtype
-  int8``, the default before format 4; its committed row was measured in format 3 files, 3 bytes
-  smaller than format 4 writes the same table);
+  int8``, the default before format 4; its committed ``random`` rows were measured in format 3
+  files, 3 bytes smaller than format 4 writes the same table);
 - ``bn_recalibrated_int8``: no statistics stored; re-estimated from 64 unlabelled images of the
   task at run time (transductive: needs a batch of the task's data when deployed);
 - ``bn_calibrated_int8``: no statistics stored; the run's table (trained against its own
