@@ -22,6 +22,7 @@ from supsup_deploy.alpha_codes import alpha_dtype_name
 from supsup_deploy.binary_masks import check_density, check_num_basis, kept_count
 from supsup_deploy.bundles.format import (
     FLOAT_DTYPES,
+    SIGNATURE_SCALE_SHAPE,
     SIGNATURE_SCALE_TENSOR,
     SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
@@ -611,7 +612,7 @@ def _signature_bytes(tensors: dict[str, torch.Tensor]) -> int:
         return 0
     values = math.prod(SIGNATURE_SHAPE)
     if signature.dtype == torch.uint8:
-        return values + 2 * 2 * SIGNATURE_SHAPE[0]
+        return values + 2 * math.prod(SIGNATURE_SCALE_SHAPE)
     return 2 * values
 
 

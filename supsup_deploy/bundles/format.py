@@ -46,6 +46,8 @@ SIGNATURE_SIZE = 64
 """Pooled features in a task signature (each with its mean and variance)."""
 SIGNATURE_SHAPE = (2, SIGNATURE_SIZE)
 """A task signature's shape: the features' means, then their variances."""
+SIGNATURE_SCALE_SHAPE = (SIGNATURE_SHAPE[0], 2)
+"""The shape of :data:`SIGNATURE_SCALE_TENSOR`: each row's step, then its minimum."""
 CONTENT_HASH_KEY = "supsup_sha256"
 """Format 2: the header ``__metadata__`` key holding the content hash of metadata and tensors."""
 BASIS_FORMAT = "supsup-basis"

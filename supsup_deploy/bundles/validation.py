@@ -33,6 +33,7 @@ from supsup_deploy.bundles.format import (
     POOL_TENSOR,
     READ_VERSIONS,
     SIGN_HASH,
+    SIGNATURE_SCALE_SHAPE,
     SIGNATURE_SCALE_TENSOR,
     SIGNATURE_SHAPE,
     SIGNATURE_TENSOR,
@@ -576,7 +577,7 @@ def stored_task_forms(
             signature.dtype == torch.uint8 or SIGNATURE_SCALE_TENSOR in tensors
         ):
             forms[SIGNATURE_TENSOR] = (SIGNATURE_SHAPE, ("uint8",))
-            forms[SIGNATURE_SCALE_TENSOR] = ((SIGNATURE_SHAPE[0], 2), ("float16",))
+            forms[SIGNATURE_SCALE_TENSOR] = (SIGNATURE_SCALE_SHAPE, ("float16",))
     if header.pool_images and not {"norm.running_mean", "norm.running_var"} & set(tensors):
         forms.pop("norm.running_mean", None)
         forms.pop("norm.running_var", None)

@@ -248,14 +248,11 @@ def signature_tensors(signature: torch.Tensor, version: int) -> dict[str, torch.
     if version < 4:
         return {SIGNATURE_TENSOR: signature.half()}
     signature = signature.float()
-    minimum = signature.min(dim=1).values.half()
-    step = ((signature.max(dim=1).values - minimum.float()) / 255).half()
+    minimum = signature.amin(dim=1, keepdim=True).half()
+    step = ((signature.amax(dim=1, keepdim=True) - minimum) / 255).half()
     step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = (signature - minimum.float()[:, None]) / step.float()[:, None]
-    return {
-        SIGNATURE_TENSOR: codes.round().clamp(0, 255).to(torch.uint8),
-        SIGNATURE_SCALE_TENSOR: torch.stack([step, minimum], dim=1),
-    }
+    codes = ((signature - minimum) / step).round().clamp(0, 255).to(torch.uint8)
+    return {SIGNATURE_TENSOR: codes, SIGNATURE_SCALE_TENSOR: torch.cat([step, minimum], dim=1)}
 
 
 def save_task(
