@@ -62,7 +62,7 @@ from supsup_deploy.bundles.format import (
     TASK_FORMAT,
     content_sha256,
 )
-from supsup_deploy.bundles.reader import load_bundle
+from supsup_deploy.bundles.reader import Bundle, load_bundle
 from supsup_deploy.files import METADATA_KEY, metadata_text, save_safetensors_atomic
 from supsup_deploy.learn import teach
 from supsup_deploy.models import build_model
@@ -272,26 +272,9 @@ def pool_option(config: TrainConfig, run_dir: Path, work: Path, option: str) -> 
         shutil.copyfile(task_path(run_dir, index), task_path(basis_run, index))
     bundle_dir = work / f"{run_dir.name}_{option}_bundle"
     bundle = pack_run(basis_run, bundle_dir, pool=CALIBRATION_IMAGES_PER_BASIS_TASK, force=True)
-    run_data = RunData.load(config)
-    accuracies, file_bytes, state_bytes = [], [], []
-    for index in range(config.basis, config.num_tasks):
-        splits = run_data.splits(index)
-        info = teach(
-            bundle,
-            name=f"learned_{index}",
-            dataset=config.dataset,
-            classes=",".join(str(c) for c in splits.task.classes),
-            epochs=config.epochs,
-            max_train_samples=config.max_train_samples,
-            seed=config.seed,
-            device="cpu",
-            **POOL_OPTIONS[option],
-        )
-        served = load_bundle(bundle_dir).model(info.index)
-        outputs = len(splits.task.classes)
-        accuracies.append(evaluate(served, splits.test, "cpu", 256, outputs=outputs))
-        file_bytes.append(info.file_bytes)
-        state_bytes.append(info.state_bytes)
+    accuracies, file_bytes, state_bytes = teach_tasks(
+        bundle, config, range(config.basis, config.num_tasks), **POOL_OPTIONS[option]
+    )
     bundle = load_bundle(bundle_dir)
     inference = evaluate_task_inference(
         bundle, Runner(bundle), limit=TASK_INFERENCE_IMAGES, method="auto"
@@ -305,6 +288,38 @@ def pool_option(config: TrainConfig, run_dir: Path, work: Path, option: str) -> 
     }
     cache.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def teach_tasks(
+    bundle: Bundle, config: TrainConfig, tasks: range, **settings: Any
+) -> tuple[list[float], list[int], list[int]]:
+    """Teach ``bundle`` each of the protocol's ``tasks`` with ``learn`` (its classes, the
+    protocol's epochs, image cap and seed, and ``settings``) and install it.
+
+    Returns each installed task's test accuracy as a reader serves it (on the run's test images
+    of the task), its file's bytes on disk and its tensors' bytes.
+    """
+    run_data = RunData.load(config)
+    accuracies, file_bytes, state_bytes = [], [], []
+    for index in tasks:
+        splits = run_data.splits(index)
+        info = teach(
+            bundle,
+            name=f"learned_{index}",
+            dataset=config.dataset,
+            classes=",".join(str(c) for c in splits.task.classes),
+            epochs=config.epochs,
+            max_train_samples=config.max_train_samples,
+            seed=config.seed,
+            device="cpu",
+            **settings,
+        )
+        served = load_bundle(bundle.path).model(info.index)
+        outputs = len(splits.task.classes)
+        accuracies.append(evaluate(served, splits.test, "cpu", 256, outputs=outputs))
+        file_bytes.append(info.file_bytes)
+        state_bytes.append(info.state_bytes)
+    return accuracies, file_bytes, state_bytes
 
 
 def _inference_summary(inference: dict[str, Any]) -> dict[str, Any]:
