@@ -30,25 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from bench._common import machine_info, print_table, write_result
 from bench.accuracy import BUDGET, GOAL_BYTES, GOAL_RATIO, PROTOCOLS, teach_tasks
-from supsup_deploy.bundles.format import InputSpec
-from supsup_deploy.bundles.reader import load_bundle
-from supsup_deploy.bundles.writer import TaskData, save_bundle
-from supsup_deploy.data import first_images, pixels_from_inputs
+from supsup_deploy.bundles.reader import Bundle
 from supsup_deploy.learn import LEARN_RECIPE
-from supsup_deploy.models import ModelConfig, build_model
-from supsup_deploy.runs import (
-    collect_metrics,
-    read_run_record,
-    read_task_file,
-    read_task_masks,
-    task_path,
-)
+from supsup_deploy.pack import pack_run
+from supsup_deploy.runs import RUN_FILE, collect_metrics, read_run_record, task_path
 from supsup_deploy.train import RunData, train_run
 from supsup_deploy.train_config import TrainConfig
 
@@ -60,26 +52,26 @@ POOL_IMAGES = 480
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A table form: its basis masks (task ids of the masks run) and rows per layer, and the
+    """A table form: its basis masks (the masks run's first tasks) and rows per layer, and the
     Adam weight decay (the L2 penalty) it is learned with."""
 
-    basis: tuple[int, ...]
+    basis: int
     rows: int
     dtype: str = "int4"
     weight_decay: float = LEARN_RECIPE.weight_decay
 
     @property
     def coefficients_per_layer(self) -> int:
-        return len(self.basis) * self.rows
+        return self.basis * self.rows
 
 
 VARIANTS = {
-    "b15_int4x2": Variant(basis=tuple(BASIS), rows=2),
-    "b15_int4x4": Variant(basis=tuple(BASIS), rows=4),
-    "b10_int4x2": Variant(basis=tuple(BASIS[:10]), rows=2),
-    "b15_int4x2_decay0": Variant(basis=tuple(BASIS), rows=2, weight_decay=0.0),
-    "b5_int4x2": Variant(basis=tuple(BASIS[:5]), rows=2),
-    "b15_int4x2_decay1e-3": Variant(basis=tuple(BASIS), rows=2, weight_decay=1e-3),
+    "b15_int4x2": Variant(basis=15, rows=2),
+    "b15_int4x4": Variant(basis=15, rows=4),
+    "b10_int4x2": Variant(basis=10, rows=2),
+    "b15_int4x2_decay0": Variant(basis=15, rows=2, weight_decay=0.0),
+    "b5_int4x2": Variant(basis=5, rows=2),
+    "b15_int4x2_decay1e-3": Variant(basis=15, rows=2, weight_decay=1e-3),
 }
 """``b15_int4x2`` is the product's default (``bench.accuracy``'s ``bn_pool_int4x2``, weight
 decay 1e-4 as in the seed paper's code); the others spend twice the coefficients on rows, a
@@ -92,52 +84,17 @@ def masks_config(seed: int) -> TrainConfig:
     return TrainConfig(**protocol, **BUDGET, norm="batch", seed=seed)
 
 
-def pack_basis(masks_run: Path, basis: tuple[int, ...], out: Path) -> None:
-    """A bundle of the run's masks ``basis`` (bundle task ``i`` is run task ``basis[i]``) with a
-    pool of :data:`POOL_IMAGES` images drawn evenly from those tasks' training images."""
+def pack_basis(masks_run: Path, basis: int, out: Path) -> Bundle:
+    """A bundle of the run's first ``basis`` masks, packed as ``supsup pack --pool`` packs a run,
+    with a pool of :data:`POOL_IMAGES` images (as many from each of those tasks)."""
+    basis_run = out.with_name(f"{out.name}_run")
+    (basis_run / "tasks").mkdir(parents=True, exist_ok=True)
     record = read_run_record(masks_run)
-    config = TrainConfig.from_record(record["config"])
-    model_config = dataclasses.replace(
-        ModelConfig.from_dict(record["model"]), num_tasks=len(basis) + len(ALPHA_TASKS)
-    )
-    with torch.device("meta"):
-        model = build_model(model_config)
-    masks = [read_task_masks(task_path(masks_run, index), model) for index in basis]
-    tasks = []
-    for slot, index in enumerate(basis):
-        tensors, metadata = read_task_file(task_path(masks_run, index))
-        alpha = torch.zeros(len(masks[0]), len(basis))
-        alpha[:, slot] = 1.0
-        norm_state = {key: value for key, value in tensors.items() if key.startswith("norm.")}
-        tasks.append(
-            TaskData(
-                index=slot,
-                name=f"task_{index}",
-                alpha=alpha,
-                norm_state=norm_state,
-                class_names=metadata["metrics"]["class_names"],
-                kind="basis",
-            )
-        )
-    run_data = RunData.load(config)
-    per_task = POOL_IMAGES // len(basis)
-    images = [first_images(run_data.splits(index).train, per_task) for index in basis]
-    dataset = record["dataset"]
-    save_bundle(
-        out,
-        model_config=model_config,
-        basis_masks=masks,
-        input_spec=InputSpec(
-            size=int(dataset["image_size"]),
-            channels=int(dataset["in_channels"]),
-            mean=tuple(dataset["mean"]),
-            std=tuple(dataset["std"]),
-        ),
-        tasks=tasks,
-        extra={"dataset": dataset["name"], "basis_run_tasks": list(basis)},
-        replace=out.exists(),
-        pool=pixels_from_inputs(torch.cat(images), run_data.spec),
-    )
+    record["config"]["basis"] = basis
+    (basis_run / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    for index in range(basis):
+        shutil.copyfile(task_path(masks_run, index), task_path(basis_run, index))
+    return pack_run(basis_run, out, pool=POOL_IMAGES // basis, force=True)
 
 
 def measure_variant(seed: int, work: Path, name: str) -> dict:
@@ -149,9 +106,9 @@ def measure_variant(seed: int, work: Path, name: str) -> dict:
     variant = VARIANTS[name]
     masks_run = work / f"random_batch_seed{seed}_masks20"
     bundle_dir = work / f"random_seed{seed}_coefficients_{name}_bundle"
-    pack_basis(masks_run, variant.basis, bundle_dir)
+    bundle = pack_basis(masks_run, variant.basis, bundle_dir)
     accuracies, file_bytes, table_bytes = teach_tasks(
-        load_bundle(bundle_dir),
+        bundle,
         masks_config(seed),
         ALPHA_TASKS,
         alpha_groups=variant.rows,
@@ -162,7 +119,7 @@ def measure_variant(seed: int, work: Path, name: str) -> dict:
         "accuracies": accuracies,
         "file_bytes": file_bytes,
         "state_bytes": table_bytes,
-        "pool_images": len(load_bundle(bundle_dir).pool),
+        "pool_images": len(bundle.pool),
     }
     cache.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -225,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             {
                 "variant": name,
-                "basis": len(variant.basis),
+                "basis": variant.basis,
                 "rows_per_layer": variant.rows,
                 "dtype": variant.dtype,
                 "coefficients_per_layer": variant.coefficients_per_layer,
